@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:  `make run`  (the main notebook, headless)  and  `make test`.
+# Each creates .venv and installs requirements.txt when they are missing or changed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+NOTEBOOK := Federated_conditional_DCGAN.ipynb
+# MNIST: $FEDGAN_DATA if set, else the shared read-only copy beside the repo when there is one
+export FEDGAN_DATA ?= $(wildcard $(abspath ../shared/data/MNIST))
+
+.PHONY: run test notebooks clean-venv
+
+$(BIN)/.installed: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $@
+
+# Execute the first notebook top to bottom (preset: $FEDGAN_PRESET, else full on a GPU, cpu otherwise);
+# the executed copy and its plots land in outputs/, checkpoints in checkpoints/.
+run: $(BIN)/.installed
+	mkdir -p outputs
+	$(BIN)/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1 \
+		--output-dir outputs --output $(NOTEBOOK) $(NOTEBOOK)
+	@echo "Executed notebook: outputs/$(NOTEBOOK)"
+	@echo "Plots and tables:  outputs/<run name>/   Checkpoints: checkpoints/<run name>/"
+
+# Unit tests, then every notebook re-executed by nbval at the smoke preset.
+test: $(BIN)/.installed
+	FEDGAN_PRESET=smoke $(BIN)/python -m pytest
+
+# Re-execute the three notebooks in place (to commit them with the outputs of a real run).
+notebooks: $(BIN)/.installed
+	for nb in Federated_conditional_DCGAN.ipynb Deep_Federated_Generative_Models__FedGAN_v2_kaggle_run.ipynb \
+		FedGAN_Custom_sync_strategy.ipynb; do \
+		$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=-1 $$nb || exit 1; \
+	done
+
+clean-venv:
+	rm -rf $(VENV)

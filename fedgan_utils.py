@@ -1,0 +1,1393 @@
+"""Federated conditional DCGAN: the one helper module behind the three FedGAN notebooks.
+
+Sections, top to bottom: environment, config, data, partitioning, models, aggregation,
+local training engine, federation, checkpoints, plots. The notebooks import this module
+and stay thin; tests import it too (see tests/, one file per section).
+
+FedAvg is McMahan et al., "Communication-Efficient Learning of Deep Networks from
+Decentralized Data" (AISTATS 2017); the conditional DCGAN follows Radford et al. (2016)
+and Mirza & Osindero (2014).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gzip
+import io
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+
+Tensor = torch.Tensor
+StateDict = dict[str, Tensor]
+
+# ----------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------
+
+
+def cuda_arch_supported(capability: tuple[int, int], arch_list: Sequence[str]) -> bool:
+    """True when a torch build compiled for `arch_list` has kernels for a GPU of `capability`.
+
+    A cubin for sm_XY runs on any GPU of the same major version and minor >= Y; PTX
+    (compute_XY) is JIT-compiled for any GPU of capability >= XY.
+    """
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, digits = arch.partition("_")
+        if not digits.isdigit():
+            continue
+        arch_major, arch_minor = int(digits[:-1]), int(digits[-1])
+        if kind == "sm" and arch_major == major and arch_minor <= minor:
+            return True
+        if kind == "compute" and (arch_major, arch_minor) <= (major, minor):
+            return True
+    return False
+
+
+def pick_device(preferred: str = "auto") -> torch.device:
+    """The best usable device: CUDA when present *and* supported by this torch build, else CPU.
+
+    Kaggle's P100 (sm_60) reports cuda.is_available() with current torch builds and then fails
+    on the first kernel, so the GPU's architecture is checked against torch.cuda.get_arch_list().
+    """
+    if preferred not in ("auto", "cpu") and not preferred.startswith("cuda"):
+        raise ValueError(f"device={preferred!r} is not known; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if preferred == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if preferred != "auto":
+            warnings.warn(f"device={preferred!r} asked for, but CUDA is not available: using CPU", stacklevel=2)
+        return torch.device("cpu")
+    device = torch.device("cuda" if preferred == "auto" else preferred)
+    index = device.index or 0
+    capability = torch.cuda.get_device_capability(index)
+    if not cuda_arch_supported(capability, torch.cuda.get_arch_list()):
+        name = torch.cuda.get_device_name(index)
+        warnings.warn(
+            f"{name} (sm_{capability[0]}{capability[1]}) has no kernels in this torch build "
+            f"({' '.join(torch.cuda.get_arch_list())}): using CPU", stacklevel=2)
+        return torch.device("cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all CUDA devices included)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device as well
+
+
+def env_report() -> dict[str, Any]:
+    """Versions and hardware, for the log of a run (None where a component is absent)."""
+    import torchvision
+
+    cuda = torch.cuda.is_available()
+    driver = None
+    if cuda and shutil.which("nvidia-smi"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            driver = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "driver": driver,
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+# ----------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    torchvision_class: str  # class name in torchvision.datasets, also its folder name
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    num_classes: int
+    class_names: tuple[str, ...]
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo("MNIST", (1, 28, 28), 10, tuple(str(d) for d in range(10))),
+    "fashion_mnist": DatasetInfo("FashionMNIST", (1, 28, 28), 10, (
+        "T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")),
+    "cifar10": DatasetInfo("CIFAR10", (3, 32, 32), 10, (
+        "plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")),
+}
+PARTITIONS = ("iid", "dirichlet", "shards", "classes", "quantity")
+BN_POLICIES = ("average", "local")
+OPTIMIZER_STATES = ("reset", "keep")
+PRESETS = ("smoke", "cpu", "full")
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _positive_int(v: Any) -> bool:
+    return _is_int(v) and v >= 1
+
+
+def _non_negative_int(v: Any) -> bool:
+    return _is_int(v) and v >= 0
+
+
+def _positive_number(v: Any) -> bool:
+    return _is_number(v) and math.isfinite(v) and v > 0
+
+
+_FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and what is allowed
+    **{name: (_positive_int, "an integer >= 1") for name in (
+        "num_clients", "rounds", "batch_size", "z_dim", "embed_dim", "ngf", "ndf", "shards_per_client",
+        "classes_per_client")},
+    **{name: (_non_negative_int, "an integer >= 0") for name in ("min_size", "checkpoint_every", "seed")},
+    **{name: (lambda v: v is None or _positive_int(v), "None or an integer >= 1")
+       for name in ("local_steps", "train_subset")},
+    **{name: (_positive_number, "a number > 0") for name in ("lr_g", "lr_d", "local_epochs", "alpha")},
+    "sigma": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a number >= 0"),
+    "client_fraction": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+}
+
+
+def _check_field(name: str, value: Any) -> None:
+    ok, allowed = _FIELD_RULES[name]
+    _require(ok(value), name, value, allowed)
+
+
+@dataclass
+class FedConfig:
+    """Every knob of a federated cDCGAN run; validated on construction."""
+
+    # data
+    dataset: str = "mnist"  # one of DATASETS
+    data_root: str | None = None  # folder holding the dataset; None: FEDGAN_DATA, ./data, /kaggle/input
+    train_subset: int | None = None  # use only this many training images (seeded choice); None: all
+    # federation
+    num_clients: int = 10  # K simulated clients
+    rounds: int = 20  # communication rounds
+    client_fraction: float = 1.0  # fraction of clients selected each round, in (0, 1]
+    local_epochs: float = 1.0  # passes over its own data a client makes per round
+    local_steps: int | None = None  # if set, a fixed number of local steps instead of local_epochs
+    bn_policy: str = "average"  # BatchNorm under aggregation: "average" (FedAvg) or "local" (FedBN)
+    optimizer_state: str = "reset"  # client Adam state each round: "reset" or "keep" (per client)
+    # partition of the training set over clients
+    partition: str = "iid"  # one of PARTITIONS
+    alpha: float = 0.5  # dirichlet: concentration; smaller is more label-skewed
+    min_size: int = 10  # dirichlet, quantity: fewest images a client may get
+    shards_per_client: int = 2  # shards: label-sorted shards a client gets (FedAvg paper: 2)
+    classes_per_client: int = 2  # classes: labels each client holds
+    sigma: float = 1.0  # quantity: lognormal sigma of client sizes (0: equal sizes)
+    # optimisation
+    batch_size: int = 64  # images per client per local step
+    lr_g: float = 2e-4  # generator Adam learning rate
+    lr_d: float = 2e-4  # discriminator Adam learning rate
+    betas: tuple[float, float] = (0.5, 0.999)  # Adam betas (DCGAN: 0.5, 0.999)
+    # model
+    z_dim: int = 100  # latent noise size
+    embed_dim: int = 10  # size of the generator's label embedding
+    ngf: int = 64  # generator width
+    ndf: int = 64  # discriminator width
+    # run
+    seed: int = 0  # one seed for init, partition, selection, batches and noise
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
+    out_dir: str = "outputs"  # plots and tables go to out_dir/<run_name>/
+    checkpoint_dir: str = "checkpoints"  # checkpoints go to checkpoint_dir/<run_name>/
+    checkpoint_every: int = 1  # save every this many rounds (0: never; the last round is always saved)
+    run_name: str = ""  # "" derives one from dataset, partition, K and seed
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+        self.validate()
+        if not self.run_name:
+            self.run_name = f"{self.dataset}_{self.partition}_k{self.num_clients}_seed{self.seed}"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field whose value is not allowed."""
+        _require(self.dataset in DATASETS, "dataset", self.dataset, f"one of {sorted(DATASETS)}")
+        _require(self.partition in PARTITIONS, "partition", self.partition, f"one of {list(PARTITIONS)}")
+        _require(self.bn_policy in BN_POLICIES, "bn_policy", self.bn_policy, f"one of {list(BN_POLICIES)}")
+        _require(self.optimizer_state in OPTIMIZER_STATES, "optimizer_state", self.optimizer_state,
+                 f"one of {list(OPTIMIZER_STATES)}")
+        for name in _FIELD_RULES:
+            _check_field(name, getattr(self, name))
+        _require(isinstance(self.betas, tuple) and len(self.betas) == 2
+                 and all(_is_number(b) and 0 <= b < 1 for b in self.betas), "betas", self.betas,
+                 "two numbers in [0, 1), e.g. (0.5, 0.999)")
+        num_classes = DATASETS[self.dataset].num_classes
+        _require(self.classes_per_client <= num_classes, "classes_per_client", self.classes_per_client,
+                 f"an integer from 1 to {num_classes} (the classes of {self.dataset})")
+        _require(isinstance(self.device, str) and (self.device in ("auto", "cpu") or self.device == "cuda"
+                 or (self.device.startswith("cuda:") and self.device[5:].isdigit())), "device", self.device,
+                 "'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if self.train_subset is not None:
+            _require(self.train_subset >= self.num_clients, "train_subset", self.train_subset,
+                     f"None or at least num_clients={self.num_clients} images")
+        for name in ("out_dir", "checkpoint_dir", "run_name"):
+            value = getattr(self, name)
+            _require(isinstance(value, str), name, value, "a string")
+        _require(self.data_root is None or isinstance(self.data_root, str), "data_root", self.data_root,
+                 "None or a folder path")
+        _require(all(c.isalnum() or c in "-_." for c in self.run_name), "run_name", self.run_name,
+                 "letters, digits, '-', '_' and '.' only (it names folders)")
+
+    def partition_kwargs(self) -> dict[str, Any]:
+        """The partition parameters that the chosen scheme takes."""
+        return {name: getattr(self, name) for name in PARTITION_PARAMS[self.partition]}
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "FedConfig":
+        values = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown FedConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+
+PARTITION_PARAMS: dict[str, tuple[str, ...]] = {
+    "iid": (),
+    "dirichlet": ("alpha", "min_size"),
+    "shards": ("shards_per_client",),
+    "classes": ("classes_per_client",),
+    "quantity": ("sigma", "min_size"),
+}
+
+
+def preset(name: str, **overrides: Any) -> FedConfig:
+    """A ready config: "smoke" (CI, seconds on 2 cores), "cpu" (a laptop, ~10 min), "full" (a GPU)."""
+    base = {
+        # a few seconds a notebook: tiny models, a slice of MNIST, two short rounds
+        "smoke": dict(num_clients=4, rounds=2, local_steps=3, batch_size=32, train_subset=2000,
+                      ngf=16, ndf=16, z_dim=32, checkpoint_every=1),
+        # recognisable digits of the requested class in under 10 minutes on 2 CPU cores (8 MNIST epochs)
+        "cpu": dict(num_clients=10, rounds=8, local_epochs=1.0, batch_size=64, ngf=32, ndf=32),
+        # the real experiment: 10 IID clients, 20 rounds of one local epoch (20 MNIST epochs)
+        "full": dict(num_clients=10, rounds=20, local_epochs=1.0, batch_size=64, ngf=64, ndf=64),
+    }
+    if name not in base:
+        raise ValueError(f"preset={name!r} is not known; presets: {list(PRESETS)}")
+    known = {f.name for f in dataclasses.fields(FedConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown FedConfig fields {unknown}; known fields: {sorted(known)}")
+    return FedConfig(**{**base[name], **overrides})
+
+
+def default_preset() -> str:
+    """The preset a notebook runs: $FEDGAN_PRESET, else "full" on a usable GPU and "cpu" otherwise."""
+    name = os.environ.get("FEDGAN_PRESET", "").strip()
+    if name:
+        if name not in PRESETS:
+            raise ValueError(f"FEDGAN_PRESET={name!r} is not known; presets: {list(PRESETS)}")
+        return name
+    return "full" if pick_device().type == "cuda" else "cpu"
+
+
+# ----------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------
+
+MNIST_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+CIFAR_FOLDER = "cifar-10-batches-py"
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset is in none of the places looked at and could not be downloaded."""
+
+
+def cache_dir() -> Path:
+    """A writable folder for decompressed datasets and cached weights ($FEDGAN_CACHE or ~/.cache/fedgan)."""
+    return Path(os.environ.get("FEDGAN_CACHE") or Path.home() / ".cache" / "fedgan")
+
+
+def _data_search_roots(root: str | os.PathLike | None) -> list[Path]:
+    roots = []
+    if root is not None:
+        roots.append(Path(root))
+    if os.environ.get("FEDGAN_DATA"):
+        roots.append(Path(os.environ["FEDGAN_DATA"]))
+    roots.append(Path("data"))
+    roots.append(Path("/kaggle/input"))
+    return roots
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _idx_folder_matches(folder: Path, name: str) -> bool:
+    """MNIST and Fashion-MNIST share file names: the folder path tells which one it holds."""
+    says_fashion = "fashion" in str(folder.resolve()).lower()
+    return says_fashion == (name == "fashion_mnist")
+
+
+def _find_idx_folder(roots: Iterable[Path], name: str) -> Path | None:
+    info = DATASETS[name]
+    stems = MNIST_FILES[True] + MNIST_FILES[False]
+    for root in roots:
+        if not root.is_dir():
+            continue
+        candidates = [root, root / info.torchvision_class / "raw", root / info.torchvision_class, root / "raw"]
+        if str(root).startswith("/kaggle/input"):  # attached Kaggle datasets nest freely
+            candidates += [p.parent for p in root.glob("**/train-images-idx3-ubyte*")]
+        for folder in candidates:
+            if all(_idx_file(folder, s) for s in stems) and _idx_folder_matches(folder, name):
+                return folder
+    return None
+
+
+def _find_cifar_folder(roots: Iterable[Path]) -> Path | None:
+    for root in roots:
+        if not root.is_dir():
+            continue
+        candidates = [root, root / CIFAR_FOLDER]
+        if str(root).startswith("/kaggle/input"):
+            candidates += list(root.glob(f"**/{CIFAR_FOLDER}"))
+        for folder in candidates:
+            if folder.name == CIFAR_FOLDER and (folder / "data_batch_1").is_file():
+                return folder.parent
+    return None
+
+
+def _stage_idx_files(folder: Path, name: str) -> Path:
+    """Copy (decompressing .gz) the idx files into a writable cache laid out as torchvision expects."""
+    info = DATASETS[name]
+    root = cache_dir() / name
+    raw = root / info.torchvision_class / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for stem in MNIST_FILES[True] + MNIST_FILES[False]:
+        source, target = _idx_file(folder, stem), raw / stem
+        if target.is_file() and target.stat().st_mtime >= source.stat().st_mtime:
+            continue
+        partial = target.with_suffix(".partial")
+        opener = gzip.open if source.suffix == ".gz" else open
+        with opener(source, "rb") as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(partial, target)
+    return root
+
+
+def _torchvision_dataset(name: str, root: Path, train: bool, download: bool):
+    import torchvision
+
+    cls = getattr(torchvision.datasets, DATASETS[name].torchvision_class)
+    return cls(root=str(root), train=train, download=download)
+
+
+def _as_tensors(dataset, name: str) -> tuple[Tensor, Tensor]:
+    images = torch.as_tensor(np.asarray(dataset.data), dtype=torch.uint8)
+    if images.dim() == 3:  # MNIST-like: (N, H, W) -> (N, 1, H, W)
+        images = images.unsqueeze(1)
+    else:  # CIFAR: (N, H, W, C) -> (N, C, H, W)
+        images = images.permute(0, 3, 1, 2).contiguous()
+    labels = torch.as_tensor(np.asarray(dataset.targets), dtype=torch.int64)
+    expected = DATASETS[name].image_shape
+    if tuple(images.shape[1:]) != expected:
+        raise ValueError(f"{name} images have shape {tuple(images.shape[1:])}, expected {expected}")
+    return images, labels
+
+
+def load_dataset(name: str = "mnist", root: str | os.PathLike | None = None, train: bool = True,
+                 download: bool = True) -> tuple[Tensor, Tensor]:
+    """Images as uint8 [N, C, H, W] and labels as int64 [N].
+
+    Looks in `root`, $FEDGAN_DATA, ./data and /kaggle/input (recursively), then tries torchvision's
+    download into ./data (skipped when `download` is False or $FEDGAN_OFFLINE is set). MNIST-like
+    idx files, raw or .gz, work from a read-only folder: they are staged into cache_dir().
+    """
+    if name not in DATASETS:
+        raise ValueError(f"dataset={name!r} is not known; datasets: {sorted(DATASETS)}")
+    roots = _data_search_roots(root)
+    if name == "cifar10":
+        found = _find_cifar_folder(roots)
+        if found is not None:
+            return _as_tensors(_torchvision_dataset(name, found, train, download=False), name)
+    else:
+        folder = _find_idx_folder(roots, name)
+        if folder is not None:
+            staged = _stage_idx_files(folder, name)
+            try:
+                dataset = _torchvision_dataset(name, staged, train, download=False)
+            except Exception as error:  # torchvision reads the files: any failure means bad files
+                raise ValueError(f"the {name} idx files in {folder} could not be read ({error}); "
+                                 "replace them with the four standard files") from error
+            return _as_tensors(dataset, name)
+    failure = "download skipped (download=False or FEDGAN_OFFLINE set)"
+    if download and not os.environ.get("FEDGAN_OFFLINE"):
+        captured = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+                dataset = _torchvision_dataset(name, Path("data"), train, download=True)
+            return _as_tensors(dataset, name)
+        except Exception as error:  # urllib, HTTP, checksum: all mean "not downloadable here"
+            failure = f"download into ./data failed: {type(error).__name__}: {error}"
+    looked = "\n".join(f"  - {r.resolve() if r.exists() else r} ({'exists' if r.exists() else 'missing'})"
+                       for r in roots)
+    wanted = (f"the folder {CIFAR_FOLDER}/ of the CIFAR-10 python version" if name == "cifar10" else
+              "the four idx files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+              "t10k-labels-idx1-ubyte, raw or .gz)"
+              + (" in a folder whose path contains 'fashion'" if name == "fashion_mnist" else ""))
+    raise DatasetNotFoundError(
+        f"{name} not found. Looked in:\n{looked}\nand the {failure}.\n"
+        f"Fix: put {wanted} in a folder and set FEDGAN_DATA=/that/folder (or pass root=...); "
+        "on Kaggle, attach a dataset holding them, or turn the notebook's internet on.")
+
+
+def to_float_images(images: Tensor) -> Tensor:
+    """uint8 in [0, 255] -> float in [-1, 1], the range the generator's tanh produces."""
+    return images.float().mul_(2.0 / 255.0).sub_(1.0)
+
+
+def examples_per_label(images: Tensor, labels: Tensor, per_label: int = 10,
+                       num_classes: int = 10) -> Tensor:
+    """The first `per_label` images of each label, label-major, as float in [-1, 1]: [num_classes*per_label, C, H, W]."""
+    picks = [torch.nonzero(labels == c).flatten()[:per_label] for c in range(num_classes)]
+    return to_float_images(images[torch.cat(picks)])
+
+
+# ----------------------------------------------------------------------------
+# Partitioning
+# ----------------------------------------------------------------------------
+
+
+def _labels_array(labels: Any) -> np.ndarray:
+    array = labels.cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-D integer array, got shape {array.shape} and dtype {array.dtype}")
+    if array.size and array.min() < 0:
+        raise ValueError(f"labels must be >= 0, got {array.min()}")
+    return array
+
+
+def _split_by_counts(indices: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+    return np.split(indices, np.cumsum(counts)[:-1])
+
+
+def _check_min_size(min_size: int, num_clients: int, num_labels: int) -> None:
+    if min_size * num_clients > num_labels:
+        raise ValueError(f"min_size={min_size} is not allowed: {num_clients} clients x {min_size} > "
+                         f"{num_labels} images; use min_size <= {num_labels // num_clients}")
+
+
+def _partition_iid(labels, num_clients, rng) -> list[np.ndarray]:
+    return np.array_split(rng.permutation(len(labels)), num_clients)
+
+
+def _partition_dirichlet(labels, num_clients, rng, alpha, min_size) -> list[np.ndarray]:
+    """Label skew of Hsu et al. (2019): each class is split over clients by Dirichlet(alpha) shares."""
+    _check_min_size(min_size, num_clients, len(labels))
+    for _ in range(1000):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for c in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == c))
+            shares = rng.dirichlet(np.full(num_clients, alpha))
+            counts = np.floor(shares * len(members)).astype(int)
+            counts[np.argsort(-(shares * len(members) - counts))[: len(members) - counts.sum()]] += 1
+            for client, chunk in enumerate(_split_by_counts(members, counts)):
+                parts[client].append(chunk)
+        result = [np.concatenate(p) for p in parts]
+        if min(len(p) for p in result) >= min_size:
+            return result
+    raise ValueError(f"alpha={alpha} with min_size={min_size}: no split in 1000 draws gave every client "
+                     f"{min_size} images; raise alpha or lower min_size")
+
+
+def _partition_shards(labels, num_clients, rng, shards_per_client) -> list[np.ndarray]:
+    """The FedAvg paper's pathological split: sort by label, cut into shards, deal shards_per_client each."""
+    num_shards = num_clients * shards_per_client
+    if num_shards > len(labels):
+        raise ValueError(f"shards_per_client={shards_per_client} is not allowed: {num_shards} shards > "
+                         f"{len(labels)} images")
+    order = rng.permutation(len(labels))
+    by_label = order[np.argsort(labels[order], kind="stable")]
+    shards = np.array_split(by_label, num_shards)
+    dealt = rng.permutation(num_shards).reshape(num_clients, shards_per_client)
+    return [np.concatenate([shards[s] for s in row]) for row in dealt]
+
+
+def _partition_classes(labels, num_clients, rng, classes_per_client) -> list[np.ndarray]:
+    """Each client holds `classes_per_client` labels; each label is split evenly among its holders."""
+    classes = np.unique(labels)
+    if classes_per_client > len(classes):
+        raise ValueError(f"classes_per_client={classes_per_client} is not allowed: the labels hold only "
+                         f"{len(classes)} classes")
+    if num_clients * classes_per_client < len(classes):
+        raise ValueError(f"classes_per_client={classes_per_client} is not allowed with {num_clients} clients: "
+                         f"{len(classes)} classes need num_clients x classes_per_client >= {len(classes)}")
+    order = rng.permutation(classes)
+    holders: dict[int, list[int]] = {int(c): [] for c in classes}
+    for client in range(num_clients):
+        for j in range(classes_per_client):
+            holders[int(order[(client * classes_per_client + j) % len(classes)])].append(client)
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c, owners in holders.items():
+        members = rng.permutation(np.flatnonzero(labels == c))
+        for client, chunk in zip(owners, np.array_split(members, len(owners))):
+            parts[client].append(chunk)
+    return [np.concatenate(p) if p else np.empty(0, dtype=np.int64) for p in parts]
+
+
+def _partition_quantity(labels, num_clients, rng, sigma, min_size) -> list[np.ndarray]:
+    """Quantity skew: client sizes proportional to lognormal(0, sigma) draws, each at least min_size."""
+    _check_min_size(min_size, num_clients, len(labels))
+    shares = rng.lognormal(0.0, sigma, num_clients)
+    free = len(labels) - min_size * num_clients
+    counts = np.floor(shares / shares.sum() * free).astype(int)
+    counts[np.argsort(-(shares / shares.sum() * free - counts))[: free - counts.sum()]] += 1
+    return _split_by_counts(rng.permutation(len(labels)), counts + min_size)
+
+
+_PARTITIONERS = {
+    "iid": _partition_iid,
+    "dirichlet": _partition_dirichlet,
+    "shards": _partition_shards,
+    "classes": _partition_classes,
+    "quantity": _partition_quantity,
+}
+_PARTITION_DEFAULTS = {"alpha": 0.5, "min_size": 10, "shards_per_client": 2, "classes_per_client": 2,
+                       "sigma": 1.0}
+
+
+def partition(labels: Any, num_clients: int, scheme: str = "iid", seed: int = 0, **kw: Any) -> list[np.ndarray]:
+    """Split dataset indices over clients: a list of `num_clients` sorted int64 arrays holding every index once.
+
+    Schemes: "iid"; "dirichlet" (alpha, min_size); "shards" (shards_per_client); "classes"
+    (classes_per_client); "quantity" (sigma, min_size). Deterministic for a seed.
+    """
+    array = _labels_array(labels)
+    _require(scheme in PARTITIONS, "scheme", scheme, f"one of {list(PARTITIONS)}")
+    _require(_is_int(num_clients) and 1 <= num_clients <= max(1, len(array)), "num_clients", num_clients,
+             f"an integer from 1 to the number of labels ({len(array)})")
+    _require(_is_int(seed) and seed >= 0, "seed", seed, "an integer >= 0")
+    allowed = PARTITION_PARAMS[scheme]
+    unknown = sorted(set(kw) - set(allowed))
+    if unknown:
+        raise ValueError(f"scheme={scheme!r} takes {list(allowed) or 'no parameters'}, not {unknown}")
+    params = {name: kw.get(name, _PARTITION_DEFAULTS[name]) for name in allowed}
+    for name, value in params.items():  # the same rules as FedConfig's fields of the same names
+        _check_field(name, value)
+    rng = np.random.default_rng(seed)
+    parts = _PARTITIONERS[scheme](array, num_clients, rng, **params)
+    return [np.sort(p).astype(np.int64) for p in parts]
+
+
+def partition_report(labels: Any, parts: Sequence[np.ndarray], num_classes: int | None = None) -> np.ndarray:
+    """Per-client label counts: an int array [num_clients, num_classes]."""
+    array = _labels_array(labels)
+    num_classes = num_classes or int(array.max()) + 1
+    return np.stack([np.bincount(array[p], minlength=num_classes) for p in parts])
+
+
+# ----------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------
+
+
+def _resolution_plan(size: int) -> tuple[int, int]:
+    """(base, doublings) with base * 2**doublings == size and base in 4..7: 28 -> (7, 2), 32 -> (4, 3)."""
+    for doublings in range(1, 8):
+        base, rest = divmod(size, 2 ** doublings)
+        if rest == 0 and 4 <= base <= 7:
+            return base, doublings
+    raise ValueError(f"image size {size} is not supported: it must be 4..7 times a power of two (28, 32, 64, ...)")
+
+
+def dcgan_init_(module: nn.Module) -> None:
+    """DCGAN init: conv weights ~ N(0, 0.02), BatchNorm weights ~ N(1, 0.02), biases 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class Generator(nn.Module):
+    """Conditional DCGAN generator: [z, embed(label)] -> image in [-1, 1]."""
+
+    def __init__(self, *, image_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10, z_dim: int = 100,
+                 embed_dim: int = 10, ngf: int = 64):
+        super().__init__()
+        channels, height, width = image_shape
+        if height != width:
+            raise ValueError(f"image_shape={tuple(image_shape)}: only square images are supported")
+        base, doublings = _resolution_plan(height)
+        self.config = dict(image_shape=tuple(image_shape), num_classes=num_classes, z_dim=z_dim,
+                           embed_dim=embed_dim, ngf=ngf)
+        self.num_classes, self.z_dim = num_classes, z_dim
+        self.label_embedding = nn.Embedding(num_classes, embed_dim)
+        width_mult = 2 ** (doublings - 1)
+        layers: list[nn.Module] = [  # (B, z+e, 1, 1) -> (B, ngf*2^(n-1), base, base)
+            nn.ConvTranspose2d(z_dim + embed_dim, ngf * width_mult, base, 1, 0, bias=False),
+            nn.BatchNorm2d(ngf * width_mult), nn.ReLU(True)]
+        for _ in range(doublings - 1):  # each block doubles the resolution and halves the width
+            layers += [nn.ConvTranspose2d(ngf * width_mult, ngf * width_mult // 2, 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(ngf * width_mult // 2), nn.ReLU(True)]
+            width_mult //= 2
+        layers += [nn.ConvTranspose2d(ngf, channels, 4, 2, 1, bias=False), nn.Tanh()]
+        self.main = nn.Sequential(*layers)
+        dcgan_init_(self)
+
+    def forward(self, z: Tensor, labels: Tensor) -> Tensor:
+        x = torch.cat([z, self.label_embedding(labels)], dim=1)  # (B, z_dim + embed_dim)
+        return self.main(x[:, :, None, None])  # (B, C, H, W)
+
+
+class Discriminator(nn.Module):
+    """Conditional DCGAN discriminator: the label enters as an extra learned image channel."""
+
+    def __init__(self, *, image_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10, ndf: int = 64):
+        super().__init__()
+        channels, height, width = image_shape
+        if height != width:
+            raise ValueError(f"image_shape={tuple(image_shape)}: only square images are supported")
+        base, doublings = _resolution_plan(height)
+        self.config = dict(image_shape=tuple(image_shape), num_classes=num_classes, ndf=ndf)
+        self.num_classes, self.image_size = num_classes, height
+        self.label_channel = nn.Embedding(num_classes, height * width)
+        layers: list[nn.Module] = [nn.Conv2d(channels + 1, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
+        width_mult = 1
+        for _ in range(doublings - 1):  # each block halves the resolution and doubles the width
+            layers += [nn.Conv2d(ndf * width_mult, ndf * width_mult * 2, 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(ndf * width_mult * 2), nn.LeakyReLU(0.2, True)]
+            width_mult *= 2
+        layers += [nn.Conv2d(ndf * width_mult, 1, base, 1, 0, bias=False)]  # (B, 1, 1, 1)
+        self.main = nn.Sequential(*layers)
+        dcgan_init_(self)
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        size = self.image_size
+        label_map = self.label_channel(labels).view(-1, 1, size, size)  # (B, 1, H, W)
+        return self.main(torch.cat([images, label_map], dim=1)).flatten()  # (B,) logits
+
+
+def build_models(config: FedConfig) -> tuple[Generator, Discriminator]:
+    """G and D for the config's dataset, freshly initialised from the current torch RNG."""
+    info = DATASETS[config.dataset]
+    generator = Generator(image_shape=info.image_shape, num_classes=info.num_classes, z_dim=config.z_dim,
+                          embed_dim=config.embed_dim, ngf=config.ngf)
+    discriminator = Discriminator(image_shape=info.image_shape, num_classes=info.num_classes, ndf=config.ndf)
+    return generator, discriminator
+
+
+def norm_state_keys(module: nn.Module) -> set[str]:
+    """State-dict keys of the BatchNorm layers (weights, biases and running statistics)."""
+    keys = set()
+    for prefix, m in module.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            keys.update(f"{prefix}.{name}" for name in m.state_dict())
+    return keys
+
+
+@torch.no_grad()
+def generate(generator: Generator, labels: Sequence[int] | Tensor, seed: int = 0,
+             noise: Tensor | None = None) -> Tensor:
+    """Images in [-1, 1] for the requested labels: [len(labels), C, H, W], on the generator's device.
+
+    Uses the generator in eval mode (BatchNorm running statistics); `noise` [N, z_dim] overrides `seed`.
+    """
+    device = next(generator.parameters()).device
+    labels = torch.as_tensor(labels, dtype=torch.int64).flatten()
+    if labels.numel() == 0 or labels.min() < 0 or labels.max() >= generator.num_classes:
+        raise ValueError(f"labels must be a non-empty list of integers in [0, {generator.num_classes - 1}], "
+                         f"got {labels.tolist()[:20]}")
+    if noise is None:
+        noise = torch.randn(len(labels), generator.z_dim, generator=torch.Generator().manual_seed(seed))
+    if tuple(noise.shape) != (len(labels), generator.z_dim):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected ({len(labels)}, {generator.z_dim})")
+    was_training = generator.training
+    generator.eval()
+    try:
+        return generator(noise.to(device), labels.to(device))
+    finally:
+        generator.train(was_training)
+
+
+# ----------------------------------------------------------------------------
+# Aggregation
+# ----------------------------------------------------------------------------
+
+
+def _normalised_weights(weights: Any, count: int) -> Tensor:
+    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+    if w.numel() != count:
+        raise ValueError(f"got {w.numel()} weights for {count} client states; give one weight per state")
+    if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be finite, >= 0 and not all 0, got {w.tolist()}")
+    return w / w.sum()
+
+
+def fedavg_stacked(stacked: Mapping[str, Tensor], weights: Any) -> StateDict:
+    """FedAvg over states stacked on a leading client dim: {key: [K, ...]} -> {key: [...]}.
+
+    Floating tensors: the weighted mean, computed in float32 at least and cast back to their dtype.
+    Integer tensors (BatchNorm's num_batches_tracked) are counters, not estimates: the global keeps
+    the largest client count, so it stays an integer of its own dtype.
+    """
+    result = {}
+    for key, values in stacked.items():
+        if values.dtype.is_floating_point:
+            compute = torch.promote_types(values.dtype, torch.float32)
+            w = _normalised_weights(weights, values.shape[0]).to(values.device, compute)
+            w = w.view(-1, *([1] * (values.dim() - 1)))  # (K, 1, ..., 1)
+            result[key] = (w * values.to(compute)).sum(0).to(values.dtype)
+        else:
+            _normalised_weights(weights, values.shape[0])
+            result[key] = values.amax(0)
+    return result
+
+
+def stack_states(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """A list of K state dicts with the same keys and shapes -> {key: [K, ...]}."""
+    if len(states) == 0:
+        raise ValueError("no client states to aggregate")
+    keys = list(states[0])
+    for i, state in enumerate(states[1:], 1):
+        if list(state) != keys:
+            raise ValueError(f"state {i} has keys {sorted(set(state) ^ set(keys))} that state 0 does not share")
+        for key in keys:
+            if state[key].shape != states[0][key].shape:
+                raise ValueError(f"state {i}[{key!r}] has shape {tuple(state[key].shape)}, "
+                                 f"state 0 has {tuple(states[0][key].shape)}")
+    return {key: torch.stack([s[key] for s in states]) for key in keys}
+
+
+def fedavg(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> StateDict:
+    """FedAvg (McMahan et al., 2017): the client states averaged, weighted by their sample counts."""
+    return fedavg_stacked(stack_states(states), weights)
+
+
+# ----------------------------------------------------------------------------
+# Local training engine: all selected clients train at once as one batched model
+# ----------------------------------------------------------------------------
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from a tuple of ints, so every (seed, round, client, stream) has its own stream."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+STREAM_SELECTION, STREAM_BATCHES, STREAM_NOISE = 1, 2, 3
+
+
+@dataclass
+class RoundPlan:
+    """Everything random about one round, derived from (seed, round) alone, so runs resume exactly."""
+
+    round: int  # 1-based round index
+    client_ids: np.ndarray  # [K] selected clients, sorted
+    sizes: np.ndarray  # [K] images each holds
+    steps: np.ndarray  # [K] local steps each takes
+    batch_indices: Tensor  # [K, max(steps), B] dataset indices of each client's batches
+    noise_seed: int  # seed of the generator that draws each step's z
+
+
+def select_clients(num_clients: int, fraction: float, seed: int, round_index: int) -> np.ndarray:
+    """A uniform sample of max(1, round(fraction * K)) clients, from a generator of its own per round."""
+    count = max(1, round(fraction * num_clients))
+    rng = np.random.default_rng(derive_seed(seed, round_index, STREAM_SELECTION))
+    return np.sort(rng.choice(num_clients, size=count, replace=False))
+
+
+def local_steps_for(size: int, config: FedConfig) -> int:
+    """Local steps of a client holding `size` images: local_steps, else ceil(local_epochs * size / B)."""
+    if config.local_steps is not None:
+        return config.local_steps
+    return max(1, math.ceil(config.local_epochs * size / config.batch_size))
+
+
+def plan_round(config: FedConfig, parts: Sequence[np.ndarray], round_index: int) -> RoundPlan:
+    """Select clients and draw their batches: each client walks fresh permutations of its own data."""
+    client_ids = select_clients(len(parts), config.client_fraction, config.seed, round_index)
+    sizes = np.array([len(parts[c]) for c in client_ids])
+    if (sizes == 0).any():
+        empty = client_ids[sizes == 0].tolist()
+        raise ValueError(f"clients {empty} hold no data; choose a partition that gives every client images")
+    steps = np.array([local_steps_for(n, config) for n in sizes])
+    batch = config.batch_size
+    indices = np.zeros((len(client_ids), steps.max(), batch), dtype=np.int64)
+    for row, (client, n, s) in enumerate(zip(client_ids, sizes, steps)):
+        rng = np.random.default_rng(derive_seed(config.seed, round_index, int(client), STREAM_BATCHES))
+        own = parts[client]
+        epochs = math.ceil(s * batch / n)
+        walk = np.concatenate([own[rng.permutation(n)] for _ in range(epochs)])[: s * batch]
+        indices[row, :s] = walk.reshape(s, batch)  # rows past a client's steps stay 0 and are masked
+    return RoundPlan(round_index, client_ids, sizes, steps, torch.from_numpy(indices),
+                     derive_seed(config.seed, round_index, STREAM_NOISE))
+
+
+def adam_init(params: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Fresh Adam state for stacked params: per-client step counts [K] and zero moments."""
+    first = next(iter(params.values()))
+    return {"step": torch.zeros(first.shape[0], device=first.device),
+            "exp_avg": {n: torch.zeros_like(p) for n, p in params.items()},
+            "exp_avg_sq": {n: torch.zeros_like(p) for n, p in params.items()}}
+
+
+@torch.no_grad()
+def adam_step(params: Mapping[str, Tensor], grads: Sequence[Tensor], state: dict[str, Any], *, lr: float,
+              betas: tuple[float, float], eps: float = 1e-8, active: Tensor | None = None) -> None:
+    """Adam (as torch.optim.Adam computes it) on params stacked [K, ...], one step count per client.
+
+    `active` [K] bool leaves the clients that have finished their local steps untouched.
+    """
+    beta1, beta2 = betas
+    step = state["step"] + (1 if active is None else active.to(state["step"].dtype))
+    bias_correction1 = 1 - beta1 ** step.clamp(min=1)  # (K,)
+    bias_correction2_sqrt = (1 - beta2 ** step.clamp(min=1)).sqrt()  # (K,)
+    step_size = lr / bias_correction1
+    if active is not None:
+        step_size = torch.where(active, step_size, torch.zeros_like(step_size))
+    state["step"] = step
+    for (name, param), grad in zip(params.items(), grads):
+        view = (-1,) + (1,) * (param.dim() - 1)  # broadcast (K,) over a client's tensor
+        exp_avg, exp_avg_sq = state["exp_avg"][name], state["exp_avg_sq"][name]
+        new_avg = exp_avg.lerp(grad, 1 - beta1)
+        new_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if active is not None:
+            keep = active.view(view)
+            new_avg, new_avg_sq = torch.where(keep, new_avg, exp_avg), torch.where(keep, new_avg_sq, exp_avg_sq)
+        exp_avg.copy_(new_avg)
+        exp_avg_sq.copy_(new_avg_sq)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt.view(view)).add_(eps)
+        param.add_((-step_size).view(view) * exp_avg / denom)
+
+
+def _split_state(module: nn.Module, stacked: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    names = {n for n, _ in module.named_parameters()}
+    params = {k: v.requires_grad_(True) for k, v in stacked.items() if k in names}
+    buffers = {k: v for k, v in stacked.items() if k not in names}
+    return params, buffers
+
+
+@dataclass
+class LocalResult:
+    g_state: dict[str, Tensor]  # {key: [K, ...]} the clients' generators after local training
+    d_state: dict[str, Tensor]  # {key: [K, ...]} the clients' discriminators
+    g_opt: dict[str, Any]  # stacked Adam state of the generators
+    d_opt: dict[str, Any]  # stacked Adam state of the discriminators
+    d_loss: Tensor  # [K] mean discriminator loss over each client's steps
+    g_loss: Tensor  # [K] mean generator loss
+
+
+def train_clients(generator: Generator, discriminator: Discriminator, g_state: Mapping[str, Tensor],
+                  d_state: Mapping[str, Tensor], images: Tensor, labels: Tensor, plan: RoundPlan,
+                  config: FedConfig, g_opt: dict[str, Any] | None = None,
+                  d_opt: dict[str, Any] | None = None) -> LocalResult:
+    """Local training of the plan's K clients as one batched model (vmap over stacked states).
+
+    `generator`/`discriminator` only lend their structure; `g_state`/`d_state` hold each client's
+    copy stacked on dim 0. Losses stay on the device until the round ends (no per-step sync).
+    """
+    device = images.device
+    g_state = {k: v.detach().clone() for k, v in g_state.items()}
+    d_state = {k: v.detach().clone() for k, v in d_state.items()}
+    g_params, g_buffers = _split_state(generator, g_state)
+    d_params, d_buffers = _split_state(discriminator, d_state)
+    g_opt = g_opt if g_opt is not None else adam_init(g_params)
+    d_opt = d_opt if d_opt is not None else adam_init(d_params)
+    num_clients, max_steps, batch = plan.batch_indices.shape
+    steps = torch.as_tensor(plan.steps, device=device)
+    batch_indices = plan.batch_indices.to(device)
+    noise_gen = torch.Generator(device=device).manual_seed(plan.noise_seed)
+    d_loss_sum = torch.zeros(num_clients, device=device)
+    g_loss_sum = torch.zeros(num_clients, device=device)
+
+    def g_forward(params, buffers, z, y):
+        return functional_call(generator, (params, buffers), (z, y))
+
+    def d_real_fake_loss(params, buffers, real, fake, y):
+        real_logits = functional_call(discriminator, (params, buffers), (real, y))
+        fake_logits = functional_call(discriminator, (params, buffers), (fake, y))
+        return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+                + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+
+    def d_fooled_loss(params, buffers, fake, y):
+        logits = functional_call(discriminator, (params, buffers), (fake, y))
+        return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+
+    for step in range(max_steps):
+        idx = batch_indices[:, step]  # (K, B)
+        real = to_float_images(images[idx])  # (K, B, C, H, W)
+        y = labels[idx]  # (K, B)
+        z = torch.randn((num_clients, batch, generator.z_dim), generator=noise_gen, device=device)
+        everyone = step < int(plan.steps.min())
+        active = None if everyone else step < steps  # (K,) clients still training
+        if not everyone:
+            saved_buffers = {k: v.clone() for k, v in {**g_buffers, **d_buffers}.items()}
+        fake = vmap(g_forward)(g_params, g_buffers, z, y)  # (K, B, C, H, W)
+
+        # (1) Update D: real images -> 1, generated images -> 0
+        d_loss = vmap(d_real_fake_loss)(d_params, d_buffers, real, fake.detach(), y)  # (K,)
+        grads = torch.autograd.grad(d_loss.sum(), list(d_params.values()))
+        adam_step(d_params, grads, d_opt, lr=config.lr_d, betas=config.betas, active=active)
+
+        # (2) Update G: make the updated D call generated images real
+        g_loss = vmap(d_fooled_loss)(d_params, d_buffers, fake, y)  # (K,)
+        grads = torch.autograd.grad(g_loss.sum(), list(g_params.values()))
+        adam_step(g_params, grads, g_opt, lr=config.lr_g, betas=config.betas, active=active)
+
+        if active is None:
+            d_loss_sum += d_loss.detach()
+            g_loss_sum += g_loss.detach()
+        else:  # finished clients: undo the running-statistics updates of this step, count no loss
+            with torch.no_grad():
+                for name, buffer in {**g_buffers, **d_buffers}.items():
+                    keep = active.view(-1, *([1] * (buffer.dim() - 1)))
+                    buffer.copy_(torch.where(keep, buffer, saved_buffers[name]))
+            d_loss_sum += torch.where(active, d_loss.detach(), torch.zeros_like(d_loss_sum))
+            g_loss_sum += torch.where(active, g_loss.detach(), torch.zeros_like(g_loss_sum))
+
+    detach = lambda state: {k: v.detach() for k, v in state.items()}  # noqa: E731
+    return LocalResult(detach(g_state), detach(d_state), g_opt, d_opt,
+                       d_loss_sum / steps, g_loss_sum / steps)
+
+
+def broadcast(state: Mapping[str, Tensor], count: int) -> dict[str, Tensor]:
+    """The global state copied for `count` clients: {key: [count, ...]}."""
+    return {k: v.detach().unsqueeze(0).expand(count, *v.shape).clone() for k, v in state.items()}
+
+
+def _slice_client(tree: Any, row: int) -> Any:
+    """Client `row`'s part of a stacked state or optimizer state, copied to the CPU."""
+    if isinstance(tree, Tensor):
+        return tree[row].detach().cpu().clone()
+    return {k: _slice_client(v, row) for k, v in tree.items()}
+
+
+def _stack_clients(trees: Sequence[Any], device: torch.device) -> Any:
+    if isinstance(trees[0], Tensor):
+        return torch.stack([t.to(device) for t in trees])
+    return {k: _stack_clients([t[k] for t in trees], device) for k in trees[0]}
+
+
+# ----------------------------------------------------------------------------
+# Federation
+# ----------------------------------------------------------------------------
+
+
+class Federation:
+    """A federated cDCGAN run: global G and D, the clients' data, and the round loop.
+
+    `run()` runs the remaining rounds; `run_round()` runs one, for notebooks that want to look
+    between rounds. The global models are `.generator` and `.discriminator`; `.history` holds one
+    record per round.
+    """
+
+    def __init__(self, config: FedConfig, *, data: tuple[Tensor, Tensor] | None = None, resume: bool = False,
+                 log: bool = True):
+        if not isinstance(config, FedConfig):
+            raise TypeError(f"config must be a FedConfig, got {type(config).__name__}")
+        self.config, self.log = config, log
+        self.device = pick_device(config.device)
+        images, labels = data if data is not None else load_dataset(config.dataset, config.data_root)
+        if config.train_subset is not None and config.train_subset < len(labels):
+            keep = np.sort(np.random.default_rng(config.seed).choice(len(labels), config.train_subset,
+                                                                      replace=False))
+            images, labels = images[keep], labels[keep]
+        self.images, self.labels = images.to(self.device), labels.to(self.device)  # uint8 and int64, resident
+        self.parts = partition(labels, config.num_clients, config.partition, seed=config.seed,
+                               **config.partition_kwargs())
+        seed_everything(config.seed)
+        generator, discriminator = build_models(config)
+        self.generator, self.discriminator = generator.to(self.device), discriminator.to(self.device)
+        self._local_keys = ({"g": norm_state_keys(generator), "d": norm_state_keys(discriminator)}
+                            if config.bn_policy == "local" else {"g": set(), "d": set()})
+        info = DATASETS[config.dataset]
+        # one fixed noise a column, one label a row: grids over rounds stay comparable
+        fixed = torch.randn(10, config.z_dim, generator=torch.Generator().manual_seed(config.seed))
+        self.fixed_labels = torch.arange(info.num_classes).repeat_interleave(10)  # (100,)
+        self.fixed_noise = fixed.repeat(info.num_classes, 1)  # (100, z_dim)
+        self.client_store: dict[int, dict[str, Any]] = {}  # per-client state that persists across rounds
+        self.history: list[dict[str, Any]] = []
+        self.grid_snapshots: dict[int, Tensor] = {}  # round -> fixed-noise grid images, CPU
+        self.round = 0
+        self.run_dir = self._pick_run_dir(resume)
+        self.out_dir = Path(config.out_dir) / self.run_dir.name
+        if resume and latest_checkpoint(self.run_dir) is not None:
+            self._restore(latest_checkpoint(self.run_dir))
+        else:
+            self.grid_snapshots[0] = self.sample_grid()
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _pick_run_dir(self, resume: bool) -> Path:
+        """checkpoint_dir/run_name, or run_name-2, -3, ... so that no earlier run is overwritten."""
+        base = Path(self.config.checkpoint_dir) / self.config.run_name
+        existing = [base] + sorted(base.parent.glob(base.name + "-*"), key=lambda p: p.stat().st_mtime)
+        existing = [p for p in existing if latest_checkpoint(p) is not None]
+        if resume and existing:
+            return existing[-1]
+        candidate, n = base, 1
+        while candidate.exists() and any(candidate.iterdir()):
+            n += 1
+            candidate = base.parent / f"{base.name}-{n}"
+        return candidate
+
+    def _restore(self, path: Path) -> None:
+        checkpoint = load_checkpoint(path)
+        saved = FedConfig.from_json(checkpoint["config"])
+        differs = [f.name for f in dataclasses.fields(FedConfig)
+                   if f.name not in ("rounds", "device") and getattr(saved, f.name) != getattr(self.config, f.name)]
+        if differs:
+            raise ValueError(f"cannot resume from {path}: the config differs in {differs}; "
+                             "resume with the saved config (only rounds and device may change)")
+        self.generator.load_state_dict(checkpoint["generator"])
+        self.discriminator.load_state_dict(checkpoint["discriminator"])
+        self.client_store = {int(k): v for k, v in checkpoint["client_store"].items()}
+        self.history = checkpoint["history"]
+        self.grid_snapshots = {int(k): v for k, v in checkpoint["grid_snapshots"].items()}
+        self.round = checkpoint["round"]
+        if self.log:
+            print(f"resumed from {path} (round {self.round})")
+
+    # -- one round ------------------------------------------------------------------------------
+    def _client_start(self, which: str, model: nn.Module, plan: RoundPlan) -> dict[str, Tensor]:
+        """The stacked state each selected client starts from: the global one, with its own BN kept (FedBN)."""
+        stacked = broadcast(model.state_dict(), len(plan.client_ids))
+        local = self._local_keys[which]
+        for row, client in enumerate(plan.client_ids):
+            own = self.client_store.get(int(client), {}).get(f"{which}_local")
+            for key in local if own is not None else ():
+                stacked[key][row] = own[key].to(self.device)
+        return stacked
+
+    def _client_optimizers(self, which: str, plan: RoundPlan, params: Mapping[str, Tensor]) -> dict | None:
+        if self.config.optimizer_state == "reset":
+            return None
+        fresh = _slice_client(adam_init({k: v[:1] for k, v in params.items()}), 0)
+        trees = [self.client_store.get(int(c), {}).get(f"{which}_opt", fresh) for c in plan.client_ids]
+        return _stack_clients(trees, self.device)
+
+    def run_round(self) -> dict[str, Any]:
+        """Select, broadcast, train locally, aggregate, log: one communication round."""
+        config = self.config
+        start = time.perf_counter()
+        plan = plan_round(config, self.parts, self.round + 1)
+        g_start = self._client_start("g", self.generator, plan)
+        d_start = self._client_start("d", self.discriminator, plan)
+        g_param_names = {n for n, _ in self.generator.named_parameters()}
+        d_param_names = {n for n, _ in self.discriminator.named_parameters()}
+        local = train_clients(
+            self.generator, self.discriminator, g_start, d_start, self.images, self.labels, plan, config,
+            g_opt=self._client_optimizers("g", plan, {k: v for k, v in g_start.items() if k in g_param_names}),
+            d_opt=self._client_optimizers("d", plan, {k: v for k, v in d_start.items() if k in d_param_names}))
+
+        # aggregate: FedAvg weighted by client data size; local BN layers are averaged for the
+        # global model (used for sampling) but each client keeps its own for its next round
+        weights = plan.sizes.astype(np.float64)
+        self.generator.load_state_dict(fedavg_stacked(local.g_state, weights))
+        self.discriminator.load_state_dict(fedavg_stacked(local.d_state, weights))
+        for row, client in enumerate(plan.client_ids):
+            store = self.client_store.setdefault(int(client), {})
+            if config.bn_policy == "local":
+                store["g_local"] = _slice_client({k: local.g_state[k] for k in self._local_keys["g"]}, row)
+                store["d_local"] = _slice_client({k: local.d_state[k] for k in self._local_keys["d"]}, row)
+            if config.optimizer_state == "keep":
+                store["g_opt"] = _slice_client(local.g_opt, row)
+                store["d_opt"] = _slice_client(local.d_opt, row)
+
+        d_losses, g_losses = local.d_loss.tolist(), local.g_loss.tolist()  # the round's one sync
+        self.round += 1
+        seconds = time.perf_counter() - start
+        images_seen = int(plan.steps.sum()) * config.batch_size
+        record = {
+            "round": self.round,
+            "clients": plan.client_ids.tolist(),
+            "d_loss": float(np.average(d_losses, weights=weights)),
+            "g_loss": float(np.average(g_losses, weights=weights)),
+            "d_loss_clients": d_losses,
+            "g_loss_clients": g_losses,
+            "seconds": seconds,
+            "images": images_seen,
+            "images_total": images_seen + (self.history[-1]["images_total"] if self.history else 0),
+            "images_per_s": images_seen / seconds,
+        }
+        self.history.append(record)
+        self.grid_snapshots[self.round] = self.sample_grid()
+        every = config.checkpoint_every
+        if (every and self.round % every == 0) or self.round == config.rounds:
+            self.save_checkpoint()
+        return record
+
+    def run(self, rounds: int | None = None, progress: bool = True) -> "Federation":
+        """Run until `rounds` (default: config.rounds) rounds are done; one log line a round."""
+        from tqdm.auto import tqdm
+
+        target = self.config.rounds if rounds is None else rounds
+        bar = tqdm(range(self.round, target), desc="rounds", disable=not progress)
+        for _ in bar:
+            record = self.run_round()
+            bar.set_postfix(d_loss=f"{record['d_loss']:.3f}", g_loss=f"{record['g_loss']:.3f}")
+            if self.log:
+                bar.write(format_round(record))
+        return self
+
+    # -- outputs --------------------------------------------------------------------------------
+    def sample_grid(self) -> Tensor:
+        """The global generator on the fixed noise and labels: [100, C, H, W] in [-1, 1], CPU."""
+        return generate(self.generator, self.fixed_labels, noise=self.fixed_noise).cpu()
+
+    def save_checkpoint(self) -> Path:
+        """checkpoint_dir/<run>/round_XXXX.pt: global models, client state, history, config."""
+        path = self.run_dir / f"round_{self.round:04d}.pt"
+        save_checkpoint(path, {
+            "format": 1,
+            "round": self.round,
+            "config": self.config.to_json(),
+            "generator_config": self.generator.config,
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "client_store": {str(k): v for k, v in self.client_store.items()},
+            "history": self.history,
+            "grid_snapshots": {str(k): v for k, v in self.grid_snapshots.items()},
+        })
+        return path
+
+
+def format_round(record: Mapping[str, Any]) -> str:
+    """One log line for a round."""
+    return (f"round {record['round']:3d} | D {record['d_loss']:.3f} | G {record['g_loss']:.3f} | "
+            f"{record['seconds']:.1f} s | {record['images_per_s']:,.0f} img/s")
+
+
+def run_federation(config: FedConfig, *, resume: bool = False, data: tuple[Tensor, Tensor] | None = None,
+                   progress: bool = True) -> Federation:
+    """Run a federated cDCGAN to config.rounds; `resume` continues from the run's latest checkpoint."""
+    return Federation(config, data=data, resume=resume).run(progress=progress)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
+    """Write atomically (temporary file, fsync, rename); never replaces an existing file."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; checkpoints are never overwritten")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        torch.save(dict(payload), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint's contents, loaded with weights_only=True (tensors and plain data only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """A run's checkpoints, oldest round first."""
+    return sorted(Path(run_dir).glob("round_*.pt"))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> Generator:
+    """Rebuild the global generator saved in a checkpoint, in eval mode."""
+    checkpoint = load_checkpoint(path, device)
+    generator = Generator(**checkpoint["generator_config"]).to(device)
+    generator.load_state_dict(checkpoint["generator"])
+    return generator.eval()
+
+
+# ----------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------
+
+
+def _finish(fig, save_to: str | os.PathLike | None):
+    if save_to is not None:
+        Path(save_to).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(save_to, dpi=120, bbox_inches="tight")
+    return fig
+
+
+def image_grid(images: Tensor, nrow: int = 10) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> an [H', W', C] float array in [0, 1] for imshow."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.detach().float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1), pad_value=1)
+    return grid.permute(1, 2, 0).numpy()  # (C, H', W') -> (H', W', C)
+
+
+def plot_images(images: Tensor, *, nrow: int = 10, title: str = "", row_labels: Sequence[str] | None = None,
+                ax=None, save_to: str | os.PathLike | None = None):
+    """A grid of images; with `row_labels`, each row is named on the left (e.g. the digit it shows)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        rows = math.ceil(len(images) / nrow)
+        fig, ax = plt.subplots(figsize=(0.5 * nrow + 0.6, 0.5 * rows + 0.5))
+    fig = ax.figure
+    ax.imshow(image_grid(images, nrow))
+    ax.set_title(title)
+    ax.set_xticks([])
+    if row_labels is None:
+        ax.set_yticks([])
+    else:
+        cell = images.shape[-2] + 2  # make_grid pads 2 pixels
+        ax.set_yticks([2 + cell * i + images.shape[-2] / 2 for i in range(len(row_labels))])
+        ax.set_yticklabels(row_labels)
+        ax.tick_params(length=0)
+    return _finish(fig, save_to)
+
+
+def plot_label_grid(images: Tensor, class_names: Sequence[str] = tuple("0123456789"), *, title: str = "",
+                    ax=None, save_to: str | os.PathLike | None = None):
+    """A label-major grid (one row per class, e.g. Federation.sample_grid()) with the class on each row."""
+    return plot_images(images, nrow=len(images) // len(class_names), title=title, row_labels=class_names, ax=ax,
+                       save_to=save_to)
+
+
+def plot_grid_evolution(snapshots: Mapping[int, Tensor], rounds: Sequence[int] | None = None, *,
+                        class_names: Sequence[str] = tuple("0123456789"), save_to: str | os.PathLike | None = None):
+    """Fixed-noise label grids side by side at a few rounds (default: up to 5, first to last)."""
+    import matplotlib.pyplot as plt
+
+    available = sorted(snapshots)
+    if rounds is None:
+        picks = np.unique(np.linspace(0, len(available) - 1, min(5, len(available))).round().astype(int))
+        rounds = [available[i] for i in picks]
+    missing = [r for r in rounds if r not in snapshots]
+    if missing:
+        raise ValueError(f"rounds {missing} have no snapshot; available: {available}")
+    fig, axes = plt.subplots(1, len(rounds), figsize=(3.2 * len(rounds), 3.4), squeeze=False)
+    for ax, r in zip(axes[0], rounds):
+        plot_label_grid(snapshots[r], class_names, title=f"round {r}", ax=ax)
+    fig.tight_layout()
+    return _finish(fig, save_to)
+
+
+def plot_losses(history: Sequence[Mapping[str, Any]], *, ax=None, save_to: str | os.PathLike | None = None):
+    """Mean D and G loss per round (thick), each client's (thin)."""
+    import matplotlib.pyplot as plt
+
+    if not history:
+        raise ValueError("history is empty: run at least one round first")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+    rounds = [r["round"] for r in history]
+    for key, color in (("d_loss", "tab:blue"), ("g_loss", "tab:orange")):
+        for r in history:
+            ax.scatter([r["round"]] * len(r[f"{key}_clients"]), r[f"{key}_clients"], s=6, color=color, alpha=0.3)
+        ax.plot(rounds, [r[key] for r in history], color=color, lw=2, marker="o",
+                label=f"{'discriminator' if key == 'd_loss' else 'generator'} (mean of clients)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss (BCE)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _finish(ax.figure, save_to)
+
+
+def plot_partition(labels: Any, parts: Sequence[np.ndarray], *, class_names: Sequence[str] | None = None,
+                   ax=None, save_to: str | os.PathLike | None = None):
+    """Heatmap of images per (client, label), annotated with the counts."""
+    import matplotlib.pyplot as plt
+
+    counts = partition_report(labels, parts, len(class_names) if class_names else None)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(0.6 * counts.shape[1] + 2, 0.35 * counts.shape[0] + 1.2))
+    image = ax.imshow(counts, cmap="viridis", aspect="auto")
+    ax.figure.colorbar(image, ax=ax, label="images")
+    ax.set_xticks(range(counts.shape[1]))
+    ax.set_xticklabels(class_names or range(counts.shape[1]))
+    ax.set_yticks(range(counts.shape[0]))
+    ax.set_xlabel("label")
+    ax.set_ylabel("client")
+    if counts.size <= 400:
+        threshold = counts.max() / 2
+        for (row, col), value in np.ndenumerate(counts):
+            ax.text(col, row, str(value), ha="center", va="center", fontsize=7,
+                    color="black" if value > threshold else "white")
+    ax.set_title(f"{counts.shape[0]} clients, {counts.sum():,} images")
+    return _finish(ax.figure, save_to)
+
+
+def draw_checkpoint_samples(run_dir: str | os.PathLike, round_index: int, label: int, n: int = 10, seed: int = 0):
+    """The figure an interactive browser shows: `n` samples of `label` from the generator saved at a round."""
+    path = Path(run_dir) / f"round_{round_index:04d}.pt"
+    if not path.is_file():
+        saved = [int(p.stem.split("_")[1]) for p in list_checkpoints(run_dir)]
+        raise ValueError(f"round {round_index} has no checkpoint in {run_dir}; saved rounds: {saved}")
+    generator = load_generator(path)
+    images = generate(generator, [label] * n, seed=seed)
+    return plot_images(images, nrow=n, title=f"round {round_index}: {n} samples of label {label}")
+
+
+def browse_checkpoints(run_dir: str | os.PathLike, class_names: Sequence[str] = tuple("0123456789")):
+    """ipywidgets browser: a slider over the saved rounds and a dropdown of labels."""
+    import ipywidgets
+    import matplotlib.pyplot as plt
+
+    rounds = [int(p.stem.split("_")[1]) for p in list_checkpoints(run_dir)]
+    if not rounds:
+        raise ValueError(f"no checkpoints in {run_dir}")
+
+    def show(round_index: int, label: int) -> None:
+        draw_checkpoint_samples(run_dir, round_index, label)
+        plt.show()
+
+    return ipywidgets.interact(
+        show,
+        round_index=ipywidgets.SelectionSlider(options=rounds, value=rounds[-1], description="round"),
+        label=ipywidgets.Dropdown(options=[(name, i) for i, name in enumerate(class_names)], value=0,
+                                  description="label"))

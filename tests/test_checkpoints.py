@@ -1,0 +1,48 @@
+"""Checkpoints: names with the round, config as JSON, weights_only loading, no overwrite, clear errors."""
+import pytest
+import torch
+
+import fedgan_utils as fu
+
+
+@pytest.fixture
+def finished(mnist_small, tiny_config):
+    return fu.run_federation(tiny_config(rounds=2), data=mnist_small, progress=False)
+
+
+def test_each_round_is_saved_with_its_index_and_the_config(finished):
+    paths = fu.list_checkpoints(finished.run_dir)
+    assert [p.name for p in paths] == ["round_0001.pt", "round_0002.pt"]
+    checkpoint = torch.load(paths[-1], weights_only=True)
+    assert checkpoint["round"] == 2
+    assert fu.FedConfig.from_json(checkpoint["config"]) == finished.config
+    assert checkpoint["history"] == finished.history
+
+
+def test_load_generator_rebuilds_the_same_generator(finished):
+    generator = fu.load_generator(fu.latest_checkpoint(finished.run_dir))
+    assert not generator.training
+    torch.testing.assert_close(fu.generate(generator, list(range(10)), seed=3),
+                               fu.generate(finished.generator, list(range(10)), seed=3))
+
+
+def test_checkpoint_every_sets_which_rounds_are_saved(mnist_small, tiny_config):
+    federation = fu.run_federation(tiny_config(rounds=3, checkpoint_every=2), data=mnist_small, progress=False)
+    assert [p.name for p in fu.list_checkpoints(federation.run_dir)] == ["round_0002.pt", "round_0003.pt"]
+
+
+def test_save_checkpoint_never_replaces_a_file(tmp_path):
+    path = fu.save_checkpoint(tmp_path / "x.pt", {"a": torch.ones(1)})
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        fu.save_checkpoint(path, {"a": torch.zeros(1)})
+    assert torch.load(path, weights_only=True)["a"].item() == 1.0
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_corrupted_checkpoint_gives_an_error_naming_the_file(finished):
+    path = fu.latest_checkpoint(finished.run_dir)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{path} is not a readable checkpoint"):
+        fu.load_generator(path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        fu.load_checkpoint(path.with_name("round_0099.pt"))

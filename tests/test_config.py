@@ -1,0 +1,88 @@
+"""FedConfig: validation of every field, JSON round trip, presets."""
+import pytest
+
+import fedgan_utils as fu
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("num_clients", 0, "integer >= 1"),
+    ("num_clients", 2.5, "integer >= 1"),
+    ("rounds", -1, "integer >= 1"),
+    ("batch_size", 0, "integer >= 1"),
+    ("alpha", 0, "number > 0"),
+    ("alpha", -0.5, "number > 0"),
+    ("client_fraction", 0, "(0, 1]"),
+    ("client_fraction", 1.5, "(0, 1]"),
+    ("lr_g", 0.0, "number > 0"),
+    ("local_epochs", float("nan"), "number > 0"),
+    ("local_steps", 0, "None or an integer >= 1"),
+    ("betas", (0.5, 1.0), "two numbers in [0, 1)"),
+    ("dataset", "imagenet", "['cifar10', 'fashion_mnist', 'mnist']"),
+    ("partition", "random", "['iid', 'dirichlet', 'shards', 'classes', 'quantity']"),
+    ("bn_policy", "sync", "['average', 'local']"),
+    ("optimizer_state", "warm", "['reset', 'keep']"),
+    ("classes_per_client", 11, "from 1 to 10"),
+    ("sigma", -1.0, "number >= 0"),
+    ("seed", -3, "integer >= 0"),
+    ("device", "tpu", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("train_subset", 5, "at least num_clients=10"),
+    ("run_name", "a/b", "letters, digits"),
+])
+def test_a_bad_value_names_the_field_the_value_and_what_is_allowed(field, value, allowed):
+    with pytest.raises(ValueError) as error:
+        fu.FedConfig(**{field: value})
+    message = str(error.value)
+    assert message.startswith(f"{field}={value!r}")
+    assert allowed in message
+
+
+def test_json_round_trip_gives_an_equal_config():
+    config = fu.FedConfig(num_clients=7, partition="dirichlet", alpha=0.1, betas=(0.4, 0.9), local_steps=5)
+    again = fu.FedConfig.from_json(config.to_json())
+    assert again == config
+    assert again.betas == (0.4, 0.9)
+
+
+def test_from_json_rejects_unknown_fields_by_name():
+    with pytest.raises(ValueError, match=r"unknown FedConfig fields \['clients'\]"):
+        fu.FedConfig.from_json('{"clients": 3}')
+
+
+def test_run_name_is_derived_from_the_experiment():
+    assert fu.FedConfig(num_clients=5, partition="shards", seed=2).run_name == "mnist_shards_k5_seed2"
+
+
+def test_partition_kwargs_are_the_schemes_own():
+    assert fu.FedConfig(partition="dirichlet", alpha=0.3).partition_kwargs() == {"alpha": 0.3, "min_size": 10}
+    assert fu.FedConfig(partition="iid").partition_kwargs() == {}
+
+
+@pytest.mark.parametrize("name", ["smoke", "cpu", "full"])
+def test_presets_are_valid_configs_that_take_overrides(name):
+    config = fu.preset(name, seed=4)
+    assert isinstance(config, fu.FedConfig) and config.seed == 4
+
+
+def test_smoke_is_smaller_than_cpu_which_is_smaller_than_full():
+    smoke, cpu, full = (fu.preset(n) for n in ("smoke", "cpu", "full"))
+    assert smoke.train_subset is not None and smoke.ngf < cpu.ngf < full.ngf
+    assert cpu.rounds * cpu.local_epochs < full.rounds * full.local_epochs
+
+
+def test_unknown_preset_and_unknown_override_are_named():
+    with pytest.raises(ValueError, match=r"preset='tiny' is not known; presets: \['smoke', 'cpu', 'full'\]"):
+        fu.preset("tiny")
+    with pytest.raises(ValueError, match=r"unknown FedConfig fields \['clients'\]"):
+        fu.preset("smoke", clients=3)
+    with pytest.raises(ValueError, match="num_clients=0"):
+        fu.preset("smoke", num_clients=0)
+
+
+def test_default_preset_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("FEDGAN_PRESET", "smoke")
+    assert fu.default_preset() == "smoke"
+    monkeypatch.setenv("FEDGAN_PRESET", "huge")
+    with pytest.raises(ValueError, match="FEDGAN_PRESET='huge' is not known"):
+        fu.default_preset()
+    monkeypatch.delenv("FEDGAN_PRESET")
+    assert fu.default_preset() == ("full" if fu.pick_device().type == "cuda" else "cpu")

@@ -1,0 +1,71 @@
+"""Generator, Discriminator and generate(): shapes for MNIST and CIFAR, conditioning, DCGAN init."""
+import pytest
+import torch
+
+import fedgan_utils as fu
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (3, 64, 64)])
+def test_generator_and_discriminator_fit_the_image_shape(shape):
+    generator = fu.Generator(image_shape=shape, z_dim=16, embed_dim=4, ngf=8)
+    discriminator = fu.Discriminator(image_shape=shape, ndf=8)
+    labels = torch.tensor([0, 3, 9])
+    images = generator(torch.randn(3, 16), labels)
+    assert images.shape == (3, *shape)
+    assert images.min() >= -1 and images.max() <= 1
+    assert discriminator(images, labels).shape == (3,)
+
+
+def test_unsupported_image_sizes_are_refused():
+    with pytest.raises(ValueError, match="image size 30 is not supported"):
+        fu.Generator(image_shape=(1, 30, 30))
+    with pytest.raises(ValueError, match="only square images"):
+        fu.Discriminator(image_shape=(1, 28, 32))
+
+
+def test_the_label_changes_what_the_generator_draws():
+    generator = fu.Generator(z_dim=16, ngf=8)
+    z = torch.randn(1, 16).repeat(2, 1)
+    images = generator(z, torch.tensor([1, 7]))
+    assert not torch.allclose(images[0], images[1])
+
+
+def test_dcgan_init_draws_conv_weights_with_std_0_02_and_batchnorm_around_1():
+    torch.manual_seed(0)
+    generator = fu.Generator(ngf=64)
+    conv = generator.main[0].weight
+    assert abs(conv.std().item() - 0.02) < 0.002 and abs(conv.mean().item()) < 0.002
+    batchnorm = generator.main[1]
+    assert abs(batchnorm.weight.mean().item() - 1.0) < 0.01 and batchnorm.bias.abs().max().item() == 0.0
+
+
+def test_build_models_follows_the_config():
+    generator, discriminator = fu.build_models(fu.FedConfig(ngf=16, ndf=8, z_dim=20, embed_dim=5))
+    assert generator.config == dict(image_shape=(1, 28, 28), num_classes=10, z_dim=20, embed_dim=5, ngf=16)
+    assert discriminator.config["ndf"] == 8
+
+
+def test_norm_state_keys_are_the_batchnorm_entries():
+    keys = fu.norm_state_keys(fu.Generator(ngf=8))
+    assert "main.1.running_mean" in keys and "main.1.weight" in keys and "main.1.num_batches_tracked" in keys
+    assert "main.0.weight" not in keys and "label_embedding.weight" not in keys
+
+
+def test_generate_is_seeded_and_keeps_the_training_mode():
+    generator = fu.Generator(z_dim=16, ngf=8).train()
+    first = fu.generate(generator, [7] * 10, seed=1)
+    assert first.shape == (10, 1, 28, 28)
+    assert torch.equal(first, fu.generate(generator, [7] * 10, seed=1))
+    assert not torch.equal(first, fu.generate(generator, [7] * 10, seed=2))
+    assert generator.training
+
+
+@pytest.mark.parametrize("labels", [[10], [-1], []])
+def test_generate_refuses_labels_outside_the_classes(labels):
+    with pytest.raises(ValueError, match=r"labels must be a non-empty list of integers in \[0, 9\]"):
+        fu.generate(fu.Generator(z_dim=16, ngf=8), labels)
+
+
+def test_generate_checks_the_noise_shape():
+    with pytest.raises(ValueError, match=r"noise has shape \(2, 5\), expected \(2, 16\)"):
+        fu.generate(fu.Generator(z_dim=16, ngf=8), [1, 2], noise=torch.zeros(2, 5))
