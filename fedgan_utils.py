@@ -174,7 +174,10 @@ _FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and w
         "classes_per_client")},
     **{name: (_non_negative_int, "an integer >= 0") for name in ("min_size", "checkpoint_every", "seed")},
     **{name: (lambda v: v is None or _positive_int(v), "None or an integer >= 1")
-       for name in ("local_steps", "train_subset")},
+       for name in ("local_steps", "train_subset", "classifier_subset")},
+    "eval_every": (lambda v: v is None or _non_negative_int(v), "None (never), 0 (after the last round) or N >= 1"),
+    "eval_samples": (lambda v: _is_int(v) and v >= 10, "an integer >= 10"),
+    "classifier_epochs": (_positive_int, "an integer >= 1"),
     **{name: (_positive_number, "a number > 0") for name in ("lr_g", "lr_d", "local_epochs", "alpha")},
     "sigma": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a number >= 0"),
     "client_fraction": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
@@ -219,6 +222,11 @@ class FedConfig:
     embed_dim: int = 10  # size of the generator's label embedding
     ngf: int = 64  # generator width
     ndf: int = 64  # discriminator width
+    # evaluation in a metric classifier's features (see the Metrics section)
+    eval_every: int | None = 0  # evaluate every this many rounds and after the last (0: only the last; None: never)
+    eval_samples: int = 10000  # generated (and real reference) images per evaluation
+    classifier_epochs: int = 3  # epochs of the metric classifier (cached once trained)
+    classifier_subset: int | None = None  # train the classifier on this many images only; None: all
     # run
     seed: int = 0  # one seed for init, partition, selection, batches and noise
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
@@ -294,11 +302,14 @@ def preset(name: str, **overrides: Any) -> FedConfig:
     base = {
         # a few seconds a notebook: tiny models, a slice of MNIST, two short rounds
         "smoke": dict(num_clients=4, rounds=2, local_steps=3, batch_size=32, train_subset=2000,
-                      ngf=16, ndf=16, z_dim=32, checkpoint_every=1),
+                      ngf=16, ndf=16, z_dim=32, checkpoint_every=1,
+                      eval_samples=500, classifier_epochs=1, classifier_subset=5000),
         # recognisable digits of the requested class in under 10 minutes on 2 CPU cores (8 MNIST epochs)
-        "cpu": dict(num_clients=10, rounds=8, local_epochs=1.0, batch_size=64, ngf=32, ndf=32),
+        "cpu": dict(num_clients=10, rounds=8, local_epochs=1.0, batch_size=64, ngf=32, ndf=32,
+                    eval_every=2, eval_samples=5000),
         # the real experiment: 10 IID clients, 20 rounds of one local epoch (20 MNIST epochs)
-        "full": dict(num_clients=10, rounds=20, local_epochs=1.0, batch_size=64, ngf=64, ndf=64),
+        "full": dict(num_clients=10, rounds=20, local_epochs=1.0, batch_size=64, ngf=64, ndf=64,
+                     eval_every=2, eval_samples=10000),
     }
     if name not in base:
         raise ValueError(f"preset={name!r} is not known; presets: {list(PRESETS)}")
@@ -1006,6 +1017,274 @@ def _stack_clients(trees: Sequence[Any], device: torch.device) -> Any:
 
 
 # ----------------------------------------------------------------------------
+# Metrics: FID, KID, IS and conditional accuracy in the features of a small classifier
+# ----------------------------------------------------------------------------
+# The standard FID needs Inception weights downloaded at run time; for MNIST-like data the field computes the
+# same statistics in the feature space of a classifier trained on the real data ("Frechet LeNet distance").
+
+
+class Classifier(nn.Module):
+    """A small CNN on images in [-1, 1]; its penultimate layer (`features`) is the metric space."""
+
+    def __init__(self, *, image_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10, width: int = 32,
+                 num_features: int = 128):
+        super().__init__()
+        channels, height, width_px = image_shape
+        self.config = dict(image_shape=tuple(image_shape), num_classes=num_classes, width=width,
+                           num_features=num_features)
+        self.num_features = num_features
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 5, padding=2), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 5, padding=2), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(),  # (B, 2w, H/4, W/4) -> (B, 2w * H/4 * W/4)
+            nn.Linear(2 * width * (height // 4) * (width_px // 4), num_features), nn.ReLU(), nn.Dropout(0.3))
+        self.head = nn.Linear(num_features, num_classes)
+
+    def features(self, images: Tensor) -> Tensor:
+        return self.body(images)  # (B, num_features)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.body(images))  # (B, num_classes) logits
+
+
+@torch.no_grad()
+def classifier_outputs(classifier: Classifier, images: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
+    """Penultimate features [N, F] and logits [N, classes] (float64, CPU) of float images in [-1, 1] or uint8."""
+    device = next(classifier.parameters()).device
+    classifier.eval()
+    features, logits = [], []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size].to(device)
+        chunk = to_float_images(chunk) if chunk.dtype == torch.uint8 else chunk.float()
+        f = classifier.features(chunk)
+        features.append(f.double().cpu())
+        logits.append(classifier.head(f).double().cpu())
+    return torch.cat(features), torch.cat(logits)
+
+
+def train_classifier(dataset: str = "mnist", device: str | torch.device | None = None, *, epochs: int = 3,
+                     batch_size: int = 128, lr: float = 1e-3, seed: int = 0, train_subset: int | None = None,
+                     data_root: str | None = None, cache: bool = True, log: bool = True) -> tuple[Classifier, float]:
+    """Train (or load from the cache) the metric classifier; returns it in eval mode and its test accuracy.
+
+    Cached in cache_dir()/classifiers/, keyed by dataset, epochs, subset and seed.
+    """
+    _require(dataset in DATASETS, "dataset", dataset, f"one of {sorted(DATASETS)}")
+    _require(_positive_int(epochs), "epochs", epochs, "an integer >= 1")
+    device = pick_device() if device is None else torch.device(device)
+    info = DATASETS[dataset]
+    path = cache_dir() / "classifiers" / f"{dataset}_e{epochs}_n{train_subset or 'all'}_s{seed}.pt"
+    classifier = Classifier(image_shape=info.image_shape, num_classes=info.num_classes)
+    if cache and path.is_file():
+        saved = load_checkpoint(path)
+        classifier.load_state_dict(saved["classifier"])
+        return classifier.to(device).eval(), saved["test_accuracy"]
+    images, labels = load_dataset(dataset, data_root, train=True)
+    test_images, test_labels = load_dataset(dataset, data_root, train=False)
+    rng = np.random.default_rng(seed)
+    if train_subset is not None:
+        keep = torch.from_numpy(rng.choice(len(labels), min(train_subset, len(labels)), replace=False))
+        images, labels = images[keep], labels[keep]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # leave the caller's RNG be
+        torch.manual_seed(seed)
+        classifier = Classifier(image_shape=info.image_shape, num_classes=info.num_classes).to(device)
+        optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
+        decay = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.3)  # lr / 3.3 each epoch
+        images, labels = images.to(device), labels.to(device)
+        for _ in range(epochs):
+            classifier.train()
+            order = torch.from_numpy(rng.permutation(len(labels))).to(device)
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                loss = F.cross_entropy(classifier(to_float_images(images[idx])), labels[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            decay.step()
+    _, logits = classifier_outputs(classifier, test_images)
+    accuracy = (logits.argmax(1) == test_labels).double().mean().item()
+    if log:
+        print(f"metric classifier for {dataset}: {epochs} epochs on {len(labels):,} images, "
+              f"test accuracy {accuracy:.4f}")
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + f".{os.getpid()}.partial")
+        torch.save({"classifier": classifier.state_dict(), "test_accuracy": accuracy}, partial)
+        os.replace(partial, path)
+    return classifier.eval(), accuracy
+
+
+def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two feature sets [N, F], in float64."""
+    a, b = features_a.double(), features_b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    # Tr((S_a S_b)^(1/2)) is the sum of the square roots of the eigenvalues of S_a S_b (real, >= 0)
+    eigenvalues = torch.linalg.eigvals(cov_a @ cov_b).real.clamp(min=0)
+    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * eigenvalues.sqrt().sum())
+
+
+def kernel_distance(features_a: Tensor, features_b: Tensor, *, subsets: int = 50, subset_size: int = 1000,
+                    seed: int = 0) -> tuple[float, float]:
+    """KID (Binkowski et al., 2018): unbiased MMD^2 with the kernel (x.y / F + 1)^3; mean and std over subsets."""
+    a, b = features_a.double(), features_b.double()
+    size = min(subset_size, len(a), len(b))
+    generator = torch.Generator().manual_seed(seed)
+    estimates = []
+    for _ in range(subsets):
+        x = a[torch.randperm(len(a), generator=generator)[:size]]
+        y = b[torch.randperm(len(b), generator=generator)[:size]]
+        k_xx, k_yy = (x @ x.T / a.shape[1] + 1) ** 3, (y @ y.T / a.shape[1] + 1) ** 3
+        k_xy = (x @ y.T / a.shape[1] + 1) ** 3
+        off_diagonal = size * (size - 1)
+        estimates.append((k_xx.sum() - k_xx.trace()) / off_diagonal + (k_yy.sum() - k_yy.trace()) / off_diagonal
+                         - 2 * k_xy.mean())
+    values = torch.stack(estimates)
+    return float(values.mean()), float(values.std(unbiased=False)) if subsets > 1 else 0.0
+
+
+def inception_score(logits: Tensor, splits: int = 10) -> tuple[float, float]:
+    """IS = exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` consecutive chunks; at most num_classes."""
+    probabilities = logits.double().softmax(1)
+    scores = []
+    for chunk in probabilities.chunk(splits):
+        marginal = chunk.mean(0, keepdim=True)
+        kl = (chunk * (chunk.clamp_min(1e-12).log() - marginal.clamp_min(1e-12).log())).sum(1)
+        scores.append(kl.mean().exp())
+    values = torch.stack(scores)
+    return float(values.mean()), float(values.std(unbiased=False)) if splits > 1 else 0.0
+
+
+def _label_metrics(logits: Tensor, labels: Tensor, num_classes: int) -> tuple[float, list[float]]:
+    hits = (logits.argmax(1) == labels.cpu()).double()
+    per_class = [float(hits[labels.cpu() == c].mean()) if (labels == c).any() else float("nan")
+                 for c in range(num_classes)]
+    return float(hits.mean()), per_class
+
+
+class Evaluator:
+    """Scores generators against one real reference set, whose features are computed once.
+
+    `reference` holds the real-vs-real values: FID and KID of `train_images` against the reference
+    (the floor), IS and accuracy of the reference images themselves (the ceiling).
+    """
+
+    def __init__(self, classifier: Classifier, real_images: Tensor, real_labels: Tensor, *, n: int = 10000,
+                 seed: int = 0, train_images: Tensor | None = None, kid_subsets: int = 50):
+        _require(_positive_int(n), "n", n, "an integer >= 1")
+        self.classifier, self.n, self.seed, self.kid_subsets = classifier, n, seed, kid_subsets
+        self.num_classes = classifier.config["num_classes"]
+        pick = torch.randperm(len(real_labels), generator=torch.Generator().manual_seed(seed))[:n]
+        self.real_labels = real_labels[pick].cpu()
+        self.real_features, real_logits = classifier_outputs(classifier, real_images[pick])
+        accuracy, per_class = _label_metrics(real_logits, self.real_labels, self.num_classes)
+        self.reference: dict[str, Any] = {"is": inception_score(real_logits)[0], "cond_acc": accuracy,
+                                          "per_class_acc": per_class}
+        if train_images is not None:
+            other = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed + 1))[:n]
+            train_features, _ = classifier_outputs(classifier, train_images[other])
+            self.reference["fid"] = frechet_distance(train_features, self.real_features)
+            self.reference["kid"], self.reference["kid_std"] = self._kid(train_features)
+
+    def _kid(self, features: Tensor) -> tuple[float, float]:
+        return kernel_distance(features, self.real_features, subsets=self.kid_subsets, seed=self.seed)
+
+    def __call__(self, generator: Generator) -> dict[str, Any]:
+        """fid, kid, kid_std, is, is_std, cond_acc, per_class_acc of `n` class-balanced samples of `generator`."""
+        labels = torch.arange(self.n) % self.num_classes  # balanced requests
+        samples = torch.cat([generate(generator, labels[i:i + 1000], seed=self.seed + i)
+                             for i in range(0, self.n, 1000)])
+        features, logits = classifier_outputs(self.classifier, samples)
+        accuracy, per_class = _label_metrics(logits, labels, self.num_classes)
+        kid, kid_std = self._kid(features)
+        score, score_std = inception_score(logits)
+        return {"fid": frechet_distance(features, self.real_features), "kid": kid, "kid_std": kid_std,
+                "is": score, "is_std": score_std, "cond_acc": accuracy, "per_class_acc": per_class}
+
+
+def evaluate(generator: Generator, classifier: Classifier, real_images: Tensor, real_labels: Tensor,
+             n: int = 10000, seed: int = 0) -> dict[str, Any]:
+    """One-off evaluation of `generator` (see Evaluator, which caches the real features across calls)."""
+    return Evaluator(classifier, real_images, real_labels, n=n, seed=seed)(generator)
+
+
+def inception_fid(real_images: Tensor, fake_images: Tensor, device: str | torch.device = "cpu",
+                  batch_size: int = 200) -> float | None:
+    """The standard FID in Inception-v3 features, when torch-fidelity and its weights can be had.
+
+    Offline or without torch-fidelity it prints one line saying it was skipped and why, and returns None.
+    Images: float in [-1, 1] or uint8, [N, C, H, W]; grey images are repeated to 3 channels.
+    """
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        metric = FrechetInceptionDistance(feature=2048, normalize=True).to(device)
+    except Exception as error:  # torch-fidelity missing, weights not downloadable: both mean "not here"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"Inception FID skipped: {reason}")
+        return None
+    for images, real in ((real_images, True), (fake_images, False)):
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size].to(device)
+            chunk = to_float_images(chunk) if chunk.dtype == torch.uint8 else chunk.float()
+            chunk = ((chunk + 1) / 2).clamp(0, 1).expand(-1, 3, -1, -1)  # (B, 1|3, H, W) -> (B, 3, H, W) in [0, 1]
+            metric.update(chunk, real=real)
+    return float(metric.compute())
+
+
+def centralized_baseline(federation: "Federation", *, chunks_per_epoch: int = 10,
+                         log: bool = True) -> list[dict[str, Any]]:
+    """The federated model against one client holding all its data, trained by the same code.
+
+    The centralized run takes rounds of 1/`chunks_per_epoch` epoch and is scored when it has seen as
+    many images as the federation, and when it has trained as long (wall time, evaluation excluded).
+    Returns table rows: federated, centralized at equal images, centralized at equal wall time.
+    """
+    if not federation.history:
+        raise ValueError("run the federation first: its history is empty")
+    config = federation.config
+    fed_images = federation.history[-1]["images_total"]
+    fed_seconds = sum(r["seconds"] for r in federation.history)
+    steps = max(1, math.ceil(len(federation.labels) / config.batch_size / chunks_per_epoch))
+    central_config = dataclasses.replace(
+        config, num_clients=1, partition="iid", client_fraction=1.0, local_steps=steps, eval_every=None,
+        rounds=10 ** 6, checkpoint_every=0, run_name=f"{config.run_name}-central")
+    central = Federation(central_config, data=(federation.images, federation.labels), log=False)
+    if federation.evaluator is None:
+        federation.evaluate()  # builds the classifier and the real reference that both runs are scored with
+    rows = [{"model": f"federated (K={config.num_clients})", "images": fed_images, "seconds": fed_seconds,
+             **federation.evaluator(federation.generator)}]
+    pending = {"equal images": lambda: central.history[-1]["images_total"] >= fed_images,
+               "equal wall time": lambda: sum(r["seconds"] for r in central.history) >= fed_seconds}
+    while pending:
+        central.run_round()
+        for name, reached in list(pending.items()):
+            if reached():
+                rows.append({"model": f"centralized, {name}", "images": central.history[-1]["images_total"],
+                             "seconds": sum(r["seconds"] for r in central.history),
+                             **federation.evaluator(central.generator)})
+                del pending[name]
+                if log:
+                    print(f"centralized baseline: {name} reached after {central.round} rounds of {steps} steps")
+    return rows
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = (
+        "model", "images", "seconds", "fid", "kid", "is", "cond_acc")) -> str:
+    """Rows of metrics as a fixed-width text table."""
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.4f}" if abs(value) < 1 else f"{value:.2f}" if abs(value) < 100 else f"{value:,.1f}"
+        return f"{value:,}" if isinstance(value, int) else str(value)
+    cells = [[cell(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in cells]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
 # Federation
 # ----------------------------------------------------------------------------
 
@@ -1044,6 +1323,7 @@ class Federation:
         self.fixed_noise = fixed.repeat(info.num_classes, 1)  # (100, z_dim)
         self.client_store: dict[int, dict[str, Any]] = {}  # per-client state that persists across rounds
         self.history: list[dict[str, Any]] = []
+        self.evaluator: Evaluator | None = None  # built on the first evaluation (trains the metric classifier)
         self.grid_snapshots: dict[int, Tensor] = {}  # round -> fixed-noise grid images, CPU
         self.round = 0
         self.run_dir = self._pick_run_dir(resume)
@@ -1055,17 +1335,22 @@ class Federation:
 
     # -- set-up ---------------------------------------------------------------------------------
     def _pick_run_dir(self, resume: bool) -> Path:
-        """checkpoint_dir/run_name, or run_name-2, -3, ... so that no earlier run is overwritten."""
-        base = Path(self.config.checkpoint_dir) / self.config.run_name
-        existing = [base] + sorted(base.parent.glob(base.name + "-*"), key=lambda p: p.stat().st_mtime)
+        """checkpoint_dir/run_name, or run_name-2, -3, ... so that no earlier run's files are overwritten.
+
+        A name is free when neither checkpoint_dir/name nor out_dir/name holds anything; `resume`
+        takes the most recent run of this name that has a checkpoint.
+        """
+        checkpoints, outputs = Path(self.config.checkpoint_dir), Path(self.config.out_dir)
+        name = self.config.run_name
+        existing = [checkpoints / name] + sorted(checkpoints.glob(name + "-*"), key=lambda p: p.stat().st_mtime)
         existing = [p for p in existing if latest_checkpoint(p) is not None]
         if resume and existing:
             return existing[-1]
-        candidate, n = base, 1
-        while candidate.exists() and any(candidate.iterdir()):
+        candidate, n = name, 1
+        while any(d.is_dir() and any(d.iterdir()) for d in (checkpoints / candidate, outputs / candidate)):
             n += 1
-            candidate = base.parent / f"{base.name}-{n}"
-        return candidate
+            candidate = f"{name}-{n}"
+        return checkpoints / candidate
 
     def _restore(self, path: Path) -> None:
         checkpoint = load_checkpoint(path)
@@ -1146,12 +1431,30 @@ class Federation:
             "images_total": images_seen + (self.history[-1]["images_total"] if self.history else 0),
             "images_per_s": images_seen / seconds,
         }
+        every = config.eval_every
+        if every is not None and ((every and self.round % every == 0) or self.round == config.rounds):
+            eval_start = time.perf_counter()
+            record["metrics"] = self.evaluate()
+            record["eval_seconds"] = time.perf_counter() - eval_start
         self.history.append(record)
         self.grid_snapshots[self.round] = self.sample_grid()
         every = config.checkpoint_every
         if (every and self.round % every == 0) or self.round == config.rounds:
             self.save_checkpoint()
         return record
+
+    def evaluate(self) -> dict[str, Any]:
+        """Metrics of the global generator against the real test set (see Evaluator; its `reference` too)."""
+        if self.evaluator is None:
+            config = self.config
+            classifier, accuracy = train_classifier(
+                config.dataset, self.device, epochs=config.classifier_epochs, seed=config.seed,
+                train_subset=config.classifier_subset, data_root=config.data_root, log=self.log)
+            test_images, test_labels = load_dataset(config.dataset, config.data_root, train=False)
+            self.evaluator = Evaluator(classifier, test_images, test_labels, n=config.eval_samples,
+                                       seed=config.seed, train_images=self.images)
+            self.evaluator.reference["classifier_test_accuracy"] = accuracy
+        return self.evaluator(self.generator)
 
     def run(self, rounds: int | None = None, progress: bool = True) -> "Federation":
         """Run until `rounds` (default: config.rounds) rounds are done; one log line a round."""
@@ -1170,6 +1473,14 @@ class Federation:
     def sample_grid(self) -> Tensor:
         """The global generator on the fixed noise and labels: [100, C, H, W] in [-1, 1], CPU."""
         return generate(self.generator, self.fixed_labels, noise=self.fixed_noise).cpu()
+
+    def save_run_info(self) -> dict[str, Any]:
+        """Write env.json (env_report) and config.json into the run's output folder; returns the report."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        report = env_report()
+        (self.out_dir / "env.json").write_text(json.dumps(report, indent=1))
+        (self.out_dir / "config.json").write_text(self.config.to_json())
+        return report
 
     def save_checkpoint(self) -> Path:
         """checkpoint_dir/<run>/round_XXXX.pt: global models, client state, history, config."""
@@ -1190,8 +1501,12 @@ class Federation:
 
 def format_round(record: Mapping[str, Any]) -> str:
     """One log line for a round."""
-    return (f"round {record['round']:3d} | D {record['d_loss']:.3f} | G {record['g_loss']:.3f} | "
+    line = (f"round {record['round']:3d} | D {record['d_loss']:.3f} | G {record['g_loss']:.3f} | "
             f"{record['seconds']:.1f} s | {record['images_per_s']:,.0f} img/s")
+    if "metrics" in record:
+        m = record["metrics"]
+        line += f" | FID {m['fid']:.1f} | IS {m['is']:.2f} | cond_acc {m['cond_acc']:.3f}"
+    return line
 
 
 def run_federation(config: FedConfig, *, resume: bool = False, data: tuple[Tensor, Tensor] | None = None,
@@ -1239,6 +1554,27 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def save_history(history: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """history.json (everything) and history.csv (one row a round, scalar columns, metrics flattened)."""
+    import csv
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out_dir / "history.json", out_dir / "history.csv"
+    json_path.write_text(json.dumps(list(history), indent=1))
+    rows = []
+    for record in history:
+        row = {k: v for k, v in record.items() if not isinstance(v, (list, dict))}
+        row.update({k: v for k, v in record.get("metrics", {}).items() if not isinstance(v, list)})
+        rows.append(row)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return json_path, csv_path
 
 
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> Generator:
@@ -1391,3 +1727,54 @@ def browse_checkpoints(run_dir: str | os.PathLike, class_names: Sequence[str] = 
         round_index=ipywidgets.SelectionSlider(options=rounds, value=rounds[-1], description="round"),
         label=ipywidgets.Dropdown(options=[(name, i) for i, name in enumerate(class_names)], value=0,
                                   description="label"))
+
+
+def plot_metrics(history: Sequence[Mapping[str, Any]], reference: Mapping[str, Any] | None = None, *,
+                 save_to: str | os.PathLike | None = None):
+    """FID, conditional accuracy and IS over the evaluated rounds; dashed: the real-data reference."""
+    import matplotlib.pyplot as plt
+
+    evaluated = [r for r in history if "metrics" in r]
+    if not evaluated:
+        raise ValueError("no round in the history was evaluated (set eval_every)")
+    rounds = [r["round"] for r in evaluated]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.3))
+    for ax, (key, title) in zip(axes, (("fid", "FID (classifier features), lower is better"),
+                                       ("cond_acc", "conditional accuracy"), ("is", "IS (classifier)"))):
+        ax.plot(rounds, [r["metrics"][key] for r in evaluated], marker="o", label="generated")
+        if reference is not None and key in reference:
+            ax.axhline(reference[key], ls="--", color="gray",
+                       label="real train vs test" if key == "fid" else "real test images")
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return _finish(fig, save_to)
+
+
+def save_round_grids(snapshots: Mapping[int, Tensor], out_dir: str | os.PathLike) -> list[Path]:
+    """One PNG of the fixed-noise label grid per round: out_dir/grid_round_XXXX.png."""
+    from torchvision.utils import save_image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for r, images in sorted(snapshots.items()):
+        paths.append(out_dir / f"grid_round_{r:04d}.png")
+        save_image(images.float(), paths[-1], nrow=10, normalize=True, value_range=(-1, 1), pad_value=1)
+    return paths
+
+
+def save_grid_gif(snapshots: Mapping[int, Tensor], path: str | os.PathLike, seconds_per_frame: float = 0.6) -> Path:
+    """An animated GIF of the fixed-noise label grid across rounds."""
+    from PIL import Image
+
+    if not snapshots:
+        raise ValueError("no snapshots to animate")
+    frames = [Image.fromarray((image_grid(snapshots[r]) * 255).round().astype(np.uint8))
+              for r in sorted(snapshots)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(seconds_per_frame * 1000), loop=0)
+    return path

@@ -1,5 +1,6 @@
 """Shared fixtures: real MNIST (from $FEDGAN_DATA, or ../shared/data/MNIST beside the repo) and tiny configs."""
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 REPO = Path(__file__).resolve().parents[1]
 if not os.environ.get("FEDGAN_DATA") and (REPO.parent / "shared" / "data" / "MNIST").is_dir():
     os.environ["FEDGAN_DATA"] = str(REPO.parent / "shared" / "data" / "MNIST")
+
+# the metric classifier and staged datasets are cached; keep a test session's cache to itself
+os.environ.setdefault("FEDGAN_CACHE", tempfile.mkdtemp(prefix="fedgan-test-cache-"))
 
 import fedgan_utils as fu  # noqa: E402
 
@@ -30,7 +34,8 @@ def tiny_config(tmp_path):
     """A federation small enough for a unit test, writing into a temporary folder."""
     def make(**overrides):
         values = dict(num_clients=3, rounds=2, local_steps=3, batch_size=8, ngf=8, ndf=8, z_dim=8, embed_dim=4,
-                      device="cpu", out_dir=str(tmp_path / "outputs"), checkpoint_dir=str(tmp_path / "checkpoints"))
+                      device="cpu", eval_every=None, out_dir=str(tmp_path / "outputs"),
+                      checkpoint_dir=str(tmp_path / "checkpoints"))
         values.update(overrides)
         return fu.FedConfig(**values)
     return make

@@ -93,3 +93,21 @@ def test_kept_optimizer_state_carries_each_clients_adam_across_rounds(mnist_smal
 def test_a_config_object_is_required(mnist_small):
     with pytest.raises(TypeError, match="config must be a FedConfig, got dict"):
         fu.Federation({"num_clients": 3}, data=mnist_small)
+
+
+def test_run_info_saves_the_environment_and_the_config(mnist_small, tiny_config):
+    import json
+
+    federation = fu.Federation(tiny_config(), data=mnist_small, log=False)
+    report = federation.save_run_info()
+    assert json.loads((federation.out_dir / "env.json").read_text()) == report
+    assert fu.FedConfig.from_json((federation.out_dir / "config.json").read_text()) == federation.config
+
+
+def test_a_run_whose_output_folder_is_taken_gets_a_new_name(mnist_small, tiny_config, tmp_path):
+    taken = tmp_path / "outputs" / tiny_config().run_name
+    taken.mkdir(parents=True)
+    (taken / "losses.png").write_bytes(b"a plot someone saved")
+    federation = fu.Federation(tiny_config(), data=mnist_small, log=False)
+    assert federation.out_dir.name == taken.name + "-2"
+    assert (taken / "losses.png").read_bytes() == b"a plot someone saved"

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 def finished(mnist_small, tmp_path_factory):
     root = tmp_path_factory.mktemp("plots")
     config = fu.FedConfig(num_clients=3, rounds=2, local_steps=2, batch_size=8, ngf=8, ndf=8, z_dim=8, device="cpu",
+                          eval_every=None,
                           out_dir=str(root / "o"), checkpoint_dir=str(root / "c"))
     return fu.run_federation(config, data=mnist_small, progress=False)
 
@@ -58,3 +59,36 @@ def test_checkpoint_browser_draws_samples_of_a_label_at_a_round(finished):
 def test_plot_losses_refuses_an_empty_history():
     with pytest.raises(ValueError, match="history is empty"):
         fu.plot_losses([])
+
+
+def test_history_is_saved_as_json_and_csv(finished, tmp_path):
+    import csv
+    import json
+
+    history = [dict(r) for r in finished.history]
+    history[-1]["metrics"] = {"fid": 12.5, "cond_acc": 0.9, "per_class_acc": [0.9] * 10}
+    json_path, csv_path = fu.save_history(history, tmp_path)
+    assert json.loads(json_path.read_text()) == history
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [int(r["round"]) for r in rows] == [1, 2]
+    assert float(rows[1]["fid"]) == 12.5 and rows[0]["fid"] == "" and "per_class_acc" not in rows[0]
+
+
+def test_metric_curves_show_each_evaluated_round_and_the_reference():
+    history = [{"round": 1}, {"round": 2, "metrics": {"fid": 50.0, "cond_acc": 0.5, "is": 5.0}},
+               {"round": 4, "metrics": {"fid": 30.0, "cond_acc": 0.7, "is": 7.0}}]
+    fig = fu.plot_metrics(history, {"fid": 2.0, "cond_acc": 0.99, "is": 9.8})
+    fid_line, reference_line = fig.axes[0].get_lines()
+    assert list(fid_line.get_xdata()) == [2, 4] and list(fid_line.get_ydata()) == [50.0, 30.0]
+    assert list(reference_line.get_ydata()) == [2.0, 2.0]
+    with pytest.raises(ValueError, match="no round in the history was evaluated"):
+        fu.plot_metrics(history[:1])
+
+
+def test_round_grids_are_saved_as_pngs_and_a_gif(finished, tmp_path):
+    from PIL import Image
+
+    paths = fu.save_round_grids(finished.grid_snapshots, tmp_path)
+    assert [p.name for p in paths] == ["grid_round_0000.png", "grid_round_0001.png", "grid_round_0002.png"]
+    gif = Image.open(fu.save_grid_gif(finished.grid_snapshots, tmp_path / "rounds.gif"))
+    assert gif.n_frames == 3 and gif.size == Image.open(paths[0]).size

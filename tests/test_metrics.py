@@ -1,0 +1,168 @@
+"""Metrics: FID/KID/IS against torchmetrics, known cases on real MNIST, and the Evaluator's references."""
+import pytest
+import torch
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+from torchmetrics.image.kid import KernelInceptionDistance
+
+import fedgan_utils as fu
+
+
+class Identity(torch.nn.Module):
+    """A 'feature extractor' that returns its input: lets torchmetrics score feature tensors we make."""
+
+    def __init__(self, num_features):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x):
+        return x
+
+
+@pytest.fixture(scope="module")
+def features():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(600, 8, generator=generator, dtype=torch.float64)
+    b = torch.randn(500, 8, generator=generator, dtype=torch.float64) @ torch.diag(torch.linspace(0.5, 2, 8, dtype=torch.float64)) + 0.3
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def classifier(mnist):
+    # one epoch on 10,000 images (97% accurate) is enough for the properties below; the 3-epoch classifier
+    # of the cpu and full presets reaches 99%, which the notebooks print
+    model, accuracy = fu.train_classifier("mnist", "cpu", epochs=1, train_subset=10000, log=False)
+    assert accuracy > 0.95
+    return model
+
+
+@pytest.fixture(scope="module")
+def mnist_test():
+    return fu.load_dataset("mnist", train=False)
+
+
+def test_frechet_distance_agrees_with_torchmetrics(features):
+    a, b = features
+    metric = FrechetInceptionDistance(feature=Identity(8))
+    metric.update(a, real=True)
+    metric.update(b, real=False)
+    assert fu.frechet_distance(a, b) == pytest.approx(metric.compute().item(), rel=1e-6)
+
+
+def test_kernel_distance_agrees_with_torchmetrics_on_the_full_set(features):
+    a, b = features
+    metric = KernelInceptionDistance(feature=Identity(8), subsets=1, subset_size=500)
+    metric.update(a[:500], real=True)
+    metric.update(b, real=False)
+    mean, _ = metric.compute()
+    assert fu.kernel_distance(a[:500], b, subsets=1, subset_size=500)[0] == pytest.approx(mean.item(), rel=1e-6)
+
+
+def test_inception_score_agrees_with_torchmetrics_in_one_split(features):
+    logits = features[0]
+    metric = InceptionScore(feature=Identity(8), splits=1)
+    metric.update(logits)
+    assert fu.inception_score(logits, splits=1)[0] == pytest.approx(metric.compute()[0].item(), rel=1e-6)
+
+
+def test_inception_score_is_1_for_one_class_and_num_classes_for_confident_balanced_ones():
+    one_class = torch.zeros(100, 10)
+    one_class[:, 3] = 50
+    assert fu.inception_score(one_class, splits=1)[0] == pytest.approx(1.0)
+    balanced = torch.full((100, 10), -50.0)
+    balanced[torch.arange(100), torch.arange(100) % 10] = 50
+    assert fu.inception_score(balanced, splits=1)[0] == pytest.approx(10.0, rel=1e-6)
+
+
+def test_fid_of_a_set_against_itself_is_zero(classifier, mnist_test):
+    images, _ = mnist_test
+    feats, _ = fu.classifier_outputs(classifier, images[:2000])
+    assert abs(fu.frechet_distance(feats, feats)) < 1e-6
+
+
+def test_fid_grows_as_noise_is_added_to_real_images(classifier, mnist_test):
+    images, _ = mnist_test
+    real = fu.to_float_images(images[:2000])
+    reference, _ = fu.classifier_outputs(classifier, fu.to_float_images(images[2000:4000]))
+    generator = torch.Generator().manual_seed(0)
+    fids = []
+    for sigma in (0.0, 0.2, 0.5, 1.0):
+        noisy = (real + sigma * torch.randn(real.shape, generator=generator)).clamp(-1, 1)
+        fids.append(fu.frechet_distance(fu.classifier_outputs(classifier, noisy)[0], reference))
+    assert fids == sorted(fids) and fids[-1] > 10 * fids[0]
+
+
+def test_real_test_images_score_the_classifiers_accuracy_and_near_its_is_ceiling(classifier, mnist_test, mnist):
+    images, labels = mnist_test
+    evaluator = fu.Evaluator(classifier, images, labels, n=3000, train_images=mnist[0])
+    picked = torch.randperm(10000, generator=torch.Generator().manual_seed(0))[:3000]  # the Evaluator's pick
+    _, logits = fu.classifier_outputs(classifier, images[picked])
+    accuracy = (logits.argmax(1) == evaluator.real_labels).double().mean().item()
+    assert evaluator.reference["cond_acc"] == pytest.approx(accuracy)
+    assert evaluator.reference["is"] > 8.0  # real, balanced, confidently classified: near the ceiling of 10
+    assert 0 <= evaluator.reference["fid"] < 5  # train split vs test split: the floor
+
+
+def test_an_untrained_generator_scores_far_worse_than_real_data(classifier, mnist_test, mnist):
+    images, labels = mnist_test
+    evaluator = fu.Evaluator(classifier, images, labels, n=500, train_images=mnist[0])
+    metrics = evaluator(fu.Generator(z_dim=16, ngf=8))
+    assert set(metrics) == {"fid", "kid", "kid_std", "is", "is_std", "cond_acc", "per_class_acc"}
+    reference = evaluator.reference
+    assert metrics["fid"] > 20 * reference["fid"] and metrics["kid"] > 20 * abs(reference["kid"])
+    assert metrics["cond_acc"] < 0.5 and metrics["is"] < reference["is"]
+    assert len(metrics["per_class_acc"]) == 10
+
+
+def test_evaluation_repeats_for_the_same_generator(classifier, mnist_test):
+    images, labels = mnist_test
+    generator = fu.Generator(z_dim=16, ngf=8)
+    first = fu.evaluate(generator, classifier, images, labels, n=300)
+    assert fu.evaluate(generator, classifier, images, labels, n=300) == first
+
+
+def test_classifier_is_cached_and_reloaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDGAN_CACHE", str(tmp_path))
+    first, accuracy = fu.train_classifier("mnist", "cpu", epochs=1, train_subset=500, log=False)
+    assert len(list((tmp_path / "classifiers").glob("mnist_e1_n500_s0.pt"))) == 1
+    again, cached_accuracy = fu.train_classifier("mnist", "cpu", epochs=1, train_subset=500, log=False)
+    assert cached_accuracy == accuracy
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key])
+
+
+def test_federation_evaluates_at_the_last_round_and_every_n(mnist_small, tiny_config):
+    federation = fu.run_federation(tiny_config(rounds=3, eval_every=2, eval_samples=100, classifier_epochs=1,
+                                               classifier_subset=1000), data=mnist_small, progress=False)
+    assert ["metrics" in r for r in federation.history] == [False, True, True]
+    assert {"fid", "cond_acc"} <= federation.history[-1]["metrics"].keys()
+    assert {"fid", "is", "cond_acc", "classifier_test_accuracy"} <= federation.evaluator.reference.keys()
+    never = fu.run_federation(tiny_config(rounds=1, eval_every=None), data=mnist_small, progress=False)
+    assert "metrics" not in never.history[-1] and never.evaluator is None
+
+
+def test_inception_fid_without_its_weights_is_skipped_with_one_line(capsys, mnist_test):
+    images, _ = mnist_test
+    result = fu.inception_fid(images[:10], images[10:20])
+    lines = capsys.readouterr().out.strip().splitlines()
+    if result is None:  # here: no torch-fidelity or no internet
+        assert len(lines) == 1 and lines[0].startswith("Inception FID skipped: ")
+    else:  # where the weights can be had, it is a real distance
+        assert result >= 0
+
+
+def test_centralized_baseline_scores_equal_images_and_equal_time(mnist_small, tiny_config):
+    federation = fu.run_federation(tiny_config(eval_every=None, eval_samples=100, classifier_epochs=1,
+                                               classifier_subset=1000), data=mnist_small, progress=False)
+    rows = fu.centralized_baseline(federation, chunks_per_epoch=50, log=False)
+    assert [r["model"] for r in rows][0] == "federated (K=3)"
+    assert {r["model"] for r in rows[1:]} == {"centralized, equal images", "centralized, equal wall time"}
+    fed_images, fed_seconds = rows[0]["images"], rows[0]["seconds"]
+    by_name = {r["model"]: r for r in rows}
+    assert by_name["centralized, equal images"]["images"] >= fed_images
+    assert by_name["centralized, equal images"]["images"] - fed_images < 3 * 8  # within one chunk of 3 steps
+    assert by_name["centralized, equal wall time"]["seconds"] >= fed_seconds
+    assert all({"fid", "kid", "is", "cond_acc"} <= r.keys() for r in rows)
+    table = fu.format_table(rows)
+    assert table.splitlines()[0].split() == ["model", "images", "seconds", "fid", "kid", "is", "cond_acc"]
+    assert len(table.splitlines()) == 2 + len(rows)
