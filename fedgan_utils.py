@@ -93,6 +93,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds every CUDA device as well
 
 
+def rng_state() -> dict[str, Any]:
+    """The global RNG states (python, numpy, torch, CUDA) as tensors and lists, loadable with weights_only."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what rng_state() saved."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def env_report() -> dict[str, Any]:
     """Versions and hardware, for the log of a run (None where a component is absent)."""
     import torchvision
@@ -1366,6 +1387,7 @@ class Federation:
         self.history = checkpoint["history"]
         self.grid_snapshots = {int(k): v for k, v in checkpoint["grid_snapshots"].items()}
         self.round = checkpoint["round"]
+        set_rng_state(checkpoint["rng"])
         if self.log:
             print(f"resumed from {path} (round {self.round})")
 
@@ -1495,6 +1517,7 @@ class Federation:
             "client_store": {str(k): v for k, v in self.client_store.items()},
             "history": self.history,
             "grid_snapshots": {str(k): v for k, v in self.grid_snapshots.items()},
+            "rng": rng_state(),  # the rounds draw from (seed, round)-derived generators; this is the caller's
         })
         return path
 

@@ -46,3 +46,12 @@ def test_env_report_has_every_field():
     assert report["torch"] == torch.__version__
     if not torch.cuda.is_available():
         assert report["cuda"] is None and report["gpu"] is None and report["driver"] is None
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    fu.seed_everything(5)
+    path = fu.save_checkpoint(tmp_path / "rng.pt", {"rng": fu.rng_state()})
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    fu.seed_everything(99)
+    fu.set_rng_state(fu.load_checkpoint(path)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

@@ -111,3 +111,11 @@ def test_a_run_whose_output_folder_is_taken_gets_a_new_name(mnist_small, tiny_co
     federation = fu.Federation(tiny_config(), data=mnist_small, log=False)
     assert federation.out_dir.name == taken.name + "-2"
     assert (taken / "losses.png").read_bytes() == b"a plot someone saved"
+
+
+def test_resume_restores_the_global_random_state(mnist_small, tiny_config):
+    fu.run_federation(tiny_config(rounds=1), data=mnist_small, progress=False)
+    after_first_run = torch.rand(3)  # what the global RNG would give next, had the run gone on
+    fu.seed_everything(123)
+    fu.Federation(tiny_config(rounds=2), data=mnist_small, resume=True, log=False)
+    assert torch.equal(torch.rand(3), after_first_run)

@@ -1,0 +1,146 @@
+"""Training throughput of the federated engine, side by side with a per-client loop and a one-model ceiling.
+
+In one process, on the same data and model, for each K it times local training (a D and a G step per client
+per step, K clients x batch images):
+  loop     - the reference per-client loop of tests/reference_loop.py (nn.Module + torch.optim.Adam)
+  engine   - fedgan_utils.train_clients, as the notebooks use it (all K clients stacked, one vmap'd model)
+  ceiling  - the same engine with one model given all K x batch images per step
+and prints images/s with the ratios engine/loop and engine/ceiling.
+
+    python benchmarks/bench_throughput.py                 # K = 1, 10, 100 on a GPU; 1, 4, 10 on a CPU
+    python benchmarks/bench_throughput.py --ks 10 --steps 5 --json results.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+import fedgan_utils as fu  # noqa: E402
+from reference_loop import reference_round  # noqa: E402
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_plan(config: fu.FedConfig, num_clients: int, batch: int, steps: int, num_images: int) -> fu.RoundPlan:
+    """K clients taking `steps` steps of `batch` random images each."""
+    rng = np.random.default_rng(0)
+    indices = torch.from_numpy(rng.integers(0, num_images, (num_clients, steps, batch)))
+    return fu.RoundPlan(1, np.arange(num_clients), np.full(num_clients, steps * batch), np.full(num_clients, steps),
+                        indices, noise_seed=1)
+
+
+def time_engine(config, generator, discriminator, images, labels, plan) -> float:
+    g_state = fu.broadcast(generator.state_dict(), len(plan.client_ids))
+    d_state = fu.broadcast(discriminator.state_dict(), len(plan.client_ids))
+    synchronize(images.device)
+    start = time.perf_counter()
+    result = fu.train_clients(generator, discriminator, g_state, d_state, images, labels, plan, config)
+    result.d_loss.tolist()  # the one host sync of a round
+    synchronize(images.device)
+    return time.perf_counter() - start
+
+
+def time_loop(config, generator, discriminator, images, labels, plan) -> float:
+    synchronize(images.device)
+    start = time.perf_counter()
+    reference_round(generator, discriminator, images, labels, plan, config)
+    synchronize(images.device)
+    return time.perf_counter() - start
+
+
+def images_per_second(timer, config, models, images, labels, plan, repeats: int) -> float:
+    timer(config, *models, images, labels, make_warmup(plan))  # warm-up: allocator, cuDNN autotuning, caches
+    seconds = min(timer(config, *models, images, labels, plan) for _ in range(repeats))
+    return plan.batch_indices.numel() / seconds
+
+
+def make_warmup(plan: fu.RoundPlan) -> fu.RoundPlan:
+    return fu.RoundPlan(plan.round, plan.client_ids, plan.sizes, np.minimum(plan.steps, 2),
+                        plan.batch_indices[:, :2], plan.noise_seed)
+
+
+def measure(k: int, args, device: torch.device, images, labels) -> dict:
+    config = fu.FedConfig(num_clients=max(k, 1), batch_size=args.batch, ngf=args.ngf, ndf=args.ngf, device=str(device),
+                          eval_every=None)
+    torch.manual_seed(0)
+    models = tuple(m.to(device) for m in fu.build_models(config))
+    plan = make_plan(config, k, args.batch, args.steps, len(labels))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    engine = images_per_second(time_engine, config, models, images, labels, plan, args.repeats)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    loop = images_per_second(time_loop, config, models, images, labels, plan, args.repeats)
+    one_model = make_plan(config, 1, k * args.batch, args.steps, len(labels))
+    ceiling_config = dataclasses.replace(config, num_clients=1, batch_size=k * args.batch)
+    ceiling = images_per_second(time_engine, ceiling_config, models, images, labels, one_model, args.repeats)
+    return {"K": k, "batch": args.batch, "device": str(device), "loop_img_s": loop, "engine_img_s": engine,
+            "ceiling_img_s": ceiling, "peak_mem_mb": peak}
+
+
+def full_round_seconds(device: torch.device, images, labels) -> float:
+    """Seconds for one full-preset round: 10 clients, one local epoch over all their images."""
+    with tempfile.TemporaryDirectory() as scratch:
+        config = fu.preset("full", device=str(device), eval_every=None, checkpoint_every=0, rounds=10 ** 6,
+                           checkpoint_dir=scratch, out_dir=scratch)
+        federation = fu.Federation(config, data=(images, labels), log=False)
+        federation.run_round()  # warm-up
+        return federation.run_round()["seconds"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ks", default=None, help="comma-separated client counts (default: 1,10,100 GPU; 1,4,10 CPU)")
+    parser.add_argument("--batch", type=int, default=64, help="images per client per step")
+    parser.add_argument("--steps", type=int, default=None, help="timed local steps (default: 20 GPU, 5 CPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the fastest counts")
+    parser.add_argument("--ngf", type=int, default=64, help="generator and discriminator width")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--full-round", action="store_true", help="also time one full-preset round (default on GPU)")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
+    args = parser.parse_args()
+    device = fu.pick_device(args.device)
+    gpu = device.type == "cuda"
+    ks = [int(k) for k in (args.ks or ("1,10,100" if gpu else "1,4,10")).split(",")]
+    args.steps = args.steps or (20 if gpu else 5)
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    images, labels = fu.load_dataset("mnist")
+    images, labels = images.to(device), labels.to(device)
+    report = fu.env_report()
+    print(f"device {device} ({report['gpu'] or 'CPU, ' + str(report['cpu_threads']) + ' threads'}) | torch "
+          f"{report['torch']} | batch {args.batch} a client | ngf=ndf={args.ngf} | {args.steps} steps, best of "
+          f"{args.repeats}")
+    rows = [measure(k, args, device, images, labels) for k in ks]
+    header = f"{'K':>5} {'loop img/s':>12} {'engine img/s':>13} {'ceiling img/s':>14} {'engine/loop':>12} " \
+             f"{'engine/ceiling':>15} {'peak MB':>9}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        peak = f"{row['peak_mem_mb']:,.0f}" if row["peak_mem_mb"] is not None else "-"
+        print(f"{row['K']:>5} {row['loop_img_s']:>12,.0f} {row['engine_img_s']:>13,.0f} {row['ceiling_img_s']:>14,.0f} "
+              f"{row['engine_img_s'] / row['loop_img_s']:>12.2f} {row['engine_img_s'] / row['ceiling_img_s']:>15.2f} "
+              f"{peak:>9}")
+    if args.full_round or gpu:
+        print(f"one full-preset round (10 clients, one local epoch over 60,000 images): "
+              f"{full_round_seconds(device, images, labels):.2f} s")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+        print(f"rows written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""benchmarks/bench_throughput.py runs at a small size, prints its table with ratios and writes its rows."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_prints_ratios_and_writes_json_rows(tmp_path):
+    rows_path = tmp_path / "rows.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_throughput.py", "--ks", "1,2", "--steps", "2", "--ngf", "8", "--batch", "8",
+         "--repeats", "1", "--device", "cpu", "--json", str(rows_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if "engine/loop" in line)
+    assert "engine/ceiling" in header and "loop img/s" in header
+    table = lines[lines.index(header) + 2:lines.index(header) + 4]
+    assert [int(line.split()[0]) for line in table] == [1, 2]
+    rows = json.loads(rows_path.read_text())
+    assert [set(r) for r in rows] == [{"K", "batch", "device", "loop_img_s", "engine_img_s", "ceiling_img_s",
+                                       "peak_mem_mb"}] * 2
+    for row, line in zip(rows, table):
+        assert row["device"] == "cpu" and row["batch"] == 8 and row["peak_mem_mb"] is None
+        assert min(row["loop_img_s"], row["engine_img_s"], row["ceiling_img_s"]) > 0
+        ratio = float(line.split()[4])  # the printed engine/loop is the ratio of the written figures
+        assert abs(ratio - row["engine_img_s"] / row["loop_img_s"]) < 0.006
