@@ -161,6 +161,7 @@ DATASETS: dict[str, DatasetInfo] = {
 PARTITIONS = ("iid", "dirichlet", "shards", "classes", "quantity")
 BN_POLICIES = ("average", "local")
 OPTIMIZER_STATES = ("reset", "keep")
+CLIENT_MAPS = ("auto", "vmap", "loop")
 PRESETS = ("smoke", "cpu", "full")
 
 
@@ -226,6 +227,7 @@ class FedConfig:
     local_steps: int | None = None  # if set, a fixed number of local steps instead of local_epochs
     bn_policy: str = "average"  # BatchNorm under aggregation: "average" (FedAvg) or "local" (FedBN)
     optimizer_state: str = "reset"  # client Adam state each round: "reset" or "keep" (per client)
+    client_map: str = "auto"  # clients as one batch: "vmap", "loop" (map_clients), "auto" (vmap on GPU, loop on CPU)
     # partition of the training set over clients
     partition: str = "iid"  # one of PARTITIONS
     alpha: float = 0.5  # dirichlet: concentration; smaller is more label-skewed
@@ -270,6 +272,7 @@ class FedConfig:
         _require(self.bn_policy in BN_POLICIES, "bn_policy", self.bn_policy, f"one of {list(BN_POLICIES)}")
         _require(self.optimizer_state in OPTIMIZER_STATES, "optimizer_state", self.optimizer_state,
                  f"one of {list(OPTIMIZER_STATES)}")
+        _require(self.client_map in CLIENT_MAPS, "client_map", self.client_map, f"one of {list(CLIENT_MAPS)}")
         for name in _FIELD_RULES:
             _check_field(name, getattr(self, name))
         _require(isinstance(self.betas, tuple) and len(self.betas) == 2
@@ -946,16 +949,41 @@ class LocalResult:
     g_loss: Tensor  # [K] mean generator loss
 
 
+def _unbind_clients(tree: Any) -> list[Any]:
+    """A tensor or {name: tensor} stacked on dim 0 -> a list of per-client views (in-place writes go through)."""
+    if isinstance(tree, Tensor):
+        return list(tree.unbind(0))
+    keys = list(tree)
+    return [dict(zip(keys, values)) for values in zip(*(tree[k].unbind(0) for k in keys))]
+
+
+def map_clients(fn):
+    """vmap's contract (fn of one client's slices; results stacked on dim 0) as a loop over the clients.
+
+    On a CPU, vmap's grouped convolutions are slower than K plain ones (benchmarks/RESULTS.md), so there the
+    engine maps with this; unbind keeps autograd to one stack per parameter.
+    """
+    def mapped(*args):
+        per_client = [_unbind_clients(a) for a in args]
+        return torch.stack([fn(*client_args) for client_args in zip(*per_client)])
+    return mapped
+
+
 def train_clients(generator: Generator, discriminator: Discriminator, g_state: Mapping[str, Tensor],
                   d_state: Mapping[str, Tensor], images: Tensor, labels: Tensor, plan: RoundPlan,
                   config: FedConfig, g_opt: dict[str, Any] | None = None,
-                  d_opt: dict[str, Any] | None = None) -> LocalResult:
-    """Local training of the plan's K clients as one batched model (vmap over stacked states).
+                  d_opt: dict[str, Any] | None = None, client_map: str | None = None) -> LocalResult:
+    """Local training of the plan's K clients as one batched model over stacked states.
 
     `generator`/`discriminator` only lend their structure; `g_state`/`d_state` hold each client's
     copy stacked on dim 0. Losses stay on the device until the round ends (no per-step sync).
+    `client_map` (default: config.client_map): "vmap" (all clients in one batched call), "loop"
+    (map_clients), "auto" (vmap on accelerators, loop on the CPU). Both compute the same thing.
     """
+    client_map = config.client_map if client_map is None else client_map
+    _require(client_map in CLIENT_MAPS, "client_map", client_map, f"one of {list(CLIENT_MAPS)}")
     device = images.device
+    batched = map_clients if client_map == "loop" or (client_map == "auto" and device.type == "cpu") else vmap
     g_state = {k: v.detach().clone() for k, v in g_state.items()}
     d_state = {k: v.detach().clone() for k, v in d_state.items()}
     g_params, g_buffers = _split_state(generator, g_state)
@@ -991,15 +1019,15 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
         active = None if everyone else step < steps  # (K,) clients still training
         if not everyone:
             saved_buffers = {k: v.clone() for k, v in {**g_buffers, **d_buffers}.items()}
-        fake = vmap(g_forward)(g_params, g_buffers, z, y)  # (K, B, C, H, W)
+        fake = batched(g_forward)(g_params, g_buffers, z, y)  # (K, B, C, H, W)
 
         # (1) Update D: real images -> 1, generated images -> 0
-        d_loss = vmap(d_real_fake_loss)(d_params, d_buffers, real, fake.detach(), y)  # (K,)
+        d_loss = batched(d_real_fake_loss)(d_params, d_buffers, real, fake.detach(), y)  # (K,)
         grads = torch.autograd.grad(d_loss.sum(), list(d_params.values()))
         adam_step(d_params, grads, d_opt, lr=config.lr_d, betas=config.betas, active=active)
 
         # (2) Update G: make the updated D call generated images real
-        g_loss = vmap(d_fooled_loss)(d_params, d_buffers, fake, y)  # (K,)
+        g_loss = batched(d_fooled_loss)(d_params, d_buffers, fake, y)  # (K,)
         grads = torch.autograd.grad(g_loss.sum(), list(g_params.values()))
         adam_step(g_params, grads, g_opt, lr=config.lr_g, betas=config.betas, active=active)
 

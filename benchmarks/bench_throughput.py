@@ -62,12 +62,6 @@ def time_loop(config, generator, discriminator, images, labels, plan) -> float:
     return time.perf_counter() - start
 
 
-def images_per_second(timer, config, models, images, labels, plan, repeats: int) -> float:
-    timer(config, *models, images, labels, make_warmup(plan))  # warm-up: allocator, cuDNN autotuning, caches
-    seconds = min(timer(config, *models, images, labels, plan) for _ in range(repeats))
-    return plan.batch_indices.numel() / seconds
-
-
 def make_warmup(plan: fu.RoundPlan) -> fu.RoundPlan:
     return fu.RoundPlan(plan.round, plan.client_ids, plan.sizes, np.minimum(plan.steps, 2),
                         plan.batch_indices[:, :2], plan.noise_seed)
@@ -75,20 +69,28 @@ def make_warmup(plan: fu.RoundPlan) -> fu.RoundPlan:
 
 def measure(k: int, args, device: torch.device, images, labels) -> dict:
     config = fu.FedConfig(num_clients=max(k, 1), batch_size=args.batch, ngf=args.ngf, ndf=args.ngf, device=str(device),
-                          eval_every=None)
+                          eval_every=None, client_map=args.client_map)
     torch.manual_seed(0)
     models = tuple(m.to(device) for m in fu.build_models(config))
     plan = make_plan(config, k, args.batch, args.steps, len(labels))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    engine = images_per_second(time_engine, config, models, images, labels, plan, args.repeats)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    loop = images_per_second(time_loop, config, models, images, labels, plan, args.repeats)
-    one_model = make_plan(config, 1, k * args.batch, args.steps, len(labels))
     ceiling_config = dataclasses.replace(config, num_clients=1, batch_size=k * args.batch)
-    ceiling = images_per_second(time_engine, ceiling_config, models, images, labels, one_model, args.repeats)
-    return {"K": k, "batch": args.batch, "device": str(device), "loop_img_s": loop, "engine_img_s": engine,
-            "ceiling_img_s": ceiling, "peak_mem_mb": peak}
+    one_model = make_plan(ceiling_config, 1, k * args.batch, args.steps, len(labels))
+    contenders = {"engine": (time_engine, config, plan), "loop": (time_loop, config, plan),
+                  "ceiling": (time_engine, ceiling_config, one_model)}
+    for timer, cfg, p in contenders.values():  # warm-up: allocator, cuDNN autotuning, caches
+        timer(cfg, *models, images, labels, make_warmup(p))
+    best = {name: float("inf") for name in contenders}
+    for _ in range(args.repeats):  # interleaved, so that drift in the machine's speed hits all three alike
+        for name, (timer, cfg, p) in contenders.items():
+            best[name] = min(best[name], timer(cfg, *models, images, labels, p))
+    peak = None
+    if device.type == "cuda":  # the engine's own peak, in a run of its own
+        torch.cuda.reset_peak_memory_stats(device)
+        time_engine(config, *models, images, labels, plan)
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    work = k * args.batch * args.steps
+    return {"K": k, "batch": args.batch, "device": str(device), "loop_img_s": work / best["loop"],
+            "engine_img_s": work / best["engine"], "ceiling_img_s": work / best["ceiling"], "peak_mem_mb": peak}
 
 
 def full_round_seconds(device: torch.device, images, labels) -> float:
@@ -109,6 +111,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the fastest counts")
     parser.add_argument("--ngf", type=int, default=64, help="generator and discriminator width")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--client-map", default="auto", choices=fu.CLIENT_MAPS, help="the engine's client_map")
     parser.add_argument("--full-round", action="store_true", help="also time one full-preset round (default on GPU)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     args = parser.parse_args()
@@ -122,8 +125,8 @@ def main() -> None:
     images, labels = images.to(device), labels.to(device)
     report = fu.env_report()
     print(f"device {device} ({report['gpu'] or 'CPU, ' + str(report['cpu_threads']) + ' threads'}) | torch "
-          f"{report['torch']} | batch {args.batch} a client | ngf=ndf={args.ngf} | {args.steps} steps, best of "
-          f"{args.repeats}")
+          f"{report['torch']} | batch {args.batch} a client | ngf=ndf={args.ngf} | engine client_map={args.client_map} | "
+          f"{args.steps} steps, best of {args.repeats}")
     rows = [measure(k, args, device, images, labels) for k in ks]
     header = f"{'K':>5} {'loop img/s':>12} {'engine img/s':>13} {'ceiling img/s':>14} {'engine/loop':>12} " \
              f"{'engine/ceiling':>15} {'peak MB':>9}"

@@ -21,6 +21,7 @@ import fedgan_utils as fu
     ("partition", "random", "['iid', 'dirichlet', 'shards', 'classes', 'quantity']"),
     ("bn_policy", "sync", "['average', 'local']"),
     ("optimizer_state", "warm", "['reset', 'keep']"),
+    ("client_map", "pmap", "['auto', 'vmap', 'loop']"),
     ("classes_per_client", 11, "from 1 to 10"),
     ("sigma", -1.0, "number >= 0"),
     ("seed", -3, "integer >= 0"),

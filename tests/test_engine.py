@@ -14,10 +14,12 @@ def assert_states_close(actual, expected, atol=2e-5):
         torch.testing.assert_close(actual[key], expected[key], atol=atol, rtol=1e-4, msg=key)
 
 
+@pytest.mark.parametrize("client_map", ["vmap", "loop"])
 @pytest.mark.parametrize("scheme,kw", [("iid", {}), ("quantity", {"sigma": 1.0, "min_size": 20})])
-def test_engine_matches_the_per_client_reference_loop_over_two_rounds(mnist_small, tiny_config, scheme, kw):
+def test_engine_matches_the_per_client_reference_loop_over_two_rounds(mnist_small, tiny_config, scheme, kw,
+                                                                       client_map):
     # quantity skew gives clients different step counts, which exercises the engine's masking
-    config = tiny_config(partition=scheme, local_steps=None, local_epochs=0.1, **kw)
+    config = tiny_config(partition=scheme, local_steps=None, local_epochs=0.1, client_map=client_map, **kw)
     federation = fu.Federation(config, data=mnist_small, log=False)
     g_ref = {k: v.clone() for k, v in federation.generator.state_dict().items()}
     d_ref = {k: v.clone() for k, v in federation.discriminator.state_dict().items()}
@@ -82,3 +84,17 @@ def test_selection_differs_between_rounds_but_not_between_calls():
     assert len(set(rounds)) == 5
     assert all(len(r) == 10 for r in rounds)
     assert tuple(fu.select_clients(100, 0.1, seed=0, round_index=1)) == rounds[0]
+
+
+def test_map_clients_stacks_what_vmap_stacks_and_writes_through_to_stacked_buffers():
+    weights, buffer = torch.randn(3, 4), torch.zeros(3, 4)
+
+    def fn(w, b, x):
+        b.add_(w)  # an in-place buffer update, like BatchNorm's running mean
+        return (w * x).sum()
+
+    x = torch.randn(3, 4)
+    looped = fu.map_clients(fn)(weights, buffer, x)
+    torch.testing.assert_close(looped, (weights * x).sum(1))
+    torch.testing.assert_close(buffer, weights)
+    torch.testing.assert_close(torch.func.vmap(fn)(weights, torch.zeros(3, 4), x), looped)
