@@ -21,8 +21,8 @@ import platform
 import random
 import shutil
 import subprocess
+import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -60,6 +60,11 @@ def cuda_arch_supported(capability: tuple[int, int], arch_list: Sequence[str]) -
     return False
 
 
+def _warn(message: str) -> None:
+    """A one-line warning on stderr (warnings.warn would add the source line under it)."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def pick_device(preferred: str = "auto") -> torch.device:
     """The best usable device: CUDA when present *and* supported by this torch build, else CPU.
 
@@ -72,16 +77,15 @@ def pick_device(preferred: str = "auto") -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         if preferred != "auto":
-            warnings.warn(f"device={preferred!r} asked for, but CUDA is not available: using CPU", stacklevel=2)
+            _warn(f"device={preferred!r} asked for, but CUDA is not available: using CPU")
         return torch.device("cpu")
     device = torch.device("cuda" if preferred == "auto" else preferred)
     index = device.index or 0
     capability = torch.cuda.get_device_capability(index)
     if not cuda_arch_supported(capability, torch.cuda.get_arch_list()):
         name = torch.cuda.get_device_name(index)
-        warnings.warn(
-            f"{name} (sm_{capability[0]}{capability[1]}) has no kernels in this torch build "
-            f"({' '.join(torch.cuda.get_arch_list())}): using CPU", stacklevel=2)
+        _warn(f"{name} (sm_{capability[0]}{capability[1]}) has no kernels in this torch build "
+              f"({' '.join(torch.cuda.get_arch_list())}): using CPU")
         return torch.device("cpu")
     return device
 
@@ -502,11 +506,11 @@ def load_dataset(name: str = "mnist", root: str | os.PathLike | None = None, tra
                        for r in roots)
     wanted = (f"the folder {CIFAR_FOLDER}/ of the CIFAR-10 python version" if name == "cifar10" else
               "the four idx files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-              "t10k-labels-idx1-ubyte, raw or .gz)"
-              + (" in a folder whose path contains 'fashion'" if name == "fashion_mnist" else ""))
+              "t10k-labels-idx1-ubyte, raw or .gz)")
+    where = "a folder whose path contains 'fashion'" if name == "fashion_mnist" else "a folder"
     raise DatasetNotFoundError(
         f"{name} not found. Looked in:\n{looked}\nand the {failure}.\n"
-        f"Fix: put {wanted} in a folder and set FEDGAN_DATA=/that/folder (or pass root=...); "
+        f"Fix: put {wanted} in {where} and set FEDGAN_DATA=/that/folder (or pass root=...); "
         "on Kaggle, attach a dataset holding them, or turn the notebook's internet on.")
 
 

@@ -55,3 +55,11 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     fu.seed_everything(99)
     fu.set_rng_state(fu.load_checkpoint(path)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_asking_for_cuda_without_it_falls_back_to_cpu_with_one_line(capsys):
+    if torch.cuda.is_available():
+        assert fu.pick_device("cuda").type == "cuda"
+        return
+    assert fu.pick_device("cuda") == torch.device("cpu")
+    assert capsys.readouterr().err == "warning: device='cuda' asked for, but CUDA is not available: using CPU\n"
