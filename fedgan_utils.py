@@ -840,6 +840,63 @@ def fedavg(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> 
     return fedavg_stacked(stack_states(states), weights)
 
 
+def _counters_or(stacked: Mapping[str, Tensor], rule) -> StateDict:
+    """Apply `rule` ([K, ...] -> [...]) to floating tensors; integer counters keep the largest (as in fedavg)."""
+    return {k: rule(v.to(torch.promote_types(v.dtype, torch.float32))).to(v.dtype) if v.dtype.is_floating_point
+            else v.amax(0) for k, v in stacked.items()}
+
+
+def median(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> StateDict:
+    """Coordinate-wise median (Yin et al., ICML 2018), unweighted like Flower's aggregate_median.
+
+    With an even number of clients it is the mean of the two middle values, as numpy's median.
+    `weights` are validated but, as in the standard definition, not used.
+    """
+    stacked = stack_states(states)
+    _normalised_weights(weights, len(states))
+
+    def middle(values: Tensor) -> Tensor:
+        ordered, n = values.sort(0).values, values.shape[0]
+        return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return _counters_or(stacked, middle)
+
+
+def trimmed_mean(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float], beta: float) -> StateDict:
+    """Coordinate-wise trimmed mean (Yin et al., 2018): drop the int(beta * K) largest and smallest values.
+
+    Unweighted, like Flower's aggregate_trimmed_avg with proportiontocut=beta.
+    """
+    stacked = stack_states(states)
+    _normalised_weights(weights, len(states))
+    count = len(states)
+    cut = int(beta * count) if _is_number(beta) and 0 <= beta < 0.5 else -1
+    _require(cut >= 0 and count - 2 * cut >= 1, "beta", beta,
+             f"a number in [0, 0.5) that leaves at least one of the {count} clients after trimming")
+    return _counters_or(stacked, lambda values: values.sort(0).values[cut:count - cut].mean(0))
+
+
+def krum(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float], f: int, m: int = 1) -> StateDict:
+    """Krum / Multi-Krum (Blanchard et al., NeurIPS 2017), as Flower's aggregate_krum.
+
+    Each client scores the sum of squared distances to its K - f - 2 nearest others (at least 1);
+    m=1 returns the state of the lowest score, m>1 the FedAvg (by `weights`) of the m lowest.
+    """
+    stacked = stack_states(states)
+    _normalised_weights(weights, len(states))
+    count = len(states)
+    _require(_is_int(f) and 0 <= f < count, "f", f, f"an integer from 0 to {count - 1} (assumed faulty clients)")
+    _require(_is_int(m) and 1 <= m <= count, "m", m, f"an integer from 1 to {count} (clients kept)")
+    flat = torch.cat([v.reshape(count, -1).double() for v in stacked.values() if v.dtype.is_floating_point], 1)
+    distances = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist").square()  # (K, K) squared L2
+    nearest = max(1, count - f - 2)
+    others = distances.masked_fill(torch.eye(count, dtype=torch.bool), float("inf"))  # a client is not its neighbour
+    scores = others.sort(1).values[:, :nearest].sum(1)  # (K,)
+    kept = scores.argsort()[:m]
+    if m == 1:
+        return {k: v[kept[0]].clone() for k, v in stacked.items()}
+    return fedavg_stacked({k: v[kept] for k, v in stacked.items()}, torch.as_tensor(weights, dtype=torch.float64)[kept])
+
+
 # ----------------------------------------------------------------------------
 # Local training engine: all selected clients train at once as one batched model
 # ----------------------------------------------------------------------------
