@@ -166,6 +166,7 @@ PARTITIONS = ("iid", "dirichlet", "shards", "classes", "quantity")
 BN_POLICIES = ("average", "local")
 OPTIMIZER_STATES = ("reset", "keep")
 CLIENT_MAPS = ("auto", "vmap", "loop")
+STRATEGIES = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "median", "trimmed_mean", "krum")
 PRESETS = ("smoke", "cpu", "full")
 
 
@@ -202,6 +203,13 @@ _FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and w
     **{name: (lambda v: v is None or _positive_int(v), "None or an integer >= 1")
        for name in ("local_steps", "train_subset", "classifier_subset")},
     "eval_every": (lambda v: v is None or _non_negative_int(v), "None (never), 0 (after the last round) or N >= 1"),
+    "server_lr": (lambda v: v is None or _positive_number(v), "None (the rule's default) or a number > 0"),
+    **{name: (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+       for name in ("server_momentum", "server_beta2")},
+    "server_tau": (_positive_number, "a number > 0"),
+    "trim_beta": (lambda v: _is_number(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
+    "krum_f": (_non_negative_int, "an integer >= 0"),
+    "krum_m": (_positive_int, "an integer >= 1"),
     "eval_samples": (lambda v: _is_int(v) and v >= 10, "an integer >= 10"),
     "classifier_epochs": (_positive_int, "an integer >= 1"),
     **{name: (_positive_number, "a number > 0") for name in ("lr_g", "lr_d", "local_epochs", "alpha")},
@@ -232,6 +240,15 @@ class FedConfig:
     bn_policy: str = "average"  # BatchNorm under aggregation: "average" (FedAvg) or "local" (FedBN)
     optimizer_state: str = "reset"  # client Adam state each round: "reset" or "keep" (per client)
     client_map: str = "auto"  # clients as one batch: "vmap", "loop" (map_clients), "auto" (vmap on GPU, loop on CPU)
+    # server rule (see the Aggregation section)
+    strategy: str = "fedavg"  # one of STRATEGIES
+    server_lr: float | None = None  # server learning rate; None: 1.0 for fedavgm, 1e-2 for the adaptive rules
+    server_momentum: float = 0.9  # fedavgm's momentum; beta1 of fedadagrad, fedadam, fedyogi
+    server_beta2: float = 0.99  # beta2 of fedadam and fedyogi
+    server_tau: float = 1e-3  # adaptivity floor tau of the adaptive rules
+    trim_beta: float = 0.1  # trimmed_mean: fraction of clients cut at each end
+    krum_f: int = 1  # krum: clients assumed faulty
+    krum_m: int = 1  # krum: clients kept (m > 1: Multi-Krum)
     # partition of the training set over clients
     partition: str = "iid"  # one of PARTITIONS
     alpha: float = 0.5  # dirichlet: concentration; smaller is more label-skewed
@@ -277,6 +294,7 @@ class FedConfig:
         _require(self.optimizer_state in OPTIMIZER_STATES, "optimizer_state", self.optimizer_state,
                  f"one of {list(OPTIMIZER_STATES)}")
         _require(self.client_map in CLIENT_MAPS, "client_map", self.client_map, f"one of {list(CLIENT_MAPS)}")
+        _require(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {list(STRATEGIES)}")
         for name in _FIELD_RULES:
             _check_field(name, getattr(self, name))
         _require(isinstance(self.betas, tuple) and len(self.betas) == 2
@@ -897,6 +915,122 @@ def krum(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float], f: in
     return fedavg_stacked({k: v[kept] for k, v in stacked.items()}, torch.as_tensor(weights, dtype=torch.float64)[kept])
 
 
+class Strategy:
+    """A server rule: the new global state from the global state and the selected clients' stacked states.
+
+    The math lives in the pure functions above; a strategy only holds server state between rounds
+    (`state_dict`/`load_state_dict`, saved in checkpoints). Keys in `buffer_keys` (BatchNorm running
+    statistics, counters) are always plain-averaged: an optimizer step on running statistics means nothing.
+    """
+
+    def __init__(self, *, buffer_keys: Iterable[str] = ()):
+        self.buffer_keys = set(buffer_keys)
+
+    def aggregate(self, global_state: Mapping[str, Tensor], client_states: Mapping[str, Tensor],
+                  weights: Any) -> StateDict:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+class FedAvg(Strategy):
+    """FedAvg (McMahan et al., 2017): the sample-weighted average becomes the global state."""
+
+    def aggregate(self, global_state, client_states, weights):
+        return fedavg_stacked(client_states, weights)
+
+
+class RobustRule(Strategy):
+    """One of the pure robust rules (median, trimmed_mean, krum) with its parameters, as a strategy."""
+
+    def __init__(self, rule, *, buffer_keys: Iterable[str] = (), **params: Any):
+        super().__init__(buffer_keys=buffer_keys)
+        self.rule, self.params = rule, params
+
+    def aggregate(self, global_state, client_states, weights):
+        states = _unbind_clients(dict(client_states))
+        return self.rule(states, torch.as_tensor(weights, dtype=torch.float64).tolist(), **self.params)
+
+
+SERVER_OPTIMIZERS = ("fedavgm", "fedadagrad", "fedadam", "fedyogi")
+
+
+class ServerOptimizer(Strategy):
+    """The averaged client update as a pseudo-gradient for a server optimizer.
+
+    fedavgm: server momentum (Hsu et al., 2019), v = momentum v + delta, x += server_lr v.
+    fedadagrad / fedadam / fedyogi: Reddi et al., "Adaptive Federated Optimization" (ICLR 2021), Algorithm 2:
+    m = b1 m + (1 - b1) delta, v per rule, x += server_lr m / (sqrt(v) + tau), without bias correction.
+    delta = weighted average of the clients' states - global state.
+    """
+
+    def __init__(self, kind: str, *, server_lr: float, momentum: float = 0.9, beta2: float = 0.99,
+                 tau: float = 1e-3, buffer_keys: Iterable[str] = ()):
+        super().__init__(buffer_keys=buffer_keys)
+        _require(kind in SERVER_OPTIMIZERS, "kind", kind, f"one of {list(SERVER_OPTIMIZERS)}")
+        _require(_positive_number(server_lr), "server_lr", server_lr, "a number > 0")
+        _require(_is_number(momentum) and 0 <= momentum < 1, "momentum", momentum, "a number in [0, 1)")
+        _require(_is_number(beta2) and 0 <= beta2 < 1, "beta2", beta2, "a number in [0, 1)")
+        _require(_positive_number(tau), "tau", tau, "a number > 0")
+        self.kind, self.server_lr, self.momentum, self.beta2, self.tau = kind, server_lr, momentum, beta2, tau
+        self.first: dict[str, Tensor] = {}  # momentum / first moment per key
+        self.second: dict[str, Tensor] = {}  # second moment per key (adaptive rules)
+
+    def aggregate(self, global_state, client_states, weights):
+        average = fedavg_stacked(client_states, weights)
+        result = dict(average)
+        for key, mean in average.items():
+            if key in self.buffer_keys or not mean.dtype.is_floating_point:
+                continue
+            x = global_state[key].to(mean.device, mean.dtype)
+            delta = mean - x
+            m = self.first.get(key, torch.zeros_like(delta))
+            if self.kind == "fedavgm":
+                m = self.momentum * m + delta
+                step = m
+            else:
+                m = self.momentum * m + (1 - self.momentum) * delta
+                v = self.second.get(key, torch.zeros_like(delta))
+                square = delta.square()
+                if self.kind == "fedadagrad":
+                    v = v + square
+                elif self.kind == "fedadam":
+                    v = self.beta2 * v + (1 - self.beta2) * square
+                else:  # fedyogi
+                    v = v - (1 - self.beta2) * square * torch.sign(v - square)
+                self.second[key] = v
+                step = m / (v.sqrt() + self.tau)
+            self.first[key] = m
+            result[key] = x + self.server_lr * step
+        return result
+
+    def state_dict(self):
+        return {"first": dict(self.first), "second": dict(self.second)}
+
+    def load_state_dict(self, state):
+        self.first, self.second = dict(state["first"]), dict(state["second"])
+
+
+def make_strategy(config: FedConfig, buffer_keys: Iterable[str] = ()) -> Strategy:
+    """The server rule that config.strategy names, with the config's parameters."""
+    name = config.strategy
+    if name == "fedavg":
+        return FedAvg(buffer_keys=buffer_keys)
+    if name in SERVER_OPTIMIZERS:
+        server_lr = config.server_lr if config.server_lr is not None else (1.0 if name == "fedavgm" else 1e-2)
+        return ServerOptimizer(name, server_lr=server_lr, momentum=config.server_momentum,
+                               beta2=config.server_beta2, tau=config.server_tau, buffer_keys=buffer_keys)
+    if name == "median":
+        return RobustRule(median, buffer_keys=buffer_keys)
+    if name == "trimmed_mean":
+        return RobustRule(trimmed_mean, buffer_keys=buffer_keys, beta=config.trim_beta)
+    return RobustRule(krum, buffer_keys=buffer_keys, f=config.krum_f, m=config.krum_m)
+
+
 # ----------------------------------------------------------------------------
 # Local training engine: all selected clients train at once as one batched model
 # ----------------------------------------------------------------------------
@@ -1426,6 +1560,8 @@ class Federation:
         self.generator, self.discriminator = generator.to(self.device), discriminator.to(self.device)
         self._local_keys = ({"g": norm_state_keys(generator), "d": norm_state_keys(discriminator)}
                             if config.bn_policy == "local" else {"g": set(), "d": set()})
+        self.strategies = {which: make_strategy(config, {n for n, _ in model.named_buffers()})
+                           for which, model in (("g", generator), ("d", discriminator))}
         info = DATASETS[config.dataset]
         # one fixed noise a column, one label a row: grids over rounds stay comparable
         fixed = torch.randn(10, config.z_dim, generator=torch.Generator().manual_seed(config.seed))
@@ -1476,6 +1612,8 @@ class Federation:
         self.history = checkpoint["history"]
         self.grid_snapshots = {int(k): v for k, v in checkpoint["grid_snapshots"].items()}
         self.round = checkpoint["round"]
+        for which, strategy in self.strategies.items():
+            strategy.load_state_dict(checkpoint["strategies"][which])
         set_rng_state(checkpoint["rng"])
         if self.log:
             print(f"resumed from {path} (round {self.round})")
@@ -1512,11 +1650,11 @@ class Federation:
             g_opt=self._client_optimizers("g", plan, {k: v for k, v in g_start.items() if k in g_param_names}),
             d_opt=self._client_optimizers("d", plan, {k: v for k, v in d_start.items() if k in d_param_names}))
 
-        # aggregate: FedAvg weighted by client data size; local BN layers are averaged for the
-        # global model (used for sampling) but each client keeps its own for its next round
+        # aggregate with the server rule (FedAvg by default), weights = client data sizes; local BN layers
+        # are aggregated for the global model (used for sampling) but each client keeps its own
         weights = plan.sizes.astype(np.float64)
-        self.generator.load_state_dict(fedavg_stacked(local.g_state, weights))
-        self.discriminator.load_state_dict(fedavg_stacked(local.d_state, weights))
+        for which, model, states in (("g", self.generator, local.g_state), ("d", self.discriminator, local.d_state)):
+            model.load_state_dict(self.strategies[which].aggregate(model.state_dict(), states, weights))
         for row, client in enumerate(plan.client_ids):
             store = self.client_store.setdefault(int(client), {})
             if config.bn_policy == "local":
@@ -1606,6 +1744,7 @@ class Federation:
             "client_store": {str(k): v for k, v in self.client_store.items()},
             "history": self.history,
             "grid_snapshots": {str(k): v for k, v in self.grid_snapshots.items()},
+            "strategies": {which: strategy.state_dict() for which, strategy in self.strategies.items()},
             "rng": rng_state(),  # the rounds draw from (seed, round)-derived generators; this is the caller's
         })
         return path

@@ -119,3 +119,18 @@ def test_resume_restores_the_global_random_state(mnist_small, tiny_config):
     fu.seed_everything(123)
     fu.Federation(tiny_config(rounds=2), data=mnist_small, resume=True, log=False)
     assert torch.equal(torch.rand(3), after_first_run)
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "trimmed_mean"])
+def test_a_server_rule_resumes_exactly_with_its_server_state(mnist_small, tiny_config, tmp_path, strategy):
+    config = dict(strategy=strategy, num_clients=4, trim_beta=0.25)
+    straight = fu.run_federation(tiny_config(rounds=3, checkpoint_dir=str(tmp_path / "a"), **config),
+                                 data=mnist_small, progress=False)
+    fu.run_federation(tiny_config(rounds=2, checkpoint_dir=str(tmp_path / "b"), **config), data=mnist_small,
+                      progress=False)
+    resumed = fu.run_federation(tiny_config(rounds=3, checkpoint_dir=str(tmp_path / "b"), **config),
+                                data=mnist_small, resume=True, progress=False)
+    assert states_equal(resumed.generator.state_dict(), straight.generator.state_dict())
+    plain = fu.run_federation(tiny_config(rounds=3, checkpoint_dir=str(tmp_path / "c"), num_clients=4),
+                              data=mnist_small, progress=False)
+    assert not states_equal(plain.generator.state_dict(), straight.generator.state_dict())
