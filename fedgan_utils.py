@@ -818,6 +818,12 @@ def _normalised_weights(weights: Any, count: int) -> Tensor:
     return w / w.sum()
 
 
+def _counters_or(stacked: Mapping[str, Tensor], rule) -> StateDict:
+    """Apply `rule` ([K, ...] -> [...]) to floating tensors in float32 at least; integer counters keep the largest."""
+    return {k: rule(v.to(torch.promote_types(v.dtype, torch.float32))).to(v.dtype) if v.dtype.is_floating_point
+            else v.amax(0) for k, v in stacked.items()}
+
+
 def fedavg_stacked(stacked: Mapping[str, Tensor], weights: Any) -> StateDict:
     """FedAvg over states stacked on a leading client dim: {key: [K, ...]} -> {key: [...]}.
 
@@ -825,17 +831,13 @@ def fedavg_stacked(stacked: Mapping[str, Tensor], weights: Any) -> StateDict:
     Integer tensors (BatchNorm's num_batches_tracked) are counters, not estimates: the global keeps
     the largest client count, so it stays an integer of its own dtype.
     """
-    result = {}
-    for key, values in stacked.items():
-        if values.dtype.is_floating_point:
-            compute = torch.promote_types(values.dtype, torch.float32)
-            w = _normalised_weights(weights, values.shape[0]).to(values.device, compute)
-            w = w.view(-1, *([1] * (values.dim() - 1)))  # (K, 1, ..., 1)
-            result[key] = (w * values.to(compute)).sum(0).to(values.dtype)
-        else:
-            _normalised_weights(weights, values.shape[0])
-            result[key] = values.amax(0)
-    return result
+    if stacked:
+        _normalised_weights(weights, next(iter(stacked.values())).shape[0])
+
+    def weighted_mean(values: Tensor) -> Tensor:
+        w = _normalised_weights(weights, values.shape[0]).to(values.device, values.dtype)
+        return (w.view(-1, *([1] * (values.dim() - 1))) * values).sum(0)  # (K, ...) -> (...)
+    return _counters_or(stacked, weighted_mean)
 
 
 def stack_states(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
@@ -856,12 +858,6 @@ def stack_states(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
 def fedavg(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> StateDict:
     """FedAvg (McMahan et al., 2017): the client states averaged, weighted by their sample counts."""
     return fedavg_stacked(stack_states(states), weights)
-
-
-def _counters_or(stacked: Mapping[str, Tensor], rule) -> StateDict:
-    """Apply `rule` ([K, ...] -> [...]) to floating tensors; integer counters keep the largest (as in fedavg)."""
-    return {k: rule(v.to(torch.promote_types(v.dtype, torch.float32))).to(v.dtype) if v.dtype.is_floating_point
-            else v.amax(0) for k, v in stacked.items()}
 
 
 def median(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> StateDict:
