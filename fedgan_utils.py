@@ -831,11 +831,12 @@ def fedavg_stacked(stacked: Mapping[str, Tensor], weights: Any) -> StateDict:
     Integer tensors (BatchNorm's num_batches_tracked) are counters, not estimates: the global keeps
     the largest client count, so it stays an integer of its own dtype.
     """
-    if stacked:
-        _normalised_weights(weights, next(iter(stacked.values())).shape[0])
+    if not stacked:
+        return {}
+    normalised = _normalised_weights(weights, next(iter(stacked.values())).shape[0])  # (K,) float64, sums to 1
 
     def weighted_mean(values: Tensor) -> Tensor:
-        w = _normalised_weights(weights, values.shape[0]).to(values.device, values.dtype)
+        w = normalised.to(values.device, values.dtype)
         return (w.view(-1, *([1] * (values.dim() - 1))) * values).sum(0)  # (K, ...) -> (...)
     return _counters_or(stacked, weighted_mean)
 
@@ -883,7 +884,7 @@ def trimmed_mean(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float
     stacked = stack_states(states)
     _normalised_weights(weights, len(states))
     count = len(states)
-    cut = int(beta * count) if _is_number(beta) and 0 <= beta < 0.5 else -1
+    cut = int(beta * count) if _FIELD_RULES["trim_beta"][0](beta) else -1  # FedConfig.trim_beta's rule
     _require(cut >= 0 and count - 2 * cut >= 1, "beta", beta,
              f"a number in [0, 0.5) that leaves at least one of the {count} clients after trimming")
     return _counters_or(stacked, lambda values: values.sort(0).values[cut:count - cut].mean(0))
@@ -1314,20 +1315,19 @@ def train_classifier(dataset: str = "mnist", device: str | torch.device | None =
     device = pick_device() if device is None else torch.device(device)
     info = DATASETS[dataset]
     path = cache_dir() / "classifiers" / f"{dataset}_e{epochs}_n{train_subset or 'all'}_s{seed}.pt"
-    classifier = Classifier(image_shape=info.image_shape, num_classes=info.num_classes)
-    if cache and path.is_file():
-        saved = load_checkpoint(path)
-        classifier.load_state_dict(saved["classifier"])
-        return classifier.to(device).eval(), saved["test_accuracy"]
-    images, labels = load_dataset(dataset, data_root, train=True)
-    test_images, test_labels = load_dataset(dataset, data_root, train=False)
-    rng = np.random.default_rng(seed)
-    if train_subset is not None:
-        keep = torch.from_numpy(rng.choice(len(labels), min(train_subset, len(labels)), replace=False))
-        images, labels = images[keep], labels[keep]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # leave the caller's RNG be
         torch.manual_seed(seed)
         classifier = Classifier(image_shape=info.image_shape, num_classes=info.num_classes).to(device)
+        if cache and path.is_file():
+            saved = load_checkpoint(path, device)
+            classifier.load_state_dict(saved["classifier"])
+            return classifier.eval(), saved["test_accuracy"]
+        images, labels = load_dataset(dataset, data_root, train=True)
+        test_images, test_labels = load_dataset(dataset, data_root, train=False)
+        rng = np.random.default_rng(seed)
+        if train_subset is not None:
+            keep = torch.from_numpy(rng.choice(len(labels), min(train_subset, len(labels)), replace=False))
+            images, labels = images[keep], labels[keep]
         optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
         decay = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.3)  # lr / 3.3 each epoch
         images, labels = images.to(device), labels.to(device)
