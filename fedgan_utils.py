@@ -11,6 +11,7 @@ and Mirza & Osindero (2014).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import gzip
 import io
@@ -166,7 +167,18 @@ PARTITIONS = ("iid", "dirichlet", "shards", "classes", "quantity")
 BN_POLICIES = ("average", "local")
 OPTIMIZER_STATES = ("reset", "keep")
 CLIENT_MAPS = ("auto", "vmap", "loop")
-STRATEGIES = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "median", "trimmed_mean", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "damped", "fedadagrad", "fedadam", "fedyogi", "median",
+              "trimmed_mean", "krum")
+SELECTIONS = ("uniform", "proportional", "power_of_choice")
+SYNC_NETWORKS = ("both", "g", "d")
+SYNC_MODES = ("sync", "async")
+STALENESS_RULES = ("constant", "polynomial", "hinge")
+THRESHOLD_RULES = ("median", "absolute")
+THRESHOLD_ACTIONS = ("clip", "drop")
+STRAGGLER_POLICIES = ("partial", "drop")
+STEP_NORMALISATIONS = ("none", "fednova")
+COMPRESSIONS = ("none", "topk", "int8")
+CHOICES: dict[str, tuple[str, ...]] = {}  # filled below FedConfig: field -> allowed names
 PRESETS = ("smoke", "cpu", "full")
 
 
@@ -207,13 +219,24 @@ _FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and w
     **{name: (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
        for name in ("server_momentum", "server_beta2")},
     "server_tau": (_positive_number, "a number > 0"),
+    **{name: (lambda v: v is None or _positive_number(v), "None or a number > 0")
+       for name in ("update_threshold", "round_deadline")},
+    "prox_mu": (lambda v: v is None or (_is_number(v) and math.isfinite(v) and v >= 0), "None or a number >= 0"),
+    **{name: (lambda v: v is None or _positive_int(v), "None or an integer >= 1")
+       for name in ("poc_candidates", "async_buffer")},
+    "dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "topk_fraction": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "staleness_a": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a number >= 0"),
+    "staleness_b": (_non_negative_int, "an integer >= 0"),
+    "error_feedback": (lambda v: isinstance(v, bool), "True or False"),
     "trim_beta": (lambda v: _is_number(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
     "krum_f": (_non_negative_int, "an integer >= 0"),
     "krum_m": (_positive_int, "an integer >= 1"),
     "eval_samples": (lambda v: _is_int(v) and v >= 10, "an integer >= 10"),
     "classifier_epochs": (_positive_int, "an integer >= 1"),
     **{name: (_positive_number, "a number > 0") for name in ("lr_g", "lr_d", "local_epochs", "alpha")},
-    "sigma": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a number >= 0"),
+    **{name: (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a number >= 0")
+       for name in ("sigma", "client_speed_sigma")},
     "client_fraction": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
 }
 
@@ -241,14 +264,36 @@ class FedConfig:
     optimizer_state: str = "reset"  # client Adam state each round: "reset" or "keep" (per client)
     client_map: str = "auto"  # clients as one batch: "vmap", "loop" (map_clients), "auto" (vmap on GPU, loop on CPU)
     # server rule (see the Aggregation section)
-    strategy: str = "fedavg"  # one of STRATEGIES
-    server_lr: float | None = None  # server learning rate; None: 1.0 for fedavgm, 1e-2 for the adaptive rules
+    strategy: str = "fedavg"  # one of STRATEGIES (or pass a Strategy object to Federation)
+    server_lr: float | None = None  # server learning rate; None: 1.0 fedavgm, 0.5 damped (its alpha), 1e-2 adaptive
     server_momentum: float = 0.9  # fedavgm's momentum; beta1 of fedadagrad, fedadam, fedyogi
     server_beta2: float = 0.99  # beta2 of fedadam and fedyogi
     server_tau: float = 1e-3  # adaptivity floor tau of the adaptive rules
     trim_beta: float = 0.1  # trimmed_mean: fraction of clients cut at each end
     krum_f: int = 1  # krum: clients assumed faulty
     krum_m: int = 1  # krum: clients kept (m > 1: Multi-Krum)
+    prox_mu: float | None = None  # proximal term (mu/2)|w - w_global|^2 in local losses; None: 0.01 fedprox, else 0
+    update_threshold: float | None = None  # clip or drop client updates with a larger L2 norm; None: off
+    threshold_rule: str = "median"  # update_threshold is "absolute" or a multiple of the round's "median" norm
+    threshold_action: str = "clip"  # "clip" scales an update down to the threshold, "drop" leaves it out
+    # what is synchronised (FedGAN: both networks, every local_steps steps; the rest stays on the clients)
+    sync_networks: str = "both"  # "both", "g" or "d": networks not synchronised stay local to each client
+    sync_mode: str = "sync"  # "sync" rounds, or "async": buffered staleness-weighted updates (FedBuff)
+    async_buffer: int | None = None  # async: arrivals per server update; None: half the clients in flight
+    staleness: str = "polynomial"  # async weight of an update s rounds old: constant, polynomial, hinge
+    staleness_a: float = 0.5  # polynomial: (1 + s)^-a; hinge: 1 / (a (s - b) + 1) past b
+    staleness_b: int = 4  # hinge: updates up to b rounds stale count fully
+    # clients: selection, stragglers, communication
+    selection: str = "uniform"  # "uniform", "proportional" (to data size), "power_of_choice" (highest loss)
+    poc_candidates: int | None = None  # power_of_choice: candidates drawn (proportional to size); None: 2x selected
+    client_speed_sigma: float = 0.0  # lognormal sigma of client speeds (0: all equally fast)
+    round_deadline: float | None = None  # time limit of a round, in local steps of a speed-1 client; None: wait
+    straggler_policy: str = "partial"  # past the deadline: "partial" (the steps that fit) or "drop"
+    step_normalisation: str = "none"  # "fednova": normalise updates by local steps before aggregation
+    dropout: float = 0.0  # probability that a selected client does not report back
+    compression: str = "none"  # client updates sent as "none" (float32), "topk" sparse, or "int8"
+    topk_fraction: float = 0.01  # topk: fraction of coordinates sent
+    error_feedback: bool = True  # clients keep what compression dropped and add it to their next update
     # partition of the training set over clients
     partition: str = "iid"  # one of PARTITIONS
     alpha: float = 0.5  # dirichlet: concentration; smaller is more label-skewed
@@ -288,13 +333,8 @@ class FedConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first field whose value is not allowed."""
-        _require(self.dataset in DATASETS, "dataset", self.dataset, f"one of {sorted(DATASETS)}")
-        _require(self.partition in PARTITIONS, "partition", self.partition, f"one of {list(PARTITIONS)}")
-        _require(self.bn_policy in BN_POLICIES, "bn_policy", self.bn_policy, f"one of {list(BN_POLICIES)}")
-        _require(self.optimizer_state in OPTIMIZER_STATES, "optimizer_state", self.optimizer_state,
-                 f"one of {list(OPTIMIZER_STATES)}")
-        _require(self.client_map in CLIENT_MAPS, "client_map", self.client_map, f"one of {list(CLIENT_MAPS)}")
-        _require(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {list(STRATEGIES)}")
+        for name, allowed in CHOICES.items():
+            _require(getattr(self, name) in allowed, name, getattr(self, name), f"one of {list(allowed)}")
         for name in _FIELD_RULES:
             _check_field(name, getattr(self, name))
         _require(isinstance(self.betas, tuple) and len(self.betas) == 2
@@ -316,6 +356,14 @@ class FedConfig:
                  "None or a folder path")
         _require(all(c.isalnum() or c in "-_." for c in self.run_name), "run_name", self.run_name,
                  "letters, digits, '-', '_' and '.' only (it names folders)")
+        _require(not (self.strategy == "fedprox" and self.prox_mu == 0), "prox_mu", self.prox_mu,
+                 "a number > 0 (or None: 0.01) with strategy='fedprox'")
+        if self.sync_mode == "async":
+            _require(self.round_deadline is None, "round_deadline", self.round_deadline,
+                     "None with sync_mode='async' (asynchronous clients have no round to be late for)")
+            in_flight = max(1, round(self.client_fraction * self.num_clients))
+            _require(self.async_buffer is None or self.async_buffer <= in_flight, "async_buffer", self.async_buffer,
+                     f"None or at most the {in_flight} clients in flight (client_fraction x num_clients)")
 
     def partition_kwargs(self) -> dict[str, Any]:
         """The partition parameters that the chosen scheme takes."""
@@ -333,6 +381,12 @@ class FedConfig:
             raise ValueError(f"unknown FedConfig fields {unknown}; known fields: {sorted(known)}")
         return cls(**values)
 
+
+CHOICES.update(dataset=tuple(sorted(DATASETS)), partition=PARTITIONS, bn_policy=BN_POLICIES,
+               optimizer_state=OPTIMIZER_STATES, client_map=CLIENT_MAPS, strategy=STRATEGIES, selection=SELECTIONS,
+               sync_networks=SYNC_NETWORKS, sync_mode=SYNC_MODES, staleness=STALENESS_RULES,
+               threshold_rule=THRESHOLD_RULES, threshold_action=THRESHOLD_ACTIONS,
+               straggler_policy=STRAGGLER_POLICIES, step_normalisation=STEP_NORMALISATIONS, compression=COMPRESSIONS)
 
 PARTITION_PARAMS: dict[str, tuple[str, ...]] = {
     "iid": (),
@@ -912,19 +966,103 @@ def krum(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float], f: in
     return fedavg_stacked({k: v[kept] for k, v in stacked.items()}, torch.as_tensor(weights, dtype=torch.float64)[kept])
 
 
+def update_norms(global_state: Mapping[str, Tensor], client_states: Mapping[str, Tensor],
+                 keys: Iterable[str]) -> Tensor:
+    """L2 norm of each client's update (its state - the global state) over `keys`: [K] float64."""
+    squares = [(client_states[k].double() - global_state[k].to(client_states[k].device).double())
+               .flatten(1).square().sum(1) for k in keys]  # each (K,)
+    return torch.stack(squares).sum(0).sqrt()
+
+
+def scale_updates(global_state: Mapping[str, Tensor], client_states: Mapping[str, Tensor], scale: Tensor,
+                  keys: Iterable[str]) -> dict[str, Tensor]:
+    """Client states with their updates on `keys` multiplied by scale [K]: global + scale * (state - global)."""
+    result = dict(client_states)
+    for k in keys:
+        x = global_state[k].to(client_states[k].device, client_states[k].dtype)
+        s = scale.to(client_states[k].device, client_states[k].dtype).view(-1, *([1] * x.dim()))
+        result[k] = x + s * (client_states[k] - x)
+    return result
+
+
+def fednova_rescale(global_state: Mapping[str, Tensor], client_states: Mapping[str, Tensor], steps: Any,
+                    weights: Any, keys: Iterable[str]) -> dict[str, Tensor]:
+    """FedNova (Wang et al., NeurIPS 2020): updates normalised by local steps tau_i, rescaled by tau_eff.
+
+    Each client's update becomes (tau_eff / tau_i) (x_i - x) with tau_eff = sum_i p_i tau_i, so a
+    weighted average of the result is x + tau_eff sum_i p_i (x_i - x) / tau_i: clients that ran more
+    steps no longer pull the global model further. Equal steps leave the states unchanged.
+    """
+    tau = torch.as_tensor(np.asarray(steps, dtype=np.float64))
+    p = _normalised_weights(weights, len(tau))
+    _require(bool((tau > 0).all()), "steps", tau.tolist(), "local step counts >= 1")
+    return scale_updates(global_state, client_states, (p * tau).sum() / tau, keys)
+
+
+def staleness_weight(staleness: Any, rule: str = "polynomial", a: float = 0.5, b: int = 4) -> np.ndarray:
+    """Weight of an update computed `staleness` server versions ago (Xie et al., "Asynchronous Federated
+    Optimization", 2019): constant 1, polynomial (1 + s)^-a, hinge 1 if s <= b else 1 / (a (s - b) + 1)."""
+    s = np.asarray(staleness, dtype=np.float64)
+    _require(bool((s >= 0).all()), "staleness", s.tolist(), "numbers >= 0 (server versions behind)")
+    _require(rule in STALENESS_RULES, "rule", rule, f"one of {list(STALENESS_RULES)}")
+    if rule == "constant":
+        return np.ones_like(s)
+    if rule == "polynomial":
+        return (1 + s) ** -a
+    return np.where(s <= b, 1.0, 1 / (a * (s - b) + 1))
+
+
+def compress_updates(updates: Mapping[str, Tensor], method: str, fraction: float = 0.01
+                     ) -> tuple[dict[str, Tensor], int]:
+    """What a client sends for its update, and how many bytes that takes: {key: [K, ...]} -> (same, bytes each).
+
+    "none": float32 values. "topk": the `fraction` largest-magnitude coordinates of the whole update
+    (value + int32 index each). "int8": each tensor quantised to 8 bits with one float32 scale
+    (round to nearest of 255 levels). Only floating tensors are compressed; others are sent as they are.
+    """
+    _require(method in COMPRESSIONS, "method", method, f"one of {list(COMPRESSIONS)}")
+    floats = [k for k, v in updates.items() if v.dtype.is_floating_point]
+    other_bytes = sum(v[0].numel() * v.element_size() for k, v in updates.items() if k not in floats)
+    if method == "none" or not floats:
+        return dict(updates), other_bytes + sum(updates[k][0].numel() * 4 for k in floats)
+    count = updates[floats[0]].shape[0]
+    sent = dict(updates)
+    if method == "int8":
+        for k in floats:
+            flat = updates[k].reshape(count, -1)  # (K, n)
+            scale = (flat.abs().amax(1, keepdim=True) / 127).clamp(min=torch.finfo(flat.dtype).tiny)  # (K, 1)
+            sent[k] = ((flat / scale).round().clamp(-127, 127) * scale).view_as(updates[k])
+        return sent, other_bytes + sum(updates[k][0].numel() + 4 for k in floats)
+    _require(_is_number(fraction) and 0 < fraction <= 1, "fraction", fraction, "a number in (0, 1]")
+    flat = torch.cat([updates[k].reshape(count, -1) for k in floats], 1)  # (K, N): each client's whole update
+    kept = max(1, math.ceil(fraction * flat.shape[1]))
+    top = flat.abs().topk(kept, dim=1).indices  # (K, kept)
+    sparse = torch.zeros_like(flat).scatter_(1, top, flat.gather(1, top))
+    for k, piece in zip(floats, sparse.split([updates[k][0].numel() for k in floats], 1)):
+        sent[k] = piece.reshape(updates[k].shape)
+    return sent, other_bytes + kept * 8
+
+
 class Strategy:
     """A server rule: the new global state from the global state and the selected clients' stacked states.
 
-    The math lives in the pure functions above; a strategy only holds server state between rounds
-    (`state_dict`/`load_state_dict`, saved in checkpoints). Keys in `buffer_keys` (BatchNorm running
-    statistics, counters) are always plain-averaged: an optimizer step on running statistics means nothing.
+    `aggregate(global_state, client_states, weights, info)` gets {key: [...]}, {key: [K, ...]}, [K] data
+    sizes, and `info` (client_ids, steps, staleness where the run is asynchronous) and returns
+    {key: [...]}. The math lives in pure functions; a strategy holds server state between rounds
+    (`state_dict`/`load_state_dict`, saved in checkpoints) and can put numbers for the round's log in
+    `last_log`. Keys in `buffer_keys` (BatchNorm running statistics, counters) are plain-averaged by the
+    built-in optimizers: an optimizer step on running statistics means nothing. `prox_mu` > 0 asks the
+    clients for FedProx's proximal term.
     """
+
+    prox_mu: float = 0.0
 
     def __init__(self, *, buffer_keys: Iterable[str] = ()):
         self.buffer_keys = set(buffer_keys)
+        self.last_log: dict[str, Any] = {}
 
     def aggregate(self, global_state: Mapping[str, Tensor], client_states: Mapping[str, Tensor],
-                  weights: Any) -> StateDict:
+                  weights: Any, info: Mapping[str, Any] | None = None) -> StateDict:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -937,8 +1075,17 @@ class Strategy:
 class FedAvg(Strategy):
     """FedAvg (McMahan et al., 2017): the sample-weighted average becomes the global state."""
 
-    def aggregate(self, global_state, client_states, weights):
+    def aggregate(self, global_state, client_states, weights, info=None):
         return fedavg_stacked(client_states, weights)
+
+
+class FedProx(FedAvg):
+    """FedProx (Li et al., MLSys 2020): FedAvg on the server; clients add (mu/2)|w - w_global|^2 to their losses."""
+
+    def __init__(self, mu: float = 0.01, *, buffer_keys: Iterable[str] = ()):
+        super().__init__(buffer_keys=buffer_keys)
+        _require(_positive_number(mu), "mu", mu, "a number > 0")
+        self.prox_mu = mu
 
 
 class RobustRule(Strategy):
@@ -948,7 +1095,7 @@ class RobustRule(Strategy):
         super().__init__(buffer_keys=buffer_keys)
         self.rule, self.params = rule, params
 
-    def aggregate(self, global_state, client_states, weights):
+    def aggregate(self, global_state, client_states, weights, info=None):
         states = _unbind_clients(dict(client_states))
         return self.rule(states, torch.as_tensor(weights, dtype=torch.float64).tolist(), **self.params)
 
@@ -959,7 +1106,8 @@ SERVER_OPTIMIZERS = ("fedavgm", "fedadagrad", "fedadam", "fedyogi")
 class ServerOptimizer(Strategy):
     """The averaged client update as a pseudo-gradient for a server optimizer.
 
-    fedavgm: server momentum (Hsu et al., 2019), v = momentum v + delta, x += server_lr v.
+    fedavgm: server momentum (Hsu et al., 2019), v = momentum v + delta, x += server_lr v; with
+    momentum 0 it is the damped update x = (1 - server_lr) x + server_lr average.
     fedadagrad / fedadam / fedyogi: Reddi et al., "Adaptive Federated Optimization" (ICLR 2021), Algorithm 2:
     m = b1 m + (1 - b1) delta, v per rule, x += server_lr m / (sqrt(v) + tau), without bias correction.
     delta = weighted average of the clients' states - global state.
@@ -977,7 +1125,7 @@ class ServerOptimizer(Strategy):
         self.first: dict[str, Tensor] = {}  # momentum / first moment per key
         self.second: dict[str, Tensor] = {}  # second moment per key (adaptive rules)
 
-    def aggregate(self, global_state, client_states, weights):
+    def aggregate(self, global_state, client_states, weights, info=None):
         average = fedavg_stacked(client_states, weights)
         result = dict(average)
         for key, mean in average.items():
@@ -1012,20 +1160,87 @@ class ServerOptimizer(Strategy):
         self.first, self.second = dict(state["first"]), dict(state["second"])
 
 
+class Thresholded(Strategy):
+    """Another strategy behind a norm threshold on client updates: too-large updates are clipped or dropped.
+
+    The threshold is `threshold` itself ("absolute") or `threshold` x the round's median update norm
+    ("median"); norms are over the parameters (not the buffers). `last_log` says how many were over.
+    If every update is dropped, the global state is kept.
+    """
+
+    def __init__(self, inner: Strategy, threshold: float, *, rule: str = "median", action: str = "clip"):
+        super().__init__(buffer_keys=inner.buffer_keys)
+        _require(_positive_number(threshold), "threshold", threshold, "a number > 0")
+        _require(rule in THRESHOLD_RULES, "rule", rule, f"one of {list(THRESHOLD_RULES)}")
+        _require(action in THRESHOLD_ACTIONS, "action", action, f"one of {list(THRESHOLD_ACTIONS)}")
+        self.inner, self.threshold, self.rule, self.action = inner, threshold, rule, action
+        self.prox_mu = inner.prox_mu
+
+    def aggregate(self, global_state, client_states, weights, info=None):
+        keys = [k for k, v in client_states.items() if v.dtype.is_floating_point and k not in self.buffer_keys]
+        norms = update_norms(global_state, client_states, keys)  # (K,)
+        limit = self.threshold * (float(norms.quantile(0.5)) if self.rule == "median" else 1.0)
+        over = norms > limit
+        self.last_log = {"threshold": limit, self.action + "ped": int(over.sum()), "norm_max": float(norms.max())}
+        if self.action == "clip":
+            scale = (limit / norms.clamp(min=1e-30)).clamp(max=1.0)
+            result = self.inner.aggregate(global_state, scale_updates(global_state, client_states, scale, keys),
+                                          weights, info)
+        elif over.all():
+            result = {k: v.clone() for k, v in global_state.items()}
+        else:
+            keep = ~over
+            kept_info = dict(info or {})
+            for name, value in kept_info.items():
+                if isinstance(value, (list, tuple, np.ndarray)) and len(value) == len(keep):
+                    kept_info[name] = np.asarray(value)[keep.cpu().numpy()]
+            result = self.inner.aggregate(global_state, {k: v[keep.to(v.device)] for k, v in client_states.items()},
+                                          np.asarray(weights, dtype=np.float64)[keep.cpu().numpy()], kept_info)
+        self.last_log.update(self.inner.last_log)
+        return result
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+
+def _bound_copy(strategy: Strategy, buffer_keys: set[str]) -> Strategy:
+    """A copy of a user's strategy for one network, told that network's buffer keys (and its inner one's)."""
+    copied = copy.deepcopy(strategy)
+    for rule in (copied, getattr(copied, "inner", None)):
+        if rule is not None and not rule.buffer_keys:
+            rule.buffer_keys = set(buffer_keys)
+    return copied
+
+
 def make_strategy(config: FedConfig, buffer_keys: Iterable[str] = ()) -> Strategy:
-    """The server rule that config.strategy names, with the config's parameters."""
+    """The server rule that config.strategy names, with the config's parameters (and threshold, if set)."""
     name = config.strategy
     if name == "fedavg":
-        return FedAvg(buffer_keys=buffer_keys)
-    if name in SERVER_OPTIMIZERS:
+        strategy: Strategy = FedAvg(buffer_keys=buffer_keys)
+    elif name == "fedprox":
+        strategy = FedProx(0.01 if config.prox_mu is None else config.prox_mu, buffer_keys=buffer_keys)
+    elif name == "damped":
+        strategy = ServerOptimizer("fedavgm", server_lr=0.5 if config.server_lr is None else config.server_lr,
+                                   momentum=0.0, buffer_keys=buffer_keys)
+    elif name in SERVER_OPTIMIZERS:
         server_lr = config.server_lr if config.server_lr is not None else (1.0 if name == "fedavgm" else 1e-2)
-        return ServerOptimizer(name, server_lr=server_lr, momentum=config.server_momentum,
-                               beta2=config.server_beta2, tau=config.server_tau, buffer_keys=buffer_keys)
-    if name == "median":
-        return RobustRule(median, buffer_keys=buffer_keys)
-    if name == "trimmed_mean":
-        return RobustRule(trimmed_mean, buffer_keys=buffer_keys, beta=config.trim_beta)
-    return RobustRule(krum, buffer_keys=buffer_keys, f=config.krum_f, m=config.krum_m)
+        strategy = ServerOptimizer(name, server_lr=server_lr, momentum=config.server_momentum,
+                                   beta2=config.server_beta2, tau=config.server_tau, buffer_keys=buffer_keys)
+    elif name == "median":
+        strategy = RobustRule(median, buffer_keys=buffer_keys)
+    elif name == "trimmed_mean":
+        strategy = RobustRule(trimmed_mean, buffer_keys=buffer_keys, beta=config.trim_beta)
+    else:
+        strategy = RobustRule(krum, buffer_keys=buffer_keys, f=config.krum_f, m=config.krum_m)
+    if config.prox_mu is not None and name != "fedprox":
+        strategy.prox_mu = config.prox_mu
+    if config.update_threshold is not None:
+        strategy = Thresholded(strategy, config.update_threshold, rule=config.threshold_rule,
+                               action=config.threshold_action)
+    return strategy
 
 
 # ----------------------------------------------------------------------------
@@ -1038,7 +1253,7 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-STREAM_SELECTION, STREAM_BATCHES, STREAM_NOISE = 1, 2, 3
+STREAM_SELECTION, STREAM_BATCHES, STREAM_NOISE, STREAM_SPEED, STREAM_DROPOUT = 1, 2, 3, 4, 5
 
 
 @dataclass
@@ -1046,18 +1261,56 @@ class RoundPlan:
     """Everything random about one round, derived from (seed, round) alone, so runs resume exactly."""
 
     round: int  # 1-based round index
-    client_ids: np.ndarray  # [K] selected clients, sorted
+    client_ids: np.ndarray  # [K] clients that train and report this round, sorted
     sizes: np.ndarray  # [K] images each holds
     steps: np.ndarray  # [K] local steps each takes
     batch_indices: Tensor  # [K, max(steps), B] dataset indices of each client's batches
     noise_seed: int  # seed of the generator that draws each step's z
+    dropped_out: list[int] = dataclasses.field(default_factory=list)  # selected, but did not report (dropout)
+    late: list[int] = dataclasses.field(default_factory=list)  # past the deadline: cut short or dropped
+    sim_time: float = 0.0  # simulated round time, in local steps of a speed-1 client
 
 
-def select_clients(num_clients: int, fraction: float, seed: int, round_index: int) -> np.ndarray:
-    """A uniform sample of max(1, round(fraction * K)) clients, from a generator of its own per round."""
+def choose_clients(pool: Sequence[int], count: int, rng: np.random.Generator, *, policy: str = "uniform",
+                   sizes: Sequence[int] | None = None, losses: Mapping[int, float] | None = None,
+                   candidates: int | None = None) -> np.ndarray:
+    """`count` clients of `pool`, sorted: uniform, proportional to data size, or power-of-choice.
+
+    power_of_choice (Cho et al., 2022): draw `candidates` (default 2 x count) proportional to size, keep the
+    `count` with the highest last local loss (`losses`; a client never seen counts as highest).
+    """
+    pool = np.asarray(pool, dtype=np.int64)
+    _require(_is_int(count) and 1 <= count <= len(pool), "count", count, f"an integer from 1 to {len(pool)}")
+    _require(policy in SELECTIONS, "policy", policy, f"one of {list(SELECTIONS)}")
+    if count == len(pool):
+        return np.sort(pool)
+    if policy == "uniform":
+        return np.sort(rng.choice(pool, size=count, replace=False))
+    _require(sizes is not None, "sizes", sizes, f"one data size per client for policy={policy!r}")
+    p = np.asarray(sizes, dtype=np.float64)[pool]
+    p = p / p.sum()
+    if policy == "proportional":
+        return np.sort(rng.choice(pool, size=count, replace=False, p=p))
+    drawn = min(len(pool), 2 * count if candidates is None else max(candidates, count))
+    shortlist = rng.choice(pool, size=drawn, replace=False, p=p)
+    loss = np.array([(losses or {}).get(int(c), np.inf) for c in shortlist])
+    return np.sort(shortlist[np.argsort(-loss, kind="stable")[:count]])
+
+
+def select_clients(num_clients: int, fraction: float, seed: int, round_index: int, *, policy: str = "uniform",
+                   sizes: Sequence[int] | None = None, losses: Mapping[int, float] | None = None,
+                   candidates: int | None = None) -> np.ndarray:
+    """max(1, round(fraction * K)) clients by `policy` (see choose_clients), from a generator of its own per round."""
     count = max(1, round(fraction * num_clients))
     rng = np.random.default_rng(derive_seed(seed, round_index, STREAM_SELECTION))
-    return np.sort(rng.choice(num_clients, size=count, replace=False))
+    return choose_clients(np.arange(num_clients), count, rng, policy=policy, sizes=sizes, losses=losses,
+                          candidates=candidates)
+
+
+def client_speeds(num_clients: int, sigma: float, seed: int) -> np.ndarray:
+    """Each client's speed in local steps per time unit: lognormal(0, sigma), fixed for the run (1 if sigma=0)."""
+    rng = np.random.default_rng(derive_seed(seed, STREAM_SPEED))
+    return np.exp(sigma * rng.standard_normal(num_clients))
 
 
 def local_steps_for(size: int, config: FedConfig) -> int:
@@ -1067,16 +1320,17 @@ def local_steps_for(size: int, config: FedConfig) -> int:
     return max(1, math.ceil(config.local_epochs * size / config.batch_size))
 
 
-def plan_round(config: FedConfig, parts: Sequence[np.ndarray], round_index: int) -> RoundPlan:
-    """Select clients and draw their batches: each client walks fresh permutations of its own data."""
-    client_ids = select_clients(len(parts), config.client_fraction, config.seed, round_index)
-    sizes = np.array([len(parts[c]) for c in client_ids])
+def plan_clients(config: FedConfig, parts: Sequence[np.ndarray], client_ids: Sequence[int], round_index: int,
+                 steps: Sequence[int] | None = None) -> RoundPlan:
+    """Draw the batches of the given clients for a round: each walks fresh permutations of its own data."""
+    client_ids = np.asarray(client_ids, dtype=np.int64)
+    sizes = np.array([len(parts[c]) for c in client_ids], dtype=np.int64)
     if (sizes == 0).any():
         empty = client_ids[sizes == 0].tolist()
         raise ValueError(f"clients {empty} hold no data; choose a partition that gives every client images")
-    steps = np.array([local_steps_for(n, config) for n in sizes])
+    steps = np.array([local_steps_for(n, config) for n in sizes] if steps is None else steps, dtype=np.int64)
     batch = config.batch_size
-    indices = np.zeros((len(client_ids), steps.max(), batch), dtype=np.int64)
+    indices = np.zeros((len(client_ids), int(steps.max(initial=0)), batch), dtype=np.int64)
     for row, (client, n, s) in enumerate(zip(client_ids, sizes, steps)):
         rng = np.random.default_rng(derive_seed(config.seed, round_index, int(client), STREAM_BATCHES))
         own = parts[client]
@@ -1085,6 +1339,37 @@ def plan_round(config: FedConfig, parts: Sequence[np.ndarray], round_index: int)
         indices[row, :s] = walk.reshape(s, batch)  # rows past a client's steps stay 0 and are masked
     return RoundPlan(round_index, client_ids, sizes, steps, torch.from_numpy(indices),
                      derive_seed(config.seed, round_index, STREAM_NOISE))
+
+
+def plan_round(config: FedConfig, parts: Sequence[np.ndarray], round_index: int,
+               client_losses: Mapping[int, float] | None = None) -> RoundPlan:
+    """Select clients, apply dropout and the deadline, and draw the batches of those that train.
+
+    Time is counted in local steps of a speed-1 client: a client of speed v needs steps / v. Past
+    `round_deadline` a client does the steps that fit ("partial") or is left out ("drop"); without a
+    deadline the round lasts as long as its slowest client.
+    """
+    sizes = [len(p) for p in parts]
+    selected = select_clients(len(parts), config.client_fraction, config.seed, round_index,
+                              policy=config.selection, sizes=sizes, losses=client_losses,
+                              candidates=config.poc_candidates)
+    reports = np.random.default_rng(derive_seed(config.seed, round_index, STREAM_DROPOUT)).random(len(selected))
+    dropped_out = selected[reports < config.dropout].tolist()
+    ids = selected[reports >= config.dropout]
+    speed = client_speeds(len(parts), config.client_speed_sigma, config.seed)[ids]
+    steps = np.array([local_steps_for(sizes[c], config) for c in ids], dtype=np.int64)
+    late: list[int] = []
+    if config.round_deadline is not None:
+        over = steps / speed > config.round_deadline
+        late = ids[over].tolist()
+        if config.straggler_policy == "drop":
+            ids, steps, speed = ids[~over], steps[~over], speed[~over]
+        else:
+            steps = np.minimum(steps, np.maximum(1, np.floor(config.round_deadline * speed))).astype(np.int64)
+    plan = plan_clients(config, parts, ids, round_index, steps)
+    plan.dropped_out, plan.late = dropped_out, late
+    plan.sim_time = float((steps / speed).max(initial=0.0))
+    return plan
 
 
 def adam_init(params: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -1164,13 +1449,16 @@ def map_clients(fn):
 def train_clients(generator: Generator, discriminator: Discriminator, g_state: Mapping[str, Tensor],
                   d_state: Mapping[str, Tensor], images: Tensor, labels: Tensor, plan: RoundPlan,
                   config: FedConfig, g_opt: dict[str, Any] | None = None,
-                  d_opt: dict[str, Any] | None = None, client_map: str | None = None) -> LocalResult:
+                  d_opt: dict[str, Any] | None = None, client_map: str | None = None,
+                  prox_mu: float = 0.0) -> LocalResult:
     """Local training of the plan's K clients as one batched model over stacked states.
 
     `generator`/`discriminator` only lend their structure; `g_state`/`d_state` hold each client's
     copy stacked on dim 0. Losses stay on the device until the round ends (no per-step sync).
     `client_map` (default: config.client_map): "vmap" (all clients in one batched call), "loop"
     (map_clients), "auto" (vmap on accelerators, loop on the CPU). Both compute the same thing.
+    `prox_mu` > 0 adds FedProx's (mu/2)|w - w_start|^2 to both networks' losses (as mu (w - w_start) to the
+    gradients), w_start being the state each client started the round from.
     """
     client_map = config.client_map if client_map is None else client_map
     _require(client_map in CLIENT_MAPS, "client_map", client_map, f"one of {list(CLIENT_MAPS)}")
@@ -1182,6 +1470,14 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     d_params, d_buffers = _split_state(discriminator, d_state)
     g_opt = g_opt if g_opt is not None else adam_init(g_params)
     d_opt = d_opt if d_opt is not None else adam_init(d_params)
+    _require(_is_number(prox_mu) and prox_mu >= 0, "prox_mu", prox_mu, "a number >= 0")
+    g_anchor, d_anchor = ({k: v.detach().clone() for k, v in params.items()} if prox_mu else {}
+                          for params in (g_params, d_params))
+
+    def proximal(params, anchor, grads):
+        if not prox_mu:
+            return grads
+        return [g + prox_mu * (p.detach() - anchor[n]) for g, (n, p) in zip(grads, params.items())]
     num_clients, max_steps, batch = plan.batch_indices.shape
     steps = torch.as_tensor(plan.steps, device=device)
     batch_indices = plan.batch_indices.to(device)
@@ -1215,12 +1511,12 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
 
         # (1) Update D: real images -> 1, generated images -> 0
         d_loss = batched(d_real_fake_loss)(d_params, d_buffers, real, fake.detach(), y)  # (K,)
-        grads = torch.autograd.grad(d_loss.sum(), list(d_params.values()))
+        grads = proximal(d_params, d_anchor, torch.autograd.grad(d_loss.sum(), list(d_params.values())))
         adam_step(d_params, grads, d_opt, lr=config.lr_d, betas=config.betas, active=active)
 
         # (2) Update G: make the updated D call generated images real
         g_loss = batched(d_fooled_loss)(d_params, d_buffers, fake, y)  # (K,)
-        grads = torch.autograd.grad(g_loss.sum(), list(g_params.values()))
+        grads = proximal(g_params, g_anchor, torch.autograd.grad(g_loss.sum(), list(g_params.values())))
         adam_step(g_params, grads, g_opt, lr=config.lr_g, betas=config.betas, active=active)
 
         if active is None:
@@ -1538,9 +1834,12 @@ class Federation:
     """
 
     def __init__(self, config: FedConfig, *, data: tuple[Tensor, Tensor] | None = None, resume: bool = False,
-                 log: bool = True):
+                 log: bool = True, strategy: Strategy | None = None):
         if not isinstance(config, FedConfig):
             raise TypeError(f"config must be a FedConfig, got {type(config).__name__}")
+        if strategy is not None and not isinstance(strategy, Strategy):
+            raise TypeError(f"strategy must be a Strategy (see the Aggregation section) or None for "
+                            f"config.strategy, got {type(strategy).__name__}")
         self.config, self.log = config, log
         self.device = pick_device(config.device)
         images, labels = data if data is not None else load_dataset(config.dataset, config.data_root)
@@ -1554,10 +1853,18 @@ class Federation:
         seed_everything(config.seed)
         generator, discriminator = build_models(config)
         self.generator, self.discriminator = generator.to(self.device), discriminator.to(self.device)
-        self._local_keys = ({"g": norm_state_keys(generator), "d": norm_state_keys(discriminator)}
-                            if config.bn_policy == "local" else {"g": set(), "d": set()})
-        self.strategies = {which: make_strategy(config, {n for n, _ in model.named_buffers()})
-                           for which, model in (("g", generator), ("d", discriminator))}
+        networks = (("g", generator), ("d", discriminator))
+        # keys each client keeps for itself: a whole network that is not synchronised, else its BN layers (FedBN)
+        self._local_keys = {which: set(model.state_dict()) if not self.synced(which)
+                            else norm_state_keys(model) if config.bn_policy == "local" else set()
+                            for which, model in networks}
+        self.strategies = {which: make_strategy(config, {n for n, _ in model.named_buffers()}) if strategy is None
+                           else _bound_copy(strategy, {n for n, _ in model.named_buffers()})
+                           for which, model in networks}
+        self.strategy_name = config.strategy if strategy is None else type(strategy).__name__
+        self.speeds = client_speeds(config.num_clients, config.client_speed_sigma, config.seed)
+        self.clock = 0.0  # simulated time, in local steps of a speed-1 client
+        self.in_flight: list[dict[str, Any]] = []  # async: clients training, with their results and finish time
         info = DATASETS[config.dataset]
         # one fixed noise a column, one label a row: grids over rounds stay comparable
         fixed = torch.randn(10, config.z_dim, generator=torch.Generator().manual_seed(config.seed))
@@ -1610,13 +1917,22 @@ class Federation:
         self.round = checkpoint["round"]
         for which, strategy in self.strategies.items():
             strategy.load_state_dict(checkpoint["strategies"][which])
+        self.clock, self.in_flight = checkpoint["clock"], checkpoint["in_flight"]
         set_rng_state(checkpoint["rng"])
         if self.log:
             print(f"resumed from {path} (round {self.round})")
 
     # -- one round ------------------------------------------------------------------------------
+    def synced(self, which: str) -> bool:
+        """Whether network "g" or "d" is synchronised with the server (config.sync_networks)."""
+        return self.config.sync_networks in ("both", which)
+
+    def client_losses(self) -> dict[int, float]:
+        """Each client's discriminator loss from the last round it trained (power-of-choice ranks by it)."""
+        return {c: store["last_loss"] for c, store in self.client_store.items() if "last_loss" in store}
+
     def _client_start(self, which: str, model: nn.Module, plan: RoundPlan) -> dict[str, Tensor]:
-        """The stacked state each selected client starts from: the global one, with its own BN kept (FedBN)."""
+        """The stacked state each selected client starts from: the global one, with its own local keys kept."""
         stacked = broadcast(model.state_dict(), len(plan.client_ids))
         local = self._local_keys[which]
         for row, client in enumerate(plan.client_ids):
@@ -1632,49 +1948,161 @@ class Federation:
         trees = [self.client_store.get(int(c), {}).get(f"{which}_opt", fresh) for c in plan.client_ids]
         return _stack_clients(trees, self.device)
 
-    def run_round(self) -> dict[str, Any]:
-        """Select, broadcast, train locally, aggregate, log: one communication round."""
-        config = self.config
-        start = time.perf_counter()
-        plan = plan_round(config, self.parts, self.round + 1)
-        g_start = self._client_start("g", self.generator, plan)
-        d_start = self._client_start("d", self.discriminator, plan)
-        g_param_names = {n for n, _ in self.generator.named_parameters()}
-        d_param_names = {n for n, _ in self.discriminator.named_parameters()}
-        local = train_clients(
-            self.generator, self.discriminator, g_start, d_start, self.images, self.labels, plan, config,
-            g_opt=self._client_optimizers("g", plan, {k: v for k, v in g_start.items() if k in g_param_names}),
-            d_opt=self._client_optimizers("d", plan, {k: v for k, v in d_start.items() if k in d_param_names}))
+    def _bytes_down(self) -> int:
+        """Bytes the server sends one client: the synchronised keys of the synchronised networks."""
+        return sum(v.numel() * v.element_size() for which, model in (("g", self.generator), ("d", self.discriminator))
+                   for k, v in model.state_dict().items() if k not in self._local_keys[which])
 
-        # aggregate with the server rule (FedAvg by default), weights = client data sizes; local BN layers
-        # are aggregated for the global model (used for sampling) but each client keeps its own
-        weights = plan.sizes.astype(np.float64)
-        for which, model, states in (("g", self.generator, local.g_state), ("d", self.discriminator, local.d_state)):
-            model.load_state_dict(self.strategies[which].aggregate(model.state_dict(), states, weights))
+    def _train(self, plan: RoundPlan) -> dict[str, Any]:
+        """Local training of the plan's clients from the current global models: their start and final states."""
+        starts = {"g": self._client_start("g", self.generator, plan),
+                  "d": self._client_start("d", self.discriminator, plan)}
+        param_names = {"g": {n for n, _ in self.generator.named_parameters()},
+                       "d": {n for n, _ in self.discriminator.named_parameters()}}
+        optimizers = {which: self._client_optimizers(which, plan, {k: v for k, v in starts[which].items()
+                                                                    if k in param_names[which]})
+                      for which in ("g", "d")}
+        local = train_clients(self.generator, self.discriminator, starts["g"], starts["d"], self.images,
+                              self.labels, plan, self.config, g_opt=optimizers["g"], d_opt=optimizers["d"],
+                              prox_mu=self.strategies["g"].prox_mu)
+        d_losses, g_losses = local.d_loss.tolist(), local.g_loss.tolist()  # the round's one sync
         for row, client in enumerate(plan.client_ids):
             store = self.client_store.setdefault(int(client), {})
-            if config.bn_policy == "local":
-                store["g_local"] = _slice_client({k: local.g_state[k] for k in self._local_keys["g"]}, row)
-                store["d_local"] = _slice_client({k: local.d_state[k] for k in self._local_keys["d"]}, row)
-            if config.optimizer_state == "keep":
+            store["last_loss"] = d_losses[row]
+            if self.config.optimizer_state == "keep":
                 store["g_opt"] = _slice_client(local.g_opt, row)
                 store["d_opt"] = _slice_client(local.d_opt, row)
+        return {"client_ids": plan.client_ids, "sizes": plan.sizes, "steps": plan.steps,
+                "staleness": np.zeros(len(plan.client_ids)), "start": starts,
+                "final": {"g": local.g_state, "d": local.d_state}, "d_loss": d_losses, "g_loss": g_losses}
 
-        d_losses, g_losses = local.d_loss.tolist(), local.g_loss.tolist()  # the round's one sync
+    def _aggregate(self, updates: Mapping[str, Any]) -> dict[str, Any]:
+        """Client side (compression with error feedback), then server side (staleness, FedNova, the strategy)."""
+        config = self.config
+        ids, weights = updates["client_ids"], updates["sizes"].astype(np.float64)
+        info = {"client_ids": ids, "steps": updates["steps"], "staleness": updates["staleness"]}
+        log: dict[str, Any] = {"bytes_up": 0, "server": {}}
+        for which, model in (("g", self.generator), ("d", self.discriminator)):
+            start, final = updates["start"][which], updates["final"][which]
+            local = self._local_keys[which]
+            for row, client in enumerate(ids):
+                if local:
+                    self.client_store[int(client)][f"{which}_local"] = _slice_client(
+                        {k: final[k] for k in local}, row)
+            if not self.synced(which):  # nothing is sent; the average only serves to sample from
+                model.load_state_dict(fedavg_stacked(final, weights))
+                continue
+            global_state = model.state_dict()
+            sent_keys = [k for k in final if k not in local]
+            floats = [k for k in sent_keys if final[k].dtype.is_floating_point]
+            update = {k: final[k] - start[k] if k in floats else final[k] for k in sent_keys}  # (K, ...) each
+            residual_key = f"{which}_residual"
+            if config.compression != "none" and config.error_feedback:
+                for row, client in enumerate(ids):
+                    carried = self.client_store[int(client)].get(residual_key)
+                    for k in floats if carried is not None else ():
+                        update[k][row] += carried[k].to(update[k].device)
+            sent, nbytes = compress_updates(update, config.compression, config.topk_fraction)
+            if config.compression != "none" and config.error_feedback:
+                for row, client in enumerate(ids):
+                    self.client_store[int(client)][residual_key] = {
+                        k: (update[k][row] - sent[k][row]).cpu() for k in floats}
+            log["bytes_up"] += nbytes * len(ids)
+            scale = staleness_weight(updates["staleness"], config.staleness, config.staleness_a, config.staleness_b)
+            effective = dict(final)  # as the clients left them: exact when nothing is compressed or stale
+            if config.compression != "none" or (scale != 1).any():  # global + staleness weight x what was sent
+                effective.update(scale_updates(global_state, {k: global_state[k] + sent[k] for k in floats},
+                                               torch.as_tensor(scale), floats))
+            if config.step_normalisation == "fednova":
+                params = [k for k in floats if k not in self.strategies[which].buffer_keys]
+                effective = fednova_rescale(global_state, effective, updates["steps"], weights, params)
+            strategy = self.strategies[which]
+            model.load_state_dict(strategy.aggregate(global_state, effective, weights, info))
+            if strategy.last_log:
+                log["server"][which] = dict(strategy.last_log)
+        return log
+
+    def _async_updates(self, round_index: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """FedBuff-style asynchrony: keep `concurrency` clients training, apply the next `async_buffer` arrivals.
+
+        A client trains from the global model of the moment it is dispatched and arrives steps / speed
+        time units later; its update is weighted by staleness (server versions since its dispatch).
+        """
+        config, K = self.config, self.config.num_clients
+        concurrency = max(1, round(config.client_fraction * K))
+        buffer = config.async_buffer or max(1, concurrency // 2)
+        busy = {entry["client"] for entry in self.in_flight}
+        idle = [c for c in range(K) if c not in busy]
+        log: dict[str, Any] = {"dropped_out": [], "late": [], "trained": [], "images": 0}
+        if concurrency > len(self.in_flight):
+            rng = np.random.default_rng(derive_seed(config.seed, round_index, STREAM_SELECTION))
+            ids = choose_clients(idle, concurrency - len(self.in_flight), rng, policy=config.selection,
+                                 sizes=[len(p) for p in self.parts], losses=self.client_losses(),
+                                 candidates=config.poc_candidates)
+            trained = self._train(plan_clients(config, self.parts, ids, round_index))
+            for row, client in enumerate(ids):
+                self.in_flight.append({
+                    "client": int(client), "version": self.round, "size": int(trained["sizes"][row]),
+                    "steps": int(trained["steps"][row]),
+                    "finish": float(self.clock + trained["steps"][row] / self.speeds[client]),
+                    "d_loss": trained["d_loss"][row], "g_loss": trained["g_loss"][row],
+                    **{f"{which}_{part}": _slice_client(trained[part][which], row)
+                       for which in ("g", "d") for part in ("start", "final")}})
+            log.update(trained=ids.tolist(), images=int(trained["steps"].sum()) * config.batch_size,
+                       bytes_down=self._bytes_down() * len(ids))
+        self.in_flight.sort(key=lambda entry: (entry["finish"], entry["client"]))
+        arrived, self.in_flight = self.in_flight[:buffer], self.in_flight[buffer:]
+        log["sim_time"] = max(e["finish"] for e in arrived) - self.clock
+        lost = np.random.default_rng(derive_seed(config.seed, round_index, STREAM_DROPOUT)).random(
+            len(arrived)) < config.dropout
+        log["dropped_out"] = [e["client"] for e, gone in zip(arrived, lost) if gone]
+        arrived = [e for e, gone in zip(arrived, lost) if not gone]
+        if not arrived:
+            return None, log
+        updates = {"client_ids": np.array([e["client"] for e in arrived]),
+                   "sizes": np.array([e["size"] for e in arrived]), "steps": np.array([e["steps"] for e in arrived]),
+                   "staleness": np.array([self.round - e["version"] for e in arrived], dtype=np.float64),
+                   "d_loss": [e["d_loss"] for e in arrived], "g_loss": [e["g_loss"] for e in arrived],
+                   **{part: {which: _stack_clients([e[f"{which}_{part}"] for e in arrived], self.device)
+                             for which in ("g", "d")} for part in ("start", "final")}}
+        log["staleness"] = updates["staleness"].tolist()
+        return updates, log
+
+    def run_round(self) -> dict[str, Any]:
+        """Select, broadcast, train locally, aggregate, log: one communication round (async: one server update)."""
+        config = self.config
+        start = time.perf_counter()
+        if config.sync_mode == "async":
+            updates, log = self._async_updates(self.round + 1)
+        else:
+            plan = plan_round(config, self.parts, self.round + 1, self.client_losses())
+            updates = self._train(plan) if len(plan.client_ids) else None
+            log = {"dropped_out": plan.dropped_out, "late": plan.late, "sim_time": plan.sim_time,
+                   "images": int(plan.steps.sum()) * config.batch_size,
+                   "bytes_down": self._bytes_down() * len(plan.client_ids)}
+        if updates is not None:
+            log.update(self._aggregate(updates))
+        elif self.log:
+            print(f"round {self.round + 1}: no client reported back; the global models stay as they were")
+
         self.round += 1
+        self.clock += log["sim_time"]
         seconds = time.perf_counter() - start
-        images_seen = int(plan.steps.sum()) * config.batch_size
+        weights = updates["sizes"].astype(np.float64) if updates is not None else None
+        previous = self.history[-1] if self.history else {}
         record = {
             "round": self.round,
-            "clients": plan.client_ids.tolist(),
-            "d_loss": float(np.average(d_losses, weights=weights)),
-            "g_loss": float(np.average(g_losses, weights=weights)),
-            "d_loss_clients": d_losses,
-            "g_loss_clients": g_losses,
+            "clients": updates["client_ids"].tolist() if updates is not None else [],
+            "d_loss": float(np.average(updates["d_loss"], weights=weights)) if updates is not None else math.nan,
+            "g_loss": float(np.average(updates["g_loss"], weights=weights)) if updates is not None else math.nan,
+            "d_loss_clients": updates["d_loss"] if updates is not None else [],
+            "g_loss_clients": updates["g_loss"] if updates is not None else [],
             "seconds": seconds,
-            "images": images_seen,
-            "images_total": images_seen + (self.history[-1]["images_total"] if self.history else 0),
-            "images_per_s": images_seen / seconds,
+            "images_total": log["images"] + previous.get("images_total", 0),
+            "images_per_s": log["images"] / seconds,
+            "sim_time_total": self.clock,
+            "bytes_total": log.get("bytes_up", 0) + log.get("bytes_down", 0) + previous.get("bytes_total", 0),
+            **log,
         }
         every = config.eval_every
         if every is not None and ((every and self.round % every == 0) or self.round == config.rounds):
@@ -1741,6 +2169,8 @@ class Federation:
             "history": self.history,
             "grid_snapshots": {str(k): v for k, v in self.grid_snapshots.items()},
             "strategies": {which: strategy.state_dict() for which, strategy in self.strategies.items()},
+            "clock": self.clock,
+            "in_flight": self.in_flight,
             "rng": rng_state(),  # the rounds draw from (seed, round)-derived generators; this is the caller's
         })
         return path

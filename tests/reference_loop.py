@@ -10,7 +10,12 @@ import torch.nn.functional as F
 import fedgan_utils as fu
 
 
-def reference_round(generator, discriminator, images, labels, plan, config):
+def proximal_term(model, anchor, mu):
+    """FedProx's (mu/2)|w - w_global|^2 over a model's parameters."""
+    return mu / 2 * sum((p - a).square().sum() for p, a in zip(model.parameters(), anchor))
+
+
+def reference_round(generator, discriminator, images, labels, plan, config, prox_mu=0.0):
     """Train each selected client in turn from copies of the global models; return FedAvg of the results."""
     num_clients, max_steps, batch = plan.batch_indices.shape
     noise_gen = torch.Generator().manual_seed(plan.noise_seed)
@@ -18,6 +23,8 @@ def reference_round(generator, discriminator, images, labels, plan, config):
     g_states, d_states, d_losses, g_losses = [], [], [], []
     for row in range(num_clients):
         client_g, client_d = copy.deepcopy(generator).train(), copy.deepcopy(discriminator).train()
+        g_anchor = [p.detach().clone() for p in generator.parameters()]
+        d_anchor = [p.detach().clone() for p in discriminator.parameters()]
         g_optimizer = torch.optim.Adam(client_g.parameters(), lr=config.lr_g, betas=config.betas)
         d_optimizer = torch.optim.Adam(client_d.parameters(), lr=config.lr_d, betas=config.betas)
         d_total = g_total = 0.0
@@ -31,13 +38,13 @@ def reference_round(generator, discriminator, images, labels, plan, config):
             real_logits, fake_logits = client_d(real, y), client_d(fake.detach(), y)
             d_loss = (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
                       + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
-            d_loss.backward()
+            (d_loss + proximal_term(client_d, d_anchor, prox_mu)).backward()
             d_optimizer.step()
 
             g_optimizer.zero_grad()
             logits = client_d(fake, y)
             g_loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
-            g_loss.backward()
+            (g_loss + proximal_term(client_g, g_anchor, prox_mu)).backward()
             g_optimizer.step()
             d_total, g_total = d_total + d_loss.item(), g_total + g_loss.item()
         g_states.append(client_g.state_dict())
