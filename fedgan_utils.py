@@ -178,6 +178,7 @@ THRESHOLD_ACTIONS = ("clip", "drop")
 STRAGGLER_POLICIES = ("partial", "drop")
 STEP_NORMALISATIONS = ("none", "fednova")
 COMPRESSIONS = ("none", "topk", "int8")
+ATTACKS = ("none", "sign_flip", "noise", "nan", "label_flip")  # nan: a broken client sending NaN
 CHOICES: dict[str, tuple[str, ...]] = {}  # filled below FedConfig: field -> allowed names
 PRESETS = ("smoke", "cpu", "full")
 
@@ -229,6 +230,11 @@ _FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and w
     "staleness_a": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a number >= 0"),
     "staleness_b": (_non_negative_int, "an integer >= 0"),
     "error_feedback": (lambda v: isinstance(v, bool), "True or False"),
+    "attack_fraction": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "attack_scale": (_positive_number, "a number > 0"),
+    "min_clients": (_positive_int, "an integer >= 1"),
+    "watchdog_rounds": (_non_negative_int, "an integer >= 0 (0: off)"),
+    "collapse_loss": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a number >= 0"),
     "trim_beta": (lambda v: _is_number(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
     "krum_f": (_non_negative_int, "an integer >= 0"),
     "krum_m": (_positive_int, "an integer >= 1"),
@@ -294,6 +300,13 @@ class FedConfig:
     compression: str = "none"  # client updates sent as "none" (float32), "topk" sparse, or "int8"
     topk_fraction: float = 0.01  # topk: fraction of coordinates sent
     error_feedback: bool = True  # clients keep what compression dropped and add it to their next update
+    # faults and attackers
+    attack: str = "none"  # what attackers do: sign_flip, noise (updates), nan (a broken client), label_flip (data)
+    attack_fraction: float = 0.0  # fraction of clients that attack (a fixed, seeded set)
+    attack_scale: float = 4.0  # sign_flip sends -scale x its update; noise sends N(0, (scale x update RMS)^2)
+    min_clients: int = 1  # fewer usable updates than this: the round keeps the previous global model
+    watchdog_rounds: int = 3  # stop when D's loss stays under collapse_loss this many rounds (0: off)
+    collapse_loss: float = 1e-3  # a discriminator loss below this counts as collapsed
     # partition of the training set over clients
     partition: str = "iid"  # one of PARTITIONS
     alpha: float = 0.5  # dirichlet: concentration; smaller is more label-skewed
@@ -358,6 +371,9 @@ class FedConfig:
                  "letters, digits, '-', '_' and '.' only (it names folders)")
         _require(not (self.strategy == "fedprox" and self.prox_mu == 0), "prox_mu", self.prox_mu,
                  "a number > 0 (or None: 0.01) with strategy='fedprox'")
+        _require(self.min_clients <= max(1, round(self.client_fraction * self.num_clients)), "min_clients",
+                 self.min_clients, f"an integer from 1 to the {max(1, round(self.client_fraction * self.num_clients))}"
+                 " clients selected a round")
         if self.sync_mode == "async":
             _require(self.round_deadline is None, "round_deadline", self.round_deadline,
                      "None with sync_mode='async' (asynchronous clients have no round to be late for)")
@@ -386,7 +402,8 @@ CHOICES.update(dataset=tuple(sorted(DATASETS)), partition=PARTITIONS, bn_policy=
                optimizer_state=OPTIMIZER_STATES, client_map=CLIENT_MAPS, strategy=STRATEGIES, selection=SELECTIONS,
                sync_networks=SYNC_NETWORKS, sync_mode=SYNC_MODES, staleness=STALENESS_RULES,
                threshold_rule=THRESHOLD_RULES, threshold_action=THRESHOLD_ACTIONS,
-               straggler_policy=STRAGGLER_POLICIES, step_normalisation=STEP_NORMALISATIONS, compression=COMPRESSIONS)
+               straggler_policy=STRAGGLER_POLICIES, step_normalisation=STEP_NORMALISATIONS, compression=COMPRESSIONS,
+               attack=ATTACKS)
 
 PARTITION_PARAMS: dict[str, tuple[str, ...]] = {
     "iid": (),
@@ -1253,7 +1270,7 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-STREAM_SELECTION, STREAM_BATCHES, STREAM_NOISE, STREAM_SPEED, STREAM_DROPOUT = 1, 2, 3, 4, 5
+STREAM_SELECTION, STREAM_BATCHES, STREAM_NOISE, STREAM_SPEED, STREAM_DROPOUT, STREAM_ATTACK = 1, 2, 3, 4, 5, 6
 
 
 @dataclass
@@ -1311,6 +1328,25 @@ def client_speeds(num_clients: int, sigma: float, seed: int) -> np.ndarray:
     """Each client's speed in local steps per time unit: lognormal(0, sigma), fixed for the run (1 if sigma=0)."""
     rng = np.random.default_rng(derive_seed(seed, STREAM_SPEED))
     return np.exp(sigma * rng.standard_normal(num_clients))
+
+
+def attacker_ids(num_clients: int, fraction: float, seed: int) -> list[int]:
+    """The round(fraction * K) clients that attack, a fixed seeded choice for the whole run."""
+    count = round(fraction * num_clients)
+    rng = np.random.default_rng(derive_seed(seed, STREAM_ATTACK))
+    return sorted(rng.permutation(num_clients)[:count].tolist())
+
+
+def poison_update(update: Tensor, attack: str, scale: float, generator: torch.Generator | None = None) -> Tensor:
+    """What an attacking client sends instead of its update: sign_flip, noise (of the update's RMS) or nan."""
+    if attack == "sign_flip":
+        return -scale * update
+    if attack == "noise":
+        rms = update.double().square().mean().sqrt().to(update.dtype)
+        return scale * rms * torch.randn(update.shape, generator=generator, device=update.device, dtype=update.dtype)
+    if attack == "nan":
+        return torch.full_like(update, math.nan)
+    raise ValueError(f"attack={attack!r} does not change updates; update attacks: sign_flip, noise, nan")
 
 
 def local_steps_for(size: int, config: FedConfig) -> int:
@@ -1825,6 +1861,10 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = (
 # ----------------------------------------------------------------------------
 
 
+class DivergenceError(RuntimeError):
+    """A run that stopped learning: the global model went NaN/Inf or the discriminator loss collapsed."""
+
+
 class Federation:
     """A federated cDCGAN run: global G and D, the clients' data, and the round loop.
 
@@ -1850,6 +1890,12 @@ class Federation:
         self.images, self.labels = images.to(self.device), labels.to(self.device)  # uint8 and int64, resident
         self.parts = partition(labels, config.num_clients, config.partition, seed=config.seed,
                                **config.partition_kwargs())
+        self.attackers = attacker_ids(config.num_clients, config.attack_fraction, config.seed)
+        self.client_labels = self.labels  # what the clients train on: label-flipping attackers poison their own
+        if config.attack == "label_flip" and self.attackers:
+            poisoned = torch.as_tensor(np.concatenate([self.parts[c] for c in self.attackers]), device=self.device)
+            self.client_labels = self.labels.clone()
+            self.client_labels[poisoned] = DATASETS[config.dataset].num_classes - 1 - self.labels[poisoned]
         seed_everything(config.seed)
         generator, discriminator = build_models(config)
         self.generator, self.discriminator = generator.to(self.device), discriminator.to(self.device)
@@ -1963,7 +2009,7 @@ class Federation:
                                                                     if k in param_names[which]})
                       for which in ("g", "d")}
         local = train_clients(self.generator, self.discriminator, starts["g"], starts["d"], self.images,
-                              self.labels, plan, self.config, g_opt=optimizers["g"], d_opt=optimizers["d"],
+                              self.client_labels, plan, self.config, g_opt=optimizers["g"], d_opt=optimizers["d"],
                               prox_mu=self.strategies["g"].prox_mu)
         d_losses, g_losses = local.d_loss.tolist(), local.g_loss.tolist()  # the round's one sync
         for row, client in enumerate(plan.client_ids):
@@ -1976,51 +2022,105 @@ class Federation:
                 "staleness": np.zeros(len(plan.client_ids)), "start": starts,
                 "final": {"g": local.g_state, "d": local.d_state}, "d_loss": d_losses, "g_loss": g_losses}
 
-    def _aggregate(self, updates: Mapping[str, Any]) -> dict[str, Any]:
-        """Client side (compression with error feedback), then server side (staleness, FedNova, the strategy)."""
-        config = self.config
-        ids, weights = updates["client_ids"], updates["sizes"].astype(np.float64)
-        info = {"client_ids": ids, "steps": updates["steps"], "staleness": updates["staleness"]}
-        log: dict[str, Any] = {"bytes_up": 0, "server": {}}
-        for which, model in (("g", self.generator), ("d", self.discriminator)):
-            start, final = updates["start"][which], updates["final"][which]
-            local = self._local_keys[which]
+    def _client_updates(self, which: str, updates: Mapping[str, Any], round_index: int) -> tuple[dict, int]:
+        """What each client sends for one network: its update, attacked if it attacks, compressed with error
+        feedback if asked for; and the bytes that takes a client."""
+        config, ids = self.config, updates["client_ids"]
+        start, final = updates["start"][which], updates["final"][which]
+        sent_keys = [k for k in final if k not in self._local_keys[which]]
+        floats = [k for k in sent_keys if final[k].dtype.is_floating_point]
+        update = {k: final[k] - start[k] if k in floats else final[k] for k in sent_keys}  # (K, ...) each
+        if config.attack in ("sign_flip", "noise", "nan"):
             for row, client in enumerate(ids):
-                if local:
-                    self.client_store[int(client)][f"{which}_local"] = _slice_client(
-                        {k: final[k] for k in local}, row)
+                if client in self.attackers:
+                    noise = torch.Generator(device=self.device).manual_seed(
+                        derive_seed(config.seed, round_index, int(client), STREAM_ATTACK))
+                    for k in floats:
+                        update[k][row] = poison_update(update[k][row], config.attack, config.attack_scale, noise)
+        residual_key = f"{which}_residual"
+        feedback = config.compression != "none" and config.error_feedback
+        for row, client in enumerate(ids if feedback else ()):
+            carried = self.client_store[int(client)].get(residual_key)
+            for k in floats if carried is not None else ():
+                update[k][row] += carried[k].to(update[k].device)
+        sent, nbytes = compress_updates(update, config.compression, config.topk_fraction)
+        for row, client in enumerate(ids if feedback else ()):
+            self.client_store[int(client)][residual_key] = {k: (update[k][row] - sent[k][row]).cpu() for k in floats}
+        return sent, nbytes
+
+    def _aggregate(self, updates: Mapping[str, Any], round_index: int) -> dict[str, Any]:
+        """Clients: local keys kept, updates sent (see _client_updates). Server: clients whose update or loss
+        is not finite are left out, then staleness weights, FedNova and the strategy."""
+        config, ids = self.config, updates["client_ids"]
+        log: dict[str, Any] = {"bytes_up": 0, "server": {}}
+        sent: dict[str, dict[str, Tensor]] = {}
+        usable = np.isfinite(updates["d_loss"]) & np.isfinite(updates["g_loss"])  # (K,)
+        for which in ("g", "d"):
+            final = updates["final"][which]
+            for row, client in enumerate(ids if self._local_keys[which] else ()):
+                self.client_store[int(client)][f"{which}_local"] = _slice_client(
+                    {k: final[k] for k in self._local_keys[which]}, row)
+            if self.synced(which):
+                sent[which], nbytes = self._client_updates(which, updates, round_index)
+                log["bytes_up"] += nbytes * len(ids)
+            for tensor in (sent[which] if self.synced(which) else final).values():
+                if tensor.dtype.is_floating_point:
+                    usable &= torch.isfinite(tensor.flatten(1)).all(1).cpu().numpy()
+        if not usable.all():
+            log["excluded"] = ids[~usable].tolist()
+            if self.log:
+                print(f"round {round_index}: left out clients {log['excluded']}: their update or loss is NaN/Inf")
+        if usable.sum() < config.min_clients:
+            log["kept_global"] = True
+            if self.log:
+                print(f"round {round_index}: {int(usable.sum())} usable updates < min_clients={config.min_clients}; "
+                      "the global models stay as they were")
+            return log
+        rows = torch.as_tensor(np.flatnonzero(usable))
+
+        def usable_rows(tree: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            return dict(tree) if usable.all() else {k: v[rows.to(v.device)] for k, v in tree.items()}
+        weights, steps = updates["sizes"][usable].astype(np.float64), updates["steps"][usable]
+        info = {"client_ids": ids[usable], "steps": steps, "staleness": updates["staleness"][usable]}
+        scale = staleness_weight(info["staleness"], config.staleness, config.staleness_a, config.staleness_b)
+        attacked = config.attack in ("sign_flip", "noise") and any(c in self.attackers for c in info["client_ids"])
+        for which, model in (("g", self.generator), ("d", self.discriminator)):
+            final = usable_rows(updates["final"][which])
             if not self.synced(which):  # nothing is sent; the average only serves to sample from
                 model.load_state_dict(fedavg_stacked(final, weights))
                 continue
-            global_state = model.state_dict()
-            sent_keys = [k for k in final if k not in local]
-            floats = [k for k in sent_keys if final[k].dtype.is_floating_point]
-            update = {k: final[k] - start[k] if k in floats else final[k] for k in sent_keys}  # (K, ...) each
-            residual_key = f"{which}_residual"
-            if config.compression != "none" and config.error_feedback:
-                for row, client in enumerate(ids):
-                    carried = self.client_store[int(client)].get(residual_key)
-                    for k in floats if carried is not None else ():
-                        update[k][row] += carried[k].to(update[k].device)
-            sent, nbytes = compress_updates(update, config.compression, config.topk_fraction)
-            if config.compression != "none" and config.error_feedback:
-                for row, client in enumerate(ids):
-                    self.client_store[int(client)][residual_key] = {
-                        k: (update[k][row] - sent[k][row]).cpu() for k in floats}
-            log["bytes_up"] += nbytes * len(ids)
-            scale = staleness_weight(updates["staleness"], config.staleness, config.staleness_a, config.staleness_b)
-            effective = dict(final)  # as the clients left them: exact when nothing is compressed or stale
-            if config.compression != "none" or (scale != 1).any():  # global + staleness weight x what was sent
-                effective.update(scale_updates(global_state, {k: global_state[k] + sent[k] for k in floats},
+            global_state, received = model.state_dict(), usable_rows(sent[which])
+            floats = [k for k, v in received.items() if v.dtype.is_floating_point]
+            effective = dict(final)  # as the clients left them: exact when nothing is changed on the way
+            if config.compression != "none" or attacked or (scale != 1).any():  # global + weight x what was sent
+                effective.update(scale_updates(global_state, {k: global_state[k] + received[k] for k in floats},
                                                torch.as_tensor(scale), floats))
             if config.step_normalisation == "fednova":
                 params = [k for k in floats if k not in self.strategies[which].buffer_keys]
-                effective = fednova_rescale(global_state, effective, updates["steps"], weights, params)
+                effective = fednova_rescale(global_state, effective, steps, weights, params)
             strategy = self.strategies[which]
             model.load_state_dict(strategy.aggregate(global_state, effective, weights, info))
             if strategy.last_log:
                 log["server"][which] = dict(strategy.last_log)
         return log
+
+    def _watchdog(self, record: Mapping[str, Any]) -> None:
+        """Stop with a clear message when the global model went NaN/Inf or D's loss collapsed for several rounds."""
+        config = self.config
+        last_good = latest_checkpoint(self.run_dir)
+        advice = (f"The last checkpoint is {last_good} (resume=True continues from it); try lower learning rates, "
+                  "a robust strategy or update_threshold." if last_good else "No checkpoint was saved yet.")
+        for name, model in (("generator", self.generator), ("discriminator", self.discriminator)):
+            broken = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not v.isfinite().all()]
+            if broken:
+                raise DivergenceError(f"round {record['round']}: the global {name} has NaN/Inf in {broken[:3]}. "
+                                      + advice)
+        rounds = config.watchdog_rounds
+        recent = [r["d_loss"] for r in [*self.history, record][-rounds:]] if rounds else []
+        if rounds and len(recent) == rounds and all(loss < config.collapse_loss for loss in recent):
+            raise DivergenceError(f"round {record['round']}: the discriminator loss stayed below "
+                                  f"collapse_loss={config.collapse_loss} for {rounds} rounds ({recent}); "
+                                  "the generator no longer learns. " + advice)
 
     def _async_updates(self, round_index: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         """FedBuff-style asynchrony: keep `concurrency` clients training, apply the next `async_buffer` arrivals.
@@ -2081,7 +2181,7 @@ class Federation:
                    "images": int(plan.steps.sum()) * config.batch_size,
                    "bytes_down": self._bytes_down() * len(plan.client_ids)}
         if updates is not None:
-            log.update(self._aggregate(updates))
+            log.update(self._aggregate(updates, self.round + 1))
         elif self.log:
             print(f"round {self.round + 1}: no client reported back; the global models stay as they were")
 
@@ -2104,6 +2204,7 @@ class Federation:
             "bytes_total": log.get("bytes_up", 0) + log.get("bytes_down", 0) + previous.get("bytes_total", 0),
             **log,
         }
+        self._watchdog(record)
         every = config.eval_every
         if every is not None and ((every and self.round % every == 0) or self.round == config.rounds):
             eval_start = time.perf_counter()
@@ -2190,6 +2291,49 @@ def run_federation(config: FedConfig, *, resume: bool = False, data: tuple[Tenso
                    progress: bool = True) -> Federation:
     """Run a federated cDCGAN to config.rounds; `resume` continues from the run's latest checkpoint."""
     return Federation(config, data=data, resume=resume).run(progress=progress)
+
+
+def describe_partition(config: FedConfig) -> str:
+    """The partition of a config in a few characters: "iid", "dirichlet(0.1)", "shards(2)"."""
+    params = [str(getattr(config, n)) for n in PARTITION_PARAMS[config.partition] if n != "min_size"]
+    return f"{config.partition}({', '.join(params)})" if params else config.partition
+
+
+def run_ablation(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], *,
+                 data: tuple[Tensor, Tensor] | None = None, log: bool = True
+                 ) -> tuple[list[dict[str, Any]], dict[str, Federation]]:
+    """One federation per cell, each `base` with the cell's overrides, on the same data, seed and metric classifier.
+
+    A cell's "strategy" may be a Strategy object instead of a name. Returns a table row a cell (final
+    metrics; images seen; training seconds, evaluation excluded; simulated time; megabytes sent) and
+    the federations, for curves and sample grids.
+    """
+    data = data if data is not None else load_dataset(base.dataset, base.data_root)
+    rows: list[dict[str, Any]] = []
+    runs: dict[str, Federation] = {}
+    evaluator = None
+    for name, overrides in cells.items():
+        overrides = dict(overrides)
+        rule = overrides.pop("strategy") if isinstance(overrides.get("strategy"), Strategy) else None
+        slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+        config = dataclasses.replace(base, **overrides, run_name=f"{base.run_name}-{slug}")
+        federation = Federation(config, data=data, log=False, strategy=rule)
+        federation.evaluator = evaluator  # one metric classifier and real reference for every cell
+        federation.run(progress=False)
+        metrics = federation.history[-1].get("metrics") or federation.evaluate()
+        evaluator = federation.evaluator
+        selected = max(1, round(config.client_fraction * config.num_clients))
+        row = {"cell": name, "strategy": federation.strategy_name, "partition": describe_partition(config),
+               "clients": f"{selected}/{config.num_clients}", "images": federation.history[-1]["images_total"],
+               "seconds": sum(r["seconds"] for r in federation.history), "sim_time": federation.clock,
+               "MB": federation.history[-1]["bytes_total"] / 1e6,
+               **{k: metrics[k] for k in ("fid", "kid", "is", "cond_acc")}}
+        rows.append(row)
+        runs[name] = federation
+        if log:
+            print(f"{name:34s} FID {row['fid']:7.1f} | cond_acc {row['cond_acc']:.3f} | {row['seconds']:5.0f} s | "
+                  f"{row['MB']:8,.0f} MB", flush=True)
+    return rows, runs
 
 
 # ----------------------------------------------------------------------------
@@ -2428,6 +2572,59 @@ def plot_metrics(history: Sequence[Mapping[str, Any]], reference: Mapping[str, A
         ax.legend()
     fig.tight_layout()
     return _finish(fig, save_to)
+
+
+def plot_metric_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], metric: str = "fid", *,
+                       x: str = "images_total", reference: float | None = None, title: str = "", ax=None,
+                       save_to: str | os.PathLike | None = None):
+    """One curve a run: `metric` of its evaluated rounds against `x` ("images_total", "round" or "bytes_total")."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 3.6))
+    for label, history in histories.items():
+        evaluated = [r for r in history if "metrics" in r]
+        ax.plot([r[x] for r in evaluated], [r["metrics"][metric] for r in evaluated], marker="o", ms=3, label=label)
+    if reference is not None:
+        ax.axhline(reference, ls="--", color="gray", label="reference")
+    ax.set_xlabel({"images_total": "images seen", "bytes_total": "bytes sent"}.get(x, x))
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(ax.figure, save_to)
+
+
+def plot_sample_grids(grids: Mapping[str, Tensor], *, ncols: int = 4, save_to: str | os.PathLike | None = None):
+    """Runs' fixed-noise sample grids ([100, C, H, W]: one label a row) side by side, titled by run."""
+    import matplotlib.pyplot as plt
+
+    nrows = math.ceil(len(grids) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (label, images) in zip(axes.flat, grids.items()):
+        ax.imshow(image_grid(images, 10))
+        ax.set_title(label, fontsize=9)
+    fig.tight_layout()
+    return _finish(fig, save_to)
+
+
+def plot_tradeoff(rows: Sequence[Mapping[str, Any]], x: str = "MB", y: str = "fid", *, label: str = "cell",
+                  title: str = "", ax=None, save_to: str | os.PathLike | None = None):
+    """Rows of an ablation as labelled points, e.g. FID against megabytes sent."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 3.8))
+    for row in rows:
+        ax.scatter(row[x], row[y])
+        ax.annotate(row[label], (row[x], row[y]), fontsize=8, xytext=(4, 2), textcoords="offset points")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _finish(ax.figure, save_to)
 
 
 def save_round_grids(snapshots: Mapping[int, Tensor], out_dir: str | os.PathLike) -> list[Path]:
