@@ -1,8 +1,10 @@
 """Federated conditional DCGAN: the one helper module behind the three FedGAN notebooks.
 
-Sections, top to bottom: environment, config, data, partitioning, models, aggregation,
-local training engine, federation, checkpoints, plots. The notebooks import this module
-and stay thin; tests import it too (see tests/, one file per section).
+Sections, top to bottom: environment, config, data, partitioning, models, aggregation (server
+rules, update thresholds, FedNova, staleness, compression), privacy (DP-FedAvg and its accountant),
+local training engine (selection, stragglers, attackers, the batched clients), metrics, federation
+(the round loop, asynchrony, faults, ablation grids), checkpoints, plots. The notebooks import this
+module and stay thin; tests import it too (see tests/).
 
 FedAvg is McMahan et al., "Communication-Efficient Learning of Deep Networks from
 Decentralized Data" (AISTATS 2017); the conditional DCGAN follows Radford et al. (2016)
@@ -14,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import gzip
+import hashlib
 import io
 import json
 import math
@@ -179,6 +182,7 @@ STRAGGLER_POLICIES = ("partial", "drop")
 STEP_NORMALISATIONS = ("none", "fednova")
 COMPRESSIONS = ("none", "topk", "int8")
 ATTACKS = ("none", "sign_flip", "noise", "nan", "label_flip")  # nan: a broken client sending NaN
+DP_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "damped", "fedadagrad", "fedadam", "fedyogi")
 CHOICES: dict[str, tuple[str, ...]] = {}  # filled below FedConfig: field -> allowed names
 PRESETS = ("smoke", "cpu", "full")
 
@@ -204,8 +208,12 @@ def _non_negative_int(v: Any) -> bool:
     return _is_int(v) and v >= 0
 
 
+def _finite(v: Any) -> bool:
+    return _is_int(v) or math.isfinite(v)  # math.isfinite overflows on ints beyond float range
+
+
 def _positive_number(v: Any) -> bool:
-    return _is_number(v) and math.isfinite(v) and v > 0
+    return _is_number(v) and _finite(v) and v > 0
 
 
 _FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and what is allowed
@@ -222,26 +230,31 @@ _FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and w
     "server_tau": (_positive_number, "a number > 0"),
     **{name: (lambda v: v is None or _positive_number(v), "None or a number > 0")
        for name in ("update_threshold", "round_deadline")},
-    "prox_mu": (lambda v: v is None or (_is_number(v) and math.isfinite(v) and v >= 0), "None or a number >= 0"),
+    "prox_mu": (lambda v: v is None or (_is_number(v) and _finite(v) and v >= 0), "None or a number >= 0"),
     **{name: (lambda v: v is None or _positive_int(v), "None or an integer >= 1")
        for name in ("poc_candidates", "async_buffer")},
     "dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "topk_fraction": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "staleness_a": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a number >= 0"),
+    "staleness_a": (lambda v: _is_number(v) and _finite(v) and v >= 0, "a number >= 0"),
     "staleness_b": (_non_negative_int, "an integer >= 0"),
     "error_feedback": (lambda v: isinstance(v, bool), "True or False"),
     "attack_fraction": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "attack_scale": (_positive_number, "a number > 0"),
     "min_clients": (_positive_int, "an integer >= 1"),
     "watchdog_rounds": (_non_negative_int, "an integer >= 0 (0: off)"),
-    "collapse_loss": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a number >= 0"),
+    "collapse_loss": (lambda v: _is_number(v) and _finite(v) and v >= 0, "a number >= 0"),
+    "dp_clip": (lambda v: v is None or _positive_number(v), "None (no DP) or a number > 0"),
+    "dp_noise_multiplier": (lambda v: _is_number(v) and _finite(v) and v >= 0, "a number >= 0"),
+    "dp_delta": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "server_generator": (lambda v: isinstance(v, bool), "True or False"),
+    "server_g_steps": (lambda v: v is None or _positive_int(v), "None or an integer >= 1"),
     "trim_beta": (lambda v: _is_number(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
     "krum_f": (_non_negative_int, "an integer >= 0"),
     "krum_m": (_positive_int, "an integer >= 1"),
     "eval_samples": (lambda v: _is_int(v) and v >= 10, "an integer >= 10"),
     "classifier_epochs": (_positive_int, "an integer >= 1"),
     **{name: (_positive_number, "a number > 0") for name in ("lr_g", "lr_d", "local_epochs", "alpha")},
-    **{name: (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a number >= 0")
+    **{name: (lambda v: _is_number(v) and _finite(v) and v >= 0, "a number >= 0")
        for name in ("sigma", "client_speed_sigma")},
     "client_fraction": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
 }
@@ -307,6 +320,12 @@ class FedConfig:
     min_clients: int = 1  # fewer usable updates than this: the round keeps the previous global model
     watchdog_rounds: int = 3  # stop when D's loss stays under collapse_loss this many rounds (0: off)
     collapse_loss: float = 1e-3  # a discriminator loss below this counts as collapsed
+    # client-level differential privacy (DP-FedAvg) and the DP-FedAvg-GAN layout
+    dp_clip: float | None = None  # clip each client's whole update to this L2 norm; None: no DP
+    dp_noise_multiplier: float = 0.0  # Gaussian noise std on the sum, in units of dp_clip
+    dp_delta: float = 1e-5  # the delta that epsilon is reported for
+    server_generator: bool = False  # DP-FedAvg-GAN: clients train only D; G trains on the server against it
+    server_g_steps: int | None = None  # server generator steps a round; None: the clients' mean local steps
     # partition of the training set over clients
     partition: str = "iid"  # one of PARTITIONS
     alpha: float = 0.5  # dirichlet: concentration; smaller is more label-skewed
@@ -374,6 +393,12 @@ class FedConfig:
         _require(self.min_clients <= max(1, round(self.client_fraction * self.num_clients)), "min_clients",
                  self.min_clients, f"an integer from 1 to the {max(1, round(self.client_fraction * self.num_clients))}"
                  " clients selected a round")
+        if self.dp_clip is not None:
+            _require(self.strategy in DP_STRATEGIES, "strategy", self.strategy,
+                     f"one of {list(DP_STRATEGIES)} with dp_clip (the DP sum is an average of clipped updates)")
+            _require(self.sync_mode == "sync", "sync_mode", self.sync_mode, "'sync' with dp_clip")
+        _require(not self.server_generator or self.sync_networks == "both", "sync_networks", self.sync_networks,
+                 "'both' with server_generator=True (G is sent to the clients, D both ways)")
         if self.sync_mode == "async":
             _require(self.round_deadline is None, "round_deadline", self.round_deadline,
                      "None with sync_mode='async' (asynchronous clients have no round to be late for)")
@@ -1261,6 +1286,81 @@ def make_strategy(config: FedConfig, buffer_keys: Iterable[str] = ()) -> Strateg
 
 
 # ----------------------------------------------------------------------------
+# Privacy: client-level DP-FedAvg with an RDP accountant
+# ----------------------------------------------------------------------------
+
+
+def _dp_accounting():
+    try:
+        import dp_accounting
+    except ImportError as error:
+        raise ImportError("client-level DP reports epsilon with the RDP accountant of Google's dp-accounting "
+                          "package; install it: pip install dp-accounting") from error
+    return dp_accounting
+
+
+def dp_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
+    """Epsilon after `rounds` releases of a Poisson-subsampled Gaussian mechanism (dp-accounting's RDP accountant).
+
+    Client-level DP-FedAvg: sample_rate = expected clients a round / all clients; noise_multiplier = noise std /
+    clip norm. Selection here draws a fixed number of clients a round, which the Poisson analysis approximates.
+    """
+    _require(_positive_number(noise_multiplier), "noise_multiplier", noise_multiplier, "a number > 0")
+    _require(_is_number(sample_rate) and 0 < sample_rate <= 1, "sample_rate", sample_rate, "a number in (0, 1]")
+    _require(_positive_int(rounds), "rounds", rounds, "an integer >= 1")
+    _require(_is_number(delta) and 0 < delta < 1, "delta", delta, "a number in (0, 1)")
+    accounting = _dp_accounting()
+    event = accounting.SelfComposedDpEvent(
+        accounting.PoissonSampledDpEvent(float(sample_rate), accounting.GaussianDpEvent(float(noise_multiplier))),
+        int(rounds))
+    accountant = accounting.rdp.RdpAccountant()
+    accountant.compose(event)
+    return float(accountant.get_epsilon(float(delta)))
+
+
+def dp_noise_multiplier(target_epsilon: float, sample_rate: float, rounds: int, delta: float,
+                        tolerance: float = 1e-3) -> float:
+    """The smallest noise multiplier (to `tolerance`) whose dp_epsilon is at most target_epsilon."""
+    _require(_positive_number(target_epsilon), "target_epsilon", target_epsilon, "a number > 0")
+    low, high = 0.0, 1.0
+    while dp_epsilon(high, sample_rate, rounds, delta) > target_epsilon:
+        low, high = high, 2 * high
+        _require(high < 1e6, "target_epsilon", target_epsilon, "an epsilon some noise multiplier below 1e6 reaches")
+    while high - low > tolerance * high:
+        middle = (low + high) / 2
+        low, high = (middle, high) if dp_epsilon(middle, sample_rate, rounds, delta) > target_epsilon else (low, middle)
+    return high
+
+
+def privatize_updates(updates: Sequence[Mapping[str, Tensor]], clip: float, noise_multiplier: float,
+                      expected_clients: int, generator: torch.Generator | None = None
+                      ) -> tuple[list[dict[str, Tensor]], Tensor]:
+    """DP-FedAvg's server step (McMahan et al., ICLR 2018) on stacked client updates.
+
+    Each client's whole update (over all the given state dicts, e.g. G and D together) is clipped to L2 norm
+    `clip`; the clipped updates are summed, Gaussian noise of std noise_multiplier x clip is added to every
+    coordinate, and the sum is divided by the expected number of clients. Returns the noisy mean updates
+    (one dict per input, {key: [...]}) and each client's norm before clipping [K].
+    """
+    _require(_positive_number(clip), "clip", clip, "a number > 0")
+    _require(_is_int(expected_clients) and expected_clients >= 1, "expected_clients", expected_clients,
+             "an integer >= 1")
+    floats = [[k for k, v in update.items() if v.dtype.is_floating_point] for update in updates]
+    norms = torch.stack([update[k].double().flatten(1).square().sum(1) for update, keys in zip(updates, floats)
+                         for k in keys]).sum(0).sqrt()  # (K,)
+    scale = (clip / norms.clamp(min=1e-12)).clamp(max=1.0)
+    noisy = []
+    for update, keys in zip(updates, floats):
+        noisy.append({})
+        for k in keys:
+            v = update[k]
+            total = (scale.to(v.device, v.dtype).view(-1, *([1] * (v.dim() - 1))) * v).sum(0)  # (K, ...) -> (...)
+            noise = torch.randn(total.shape, generator=generator, device=v.device, dtype=v.dtype)
+            noisy[-1][k] = (total + noise_multiplier * clip * noise) / expected_clients
+    return noisy, norms
+
+
+# ----------------------------------------------------------------------------
 # Local training engine: all selected clients train at once as one batched model
 # ----------------------------------------------------------------------------
 
@@ -1270,7 +1370,7 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-STREAM_SELECTION, STREAM_BATCHES, STREAM_NOISE, STREAM_SPEED, STREAM_DROPOUT, STREAM_ATTACK = 1, 2, 3, 4, 5, 6
+STREAM_SELECTION, STREAM_BATCHES, STREAM_NOISE, STREAM_SPEED, STREAM_DROPOUT, STREAM_ATTACK, STREAM_DP = range(1, 8)
 
 
 @dataclass
@@ -1486,7 +1586,7 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
                   d_state: Mapping[str, Tensor], images: Tensor, labels: Tensor, plan: RoundPlan,
                   config: FedConfig, g_opt: dict[str, Any] | None = None,
                   d_opt: dict[str, Any] | None = None, client_map: str | None = None,
-                  prox_mu: float = 0.0) -> LocalResult:
+                  prox_mu: float = 0.0, train_generator: bool = True) -> LocalResult:
     """Local training of the plan's K clients as one batched model over stacked states.
 
     `generator`/`discriminator` only lend their structure; `g_state`/`d_state` hold each client's
@@ -1494,7 +1594,8 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     `client_map` (default: config.client_map): "vmap" (all clients in one batched call), "loop"
     (map_clients), "auto" (vmap on accelerators, loop on the CPU). Both compute the same thing.
     `prox_mu` > 0 adds FedProx's (mu/2)|w - w_start|^2 to both networks' losses (as mu (w - w_start) to the
-    gradients), w_start being the state each client started the round from.
+    gradients), w_start being the state each client started the round from. `train_generator=False` trains
+    only the discriminators (the generators only make the fakes), as DP-FedAvg-GAN's clients do.
     """
     client_map = config.client_map if client_map is None else client_map
     _require(client_map in CLIENT_MAPS, "client_map", client_map, f"one of {list(CLIENT_MAPS)}")
@@ -1543,17 +1644,21 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
         active = None if everyone else step < steps  # (K,) clients still training
         if not everyone:
             saved_buffers = {k: v.clone() for k, v in {**g_buffers, **d_buffers}.items()}
-        fake = batched(g_forward)(g_params, g_buffers, z, y)  # (K, B, C, H, W)
+        with torch.set_grad_enabled(train_generator):
+            fake = batched(g_forward)(g_params, g_buffers, z, y)  # (K, B, C, H, W)
 
         # (1) Update D: real images -> 1, generated images -> 0
         d_loss = batched(d_real_fake_loss)(d_params, d_buffers, real, fake.detach(), y)  # (K,)
         grads = proximal(d_params, d_anchor, torch.autograd.grad(d_loss.sum(), list(d_params.values())))
         adam_step(d_params, grads, d_opt, lr=config.lr_d, betas=config.betas, active=active)
 
-        # (2) Update G: make the updated D call generated images real
-        g_loss = batched(d_fooled_loss)(d_params, d_buffers, fake, y)  # (K,)
-        grads = proximal(g_params, g_anchor, torch.autograd.grad(g_loss.sum(), list(g_params.values())))
-        adam_step(g_params, grads, g_opt, lr=config.lr_g, betas=config.betas, active=active)
+        # (2) Update G: make the updated D call generated images real (DP-FedAvg-GAN: G trains on the server)
+        if train_generator:
+            g_loss = batched(d_fooled_loss)(d_params, d_buffers, fake, y)  # (K,)
+            grads = proximal(g_params, g_anchor, torch.autograd.grad(g_loss.sum(), list(g_params.values())))
+            adam_step(g_params, grads, g_opt, lr=config.lr_g, betas=config.betas, active=active)
+        else:
+            g_loss = torch.zeros_like(d_loss)
 
         if active is None:
             d_loss_sum += d_loss.detach()
@@ -1623,6 +1728,11 @@ class Classifier(nn.Module):
 @torch.no_grad()
 def classifier_outputs(classifier: Classifier, images: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
     """Penultimate features [N, F] and logits [N, classes] (float64, CPU) of float images in [-1, 1] or uint8."""
+    expected = tuple(classifier.config["image_shape"])
+    if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != expected:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images of shape {shape} given; the classifier takes a tensor "
+                         f"[N, {', '.join(map(str, expected))}]")
     device = next(classifier.parameters()).device
     classifier.eval()
     features, logits = [], []
@@ -1766,6 +1876,9 @@ class Evaluator:
         labels = torch.arange(self.n) % self.num_classes  # balanced requests
         samples = torch.cat([generate(generator, labels[i:i + 1000], seed=self.seed + i)
                              for i in range(0, self.n, 1000)])
+        if not torch.isfinite(samples).all():  # a diverged generator: nothing to measure
+            return {**dict.fromkeys(("fid", "kid", "kid_std", "is", "is_std", "cond_acc"), math.nan),
+                    "per_class_acc": [math.nan] * self.num_classes, "non_finite_samples": True}
         features, logits = classifier_outputs(self.classifier, samples)
         accuracy, per_class = _label_metrics(logits, labels, self.num_classes)
         kid, kid_std = self._kid(features)
@@ -1870,7 +1983,8 @@ class Federation:
 
     `run()` runs the remaining rounds; `run_round()` runs one, for notebooks that want to look
     between rounds. The global models are `.generator` and `.discriminator`; `.history` holds one
-    record per round.
+    record per round. A `strategy` object replaces the rule that config.strategy names; it is copied
+    once for G and once for D, so each keeps its own server state.
     """
 
     def __init__(self, config: FedConfig, *, data: tuple[Tensor, Tensor] | None = None, resume: bool = False,
@@ -1911,6 +2025,7 @@ class Federation:
         self.speeds = client_speeds(config.num_clients, config.client_speed_sigma, config.seed)
         self.clock = 0.0  # simulated time, in local steps of a speed-1 client
         self.in_flight: list[dict[str, Any]] = []  # async: clients training, with their results and finish time
+        self.server_g_opt: torch.optim.Adam | None = None  # server_generator: the server's optimizer of G
         info = DATASETS[config.dataset]
         # one fixed noise a column, one label a row: grids over rounds stay comparable
         fixed = torch.randn(10, config.z_dim, generator=torch.Generator().manual_seed(config.seed))
@@ -1923,8 +2038,10 @@ class Federation:
         self.round = 0
         self.run_dir = self._pick_run_dir(resume)
         self.out_dir = Path(config.out_dir) / self.run_dir.name
-        if resume and latest_checkpoint(self.run_dir) is not None:
-            self._restore(latest_checkpoint(self.run_dir))
+        good = latest_good_checkpoint(self.run_dir, log=log) if resume else None
+        if good is not None:
+            self._set_aside_after(good)
+            self._restore(good)
         else:
             self.grid_snapshots[0] = self.sample_grid()
 
@@ -1947,6 +2064,17 @@ class Federation:
             candidate = f"{name}-{n}"
         return checkpoints / candidate
 
+    def _set_aside_after(self, good: Path) -> None:
+        """Rename checkpoints newer than `good` (they failed to load) to *.bad, so the run can write them again."""
+        for path in list_checkpoints(self.run_dir):
+            if path.name > good.name:
+                aside = path.with_name(path.name + ".bad")
+                path.rename(aside)
+                if checksum_path(path).exists():
+                    checksum_path(path).rename(checksum_path(aside))
+                if self.log:
+                    print(f"set aside {path} as {aside.name}: it did not pass its checksum or did not load")
+
     def _restore(self, path: Path) -> None:
         checkpoint = load_checkpoint(path)
         saved = FedConfig.from_json(checkpoint["config"])
@@ -1963,7 +2091,12 @@ class Federation:
         self.round = checkpoint["round"]
         for which, strategy in self.strategies.items():
             strategy.load_state_dict(checkpoint["strategies"][which])
-        self.clock, self.in_flight = checkpoint["clock"], checkpoint["in_flight"]
+        # format 1 checkpoints (before asynchrony and the server generator) lack these; simulated time restarts at 0
+        self.clock, self.in_flight = checkpoint.get("clock", 0.0), checkpoint.get("in_flight", [])
+        if checkpoint.get("server_g_opt") is not None:
+            self.server_g_opt = torch.optim.Adam(self.generator.parameters(), lr=self.config.lr_g,
+                                                 betas=self.config.betas)
+            self.server_g_opt.load_state_dict(checkpoint["server_g_opt"])
         set_rng_state(checkpoint["rng"])
         if self.log:
             print(f"resumed from {path} (round {self.round})")
@@ -2000,6 +2133,41 @@ class Federation:
                    for k, v in model.state_dict().items() if k not in self._local_keys[which])
 
     def _train(self, plan: RoundPlan) -> dict[str, Any]:
+        """Local training of the plan's clients; if it raises, each client alone, leaving out those that fail.
+
+        Trained alone, a client draws the noise of the first row of the plan, so a round with a failing
+        client is reproducible but not the batched round without it.
+        """
+        try:
+            return self._train_together(plan)
+        except Exception as error:  # noqa: BLE001 - a client's failure must not end the run
+            if len(plan.client_ids) == 1:
+                raise
+            first_error = error
+        results, failed = [], {}
+        for row, client in enumerate(plan.client_ids):
+            alone = dataclasses.replace(plan, client_ids=plan.client_ids[row:row + 1],
+                                        sizes=plan.sizes[row:row + 1], steps=plan.steps[row:row + 1],
+                                        batch_indices=plan.batch_indices[row:row + 1, :plan.steps[row]])
+            try:
+                results.append(self._train_together(alone))
+            except Exception as error:  # noqa: BLE001
+                failed[int(client)] = f"{type(error).__name__}: {error}"
+        if not results:
+            raise RuntimeError(f"round {plan.round}: the local training of every client failed") from first_error
+        if self.log:
+            print(f"round {plan.round}: left out clients {sorted(failed)}: their local training raised "
+                  f"({next(iter(failed.values()))})")
+        merged: dict[str, Any] = {key: np.concatenate([r[key] for r in results])
+                                  for key in ("client_ids", "sizes", "steps", "staleness")}
+        for part in ("start", "final"):
+            merged[part] = {which: {k: torch.cat([r[part][which][k] for r in results])
+                                    for k in results[0][part][which]} for which in ("g", "d")}
+        merged.update(d_loss=[x for r in results for x in r["d_loss"]],
+                      g_loss=[x for r in results for x in r["g_loss"]], failed=failed)
+        return merged
+
+    def _train_together(self, plan: RoundPlan) -> dict[str, Any]:
         """Local training of the plan's clients from the current global models: their start and final states."""
         starts = {"g": self._client_start("g", self.generator, plan),
                   "d": self._client_start("d", self.discriminator, plan)}
@@ -2010,7 +2178,7 @@ class Federation:
                       for which in ("g", "d")}
         local = train_clients(self.generator, self.discriminator, starts["g"], starts["d"], self.images,
                               self.client_labels, plan, self.config, g_opt=optimizers["g"], d_opt=optimizers["d"],
-                              prox_mu=self.strategies["g"].prox_mu)
+                              prox_mu=self.strategies["g"].prox_mu, train_generator=not self.config.server_generator)
         d_losses, g_losses = local.d_loss.tolist(), local.g_loss.tolist()  # the round's one sync
         for row, client in enumerate(plan.client_ids):
             store = self.client_store.setdefault(int(client), {})
@@ -2048,11 +2216,16 @@ class Federation:
             self.client_store[int(client)][residual_key] = {k: (update[k][row] - sent[k][row]).cpu() for k in floats}
         return sent, nbytes
 
+    def uploads(self, which: str) -> bool:
+        """Whether clients send network "g" or "d" back (not a network kept local, nor G under server_generator)."""
+        return self.synced(which) and not (which == "g" and self.config.server_generator)
+
     def _aggregate(self, updates: Mapping[str, Any], round_index: int) -> dict[str, Any]:
         """Clients: local keys kept, updates sent (see _client_updates). Server: clients whose update or loss
-        is not finite are left out, then staleness weights, FedNova and the strategy."""
+        is not finite are left out, then staleness weights, DP-FedAvg's clip and noise, FedNova and the strategy."""
         config, ids = self.config, updates["client_ids"]
-        log: dict[str, Any] = {"bytes_up": 0, "server": {}}
+        log: dict[str, Any] = {"bytes_up": 0, "server": {}, **({"failed": updates["failed"]} if "failed" in updates
+                                                                else {})}
         sent: dict[str, dict[str, Tensor]] = {}
         usable = np.isfinite(updates["d_loss"]) & np.isfinite(updates["g_loss"])  # (K,)
         for which in ("g", "d"):
@@ -2060,10 +2233,10 @@ class Federation:
             for row, client in enumerate(ids if self._local_keys[which] else ()):
                 self.client_store[int(client)][f"{which}_local"] = _slice_client(
                     {k: final[k] for k in self._local_keys[which]}, row)
-            if self.synced(which):
+            if self.uploads(which):
                 sent[which], nbytes = self._client_updates(which, updates, round_index)
                 log["bytes_up"] += nbytes * len(ids)
-            for tensor in (sent[which] if self.synced(which) else final).values():
+            for tensor in (sent[which] if self.uploads(which) else final).values():
                 if tensor.dtype.is_floating_point:
                     usable &= torch.isfinite(tensor.flatten(1)).all(1).cpu().numpy()
         if not usable.all():
@@ -2084,25 +2257,76 @@ class Federation:
         info = {"client_ids": ids[usable], "steps": steps, "staleness": updates["staleness"][usable]}
         scale = staleness_weight(info["staleness"], config.staleness, config.staleness_a, config.staleness_b)
         attacked = config.attack in ("sign_flip", "noise") and any(c in self.attackers for c in info["client_ids"])
+        received = {which: usable_rows(tree) for which, tree in sent.items()}
+        if config.dp_clip is not None:
+            noisy = self._privatize(received, round_index, log)
         for which, model in (("g", self.generator), ("d", self.discriminator)):
             final = usable_rows(updates["final"][which])
             if not self.synced(which):  # nothing is sent; the average only serves to sample from
                 model.load_state_dict(fedavg_stacked(final, weights))
                 continue
-            global_state, received = model.state_dict(), usable_rows(sent[which])
-            floats = [k for k, v in received.items() if v.dtype.is_floating_point]
-            effective = dict(final)  # as the clients left them: exact when nothing is changed on the way
-            if config.compression != "none" or attacked or (scale != 1).any():  # global + weight x what was sent
-                effective.update(scale_updates(global_state, {k: global_state[k] + received[k] for k in floats},
+            if not self.uploads(which):  # G under server_generator: trained below, on the server
+                continue
+            global_state = model.state_dict()
+            floats = [k for k, v in received[which].items() if v.dtype.is_floating_point]
+            effective, client_weights = dict(final), weights  # as the clients left them: exact when unchanged
+            if config.dp_clip is not None:  # one noisy mean update, applied as a single client
+                effective = {k: (global_state[k] + noisy[which][k] if k in noisy[which]
+                                 else final[k].amax(0)).unsqueeze(0) for k in final}
+                for k in effective:  # post-processing keeps DP: a noisy running variance must stay >= 0
+                    if k.endswith("running_var"):
+                        effective[k].clamp_(min=0)
+                client_weights = np.ones(1)
+            elif config.compression != "none" or attacked or (scale != 1).any():  # global + weight x what was sent
+                effective.update(scale_updates(global_state, {k: global_state[k] + received[which][k] for k in floats},
                                                torch.as_tensor(scale), floats))
-            if config.step_normalisation == "fednova":
+            if config.step_normalisation == "fednova" and config.dp_clip is None:
                 params = [k for k in floats if k not in self.strategies[which].buffer_keys]
                 effective = fednova_rescale(global_state, effective, steps, weights, params)
             strategy = self.strategies[which]
-            model.load_state_dict(strategy.aggregate(global_state, effective, weights, info))
+            model.load_state_dict(strategy.aggregate(global_state, effective, client_weights, info))
             if strategy.last_log:
                 log["server"][which] = dict(strategy.last_log)
+        if config.server_generator:
+            log["server_g_loss"] = self._train_server_generator(round_index, int(round(float(np.mean(steps)))))
         return log
+
+    def _privatize(self, received: Mapping[str, Mapping[str, Tensor]], round_index: int,
+                   log: dict[str, Any]) -> dict[str, dict[str, Tensor]]:
+        """DP-FedAvg on what the clients sent (G and D together): clipped, summed, noised; epsilon into the log."""
+        config = self.config
+        expected = max(1, round(config.client_fraction * config.num_clients))
+        noise = torch.Generator(device=self.device).manual_seed(derive_seed(config.seed, round_index, STREAM_DP))
+        which = list(received)
+        noisy, norms = privatize_updates([received[w] for w in which], config.dp_clip, config.dp_noise_multiplier,
+                                         expected, noise)
+        log["dp_clipped"] = int((norms > config.dp_clip).sum())
+        log["dp_norm_median"] = float(norms.median())
+        log["epsilon"] = (dp_epsilon(config.dp_noise_multiplier, expected / config.num_clients, round_index,
+                                     config.dp_delta) if config.dp_noise_multiplier > 0 else math.inf)
+        return dict(zip(which, noisy))
+
+    def _train_server_generator(self, round_index: int, steps: int) -> float:
+        """DP-FedAvg-GAN's server step: G trained against a copy of the aggregated D; returns G's mean loss."""
+        config = self.config
+        steps = config.server_g_steps or max(1, steps)
+        if self.server_g_opt is None:
+            self.server_g_opt = torch.optim.Adam(self.generator.parameters(), lr=config.lr_g, betas=config.betas)
+        critic = copy.deepcopy(self.discriminator).train().requires_grad_(False)
+        draws = torch.Generator(device=self.device).manual_seed(derive_seed(config.seed, round_index, STREAM_NOISE, 1))
+        num_classes = DATASETS[config.dataset].num_classes
+        total = torch.zeros((), device=self.device)
+        self.generator.train()
+        for _ in range(steps):
+            z = torch.randn((config.batch_size, config.z_dim), generator=draws, device=self.device)
+            y = torch.randint(num_classes, (config.batch_size,), generator=draws, device=self.device)
+            logits = critic(self.generator(z, y), y)
+            loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+            self.server_g_opt.zero_grad()
+            loss.backward()
+            self.server_g_opt.step()
+            total += loss.detach()
+        return float(total) / steps
 
     def _watchdog(self, record: Mapping[str, Any]) -> None:
         """Stop with a clear message when the global model went NaN/Inf or D's loss collapsed for several rounds."""
@@ -2260,7 +2484,7 @@ class Federation:
         """checkpoint_dir/<run>/round_XXXX.pt: global models, client state, history, config."""
         path = self.run_dir / f"round_{self.round:04d}.pt"
         save_checkpoint(path, {
-            "format": 1,
+            "format": 2,
             "round": self.round,
             "config": self.config.to_json(),
             "generator_config": self.generator.config,
@@ -2272,6 +2496,7 @@ class Federation:
             "strategies": {which: strategy.state_dict() for which, strategy in self.strategies.items()},
             "clock": self.clock,
             "in_flight": self.in_flight,
+            "server_g_opt": self.server_g_opt.state_dict() if self.server_g_opt is not None else None,
             "rng": rng_state(),  # the rounds draw from (seed, round)-derived generators; this is the caller's
         })
         return path
@@ -2304,9 +2529,9 @@ def run_ablation(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], *,
                  ) -> tuple[list[dict[str, Any]], dict[str, Federation]]:
     """One federation per cell, each `base` with the cell's overrides, on the same data, seed and metric classifier.
 
-    A cell's "strategy" may be a Strategy object instead of a name. Returns a table row a cell (final
-    metrics; images seen; training seconds, evaluation excluded; simulated time; megabytes sent) and
-    the federations, for curves and sample grids.
+    A cell's "strategy" may be a Strategy object instead of a name. Returns a table row a cell (the cell's
+    overrides; final metrics; images seen; training seconds, evaluation excluded; simulated time;
+    megabytes sent; epsilon of a DP run) and the federations, for curves and sample grids.
     """
     data = data if data is not None else load_dataset(base.dataset, base.data_root)
     rows: list[dict[str, Any]] = []
@@ -2319,14 +2544,23 @@ def run_ablation(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], *,
         config = dataclasses.replace(base, **overrides, run_name=f"{base.run_name}-{slug}")
         federation = Federation(config, data=data, log=False, strategy=rule)
         federation.evaluator = evaluator  # one metric classifier and real reference for every cell
-        federation.run(progress=False)
-        metrics = federation.history[-1].get("metrics") or federation.evaluate()
+        stopped = ""
+        try:
+            federation.run(progress=False)
+        except DivergenceError as error:  # a diverged cell is a result of the grid, not the end of it
+            stopped = str(error)
+            if log:
+                print(f"{name}: stopped: {error}")
+        last = federation.history[-1] if federation.history else {"images_total": 0, "bytes_total": 0}
+        metrics = (None if stopped else last.get("metrics")) or federation.evaluate()
         evaluator = federation.evaluator
         selected = max(1, round(config.client_fraction * config.num_clients))
-        row = {"cell": name, "strategy": federation.strategy_name, "partition": describe_partition(config),
-               "clients": f"{selected}/{config.num_clients}", "images": federation.history[-1]["images_total"],
-               "seconds": sum(r["seconds"] for r in federation.history), "sim_time": federation.clock,
-               "MB": federation.history[-1]["bytes_total"] / 1e6,
+        row = {**overrides, **({"stopped": stopped} if stopped else {}), "cell": name,
+               "strategy": federation.strategy_name,
+               "partition": describe_partition(config), "clients": f"{selected}/{config.num_clients}",
+               "images": last["images_total"], "seconds": sum(r["seconds"] for r in federation.history),
+               "sim_time": federation.clock, "MB": last["bytes_total"] / 1e6,
+               **({"epsilon": last["epsilon"]} if "epsilon" in last else {}),
                **{k: metrics[k] for k in ("fid", "kid", "is", "cond_acc")}}
         rows.append(row)
         runs[name] = federation
@@ -2341,30 +2575,61 @@ def run_ablation(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], *,
 # ----------------------------------------------------------------------------
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that is truncated, corrupted or not a checkpoint."""
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+
+
+def checksum_path(path: str | os.PathLike) -> Path:
+    """The SHA-256 file beside a checkpoint (`sha256sum -c` reads it)."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
 def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
-    """Write atomically (temporary file, fsync, rename); never replaces an existing file."""
+    """Write atomically (temporary file, fsync, rename) with a SHA-256 file; never replaces an existing checkpoint.
+
+    The checksum is written first, so a run killed at any moment leaves either a complete checkpoint with its
+    checksum or no checkpoint of that round (a stray checksum or .partial file is ignored and replaced).
+    """
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} exists; checkpoints are never overwritten")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
-        torch.save(dict(payload), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    buffer = io.BytesIO()
+    torch.save(dict(payload), buffer)
+    data = buffer.getvalue()
+    _write_atomically(checksum_path(path), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())
+    _write_atomically(path, data)
     return path
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint's contents, loaded with weights_only=True (tensors and plain data only)."""
+    """A checkpoint's contents, checked against its SHA-256 file and loaded with weights_only=True."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    data = path.read_bytes()
+    expected = checksum_path(path)
+    if expected.is_file():
+        digest = hashlib.sha256(data).hexdigest()
+        recorded = expected.read_text().split()[0] if expected.read_text().split() else ""
+        if digest != recorded:
+            raise CheckpointError(f"{path} is corrupted or truncated: its SHA-256 {digest[:12]}... does not match "
+                                  f"{expected.name} ({recorded[:12]}...); load an earlier checkpoint of the run "
+                                  "(latest_good_checkpoint finds it)")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     except Exception as error:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -2375,6 +2640,18 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def latest_good_checkpoint(run_dir: str | os.PathLike, *, log: bool = True) -> Path | None:
+    """The newest checkpoint of a run that passes its checksum and loads; the bad ones after it are reported."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            load_checkpoint(path)
+            return path
+        except CheckpointError as error:
+            if log:
+                print(f"skipping a bad checkpoint: {error}")
+    return None
 
 
 def save_history(history: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) -> tuple[Path, Path]:
@@ -2589,6 +2866,24 @@ def plot_metric_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], met
         ax.axhline(reference, ls="--", color="gray", label="reference")
     ax.set_xlabel({"images_total": "images seen", "bytes_total": "bytes sent"}.get(x, x))
     ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(ax.figure, save_to)
+
+
+def plot_lines(rows: Sequence[Mapping[str, Any]], x: str, y: str, group: str, *, title: str = "", ax=None,
+               save_to: str | os.PathLike | None = None):
+    """Rows of an ablation as one line per value of `group` (e.g. FID against attacker fraction per strategy)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 3.8))
+    for value in dict.fromkeys(row[group] for row in rows):
+        points = sorted((row[x], row[y]) for row in rows if row[group] == value)
+        ax.plot(*zip(*points), marker="o", label=str(value))
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -42,6 +42,9 @@ def test_save_checkpoint_never_replaces_a_file(tmp_path):
 def test_a_corrupted_checkpoint_gives_an_error_naming_the_file(finished):
     path = fu.latest_checkpoint(finished.run_dir)
     path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(fu.CheckpointError, match=f"{path} is corrupted or truncated"):
+        fu.load_generator(path)
+    fu.checksum_path(path).unlink()  # without its checksum file, loading itself fails, with the same kind of error
     with pytest.raises(ValueError, match=f"{path} is not a readable checkpoint"):
         fu.load_generator(path)
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
