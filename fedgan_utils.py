@@ -1570,15 +1570,19 @@ def _unbind_clients(tree: Any) -> list[Any]:
     return [dict(zip(keys, values)) for values in zip(*(tree[k].unbind(0) for k in keys))]
 
 
-def map_clients(fn):
+def map_clients(fn, active: Sequence[bool] | None = None):
     """vmap's contract (fn of one client's slices; results stacked on dim 0) as a loop over the clients.
 
     On a CPU, vmap's grouped convolutions are slower than K plain ones (benchmarks/RESULTS.md), so there the
-    engine maps with this; unbind keeps autograd to one stack per parameter.
+    engine maps with this; unbind keeps autograd to one stack per parameter. Clients not `active` (done
+    with their local steps) are not computed: their rows are zeros, which the engine masks anyway.
     """
     def mapped(*args):
         per_client = [_unbind_clients(a) for a in args]
-        return torch.stack([fn(*client_args) for client_args in zip(*per_client)])
+        outputs = [fn(*client_args) if active is None or active[row] else None
+                   for row, client_args in enumerate(zip(*per_client))]
+        template = next(o for o in outputs if o is not None)
+        return torch.stack([torch.zeros_like(template) if o is None else o for o in outputs])
     return mapped
 
 
@@ -1600,7 +1604,7 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     client_map = config.client_map if client_map is None else client_map
     _require(client_map in CLIENT_MAPS, "client_map", client_map, f"one of {list(CLIENT_MAPS)}")
     device = images.device
-    batched = map_clients if client_map == "loop" or (client_map == "auto" and device.type == "cpu") else vmap
+    looped = client_map == "loop" or (client_map == "auto" and device.type == "cpu")
     g_state = {k: v.detach().clone() for k, v in g_state.items()}
     d_state = {k: v.detach().clone() for k, v in d_state.items()}
     g_params, g_buffers = _split_state(generator, g_state)
@@ -1644,6 +1648,10 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
         active = None if everyone else step < steps  # (K,) clients still training
         if not everyone:
             saved_buffers = {k: v.clone() for k, v in {**g_buffers, **d_buffers}.items()}
+        on_steps = None if everyone else (step < plan.steps).tolist()  # known on the host: no device sync
+
+        def batched(fn):
+            return map_clients(fn, on_steps) if looped else vmap(fn)
         with torch.set_grad_enabled(train_generator):
             fake = batched(g_forward)(g_params, g_buffers, z, y)  # (K, B, C, H, W)
 

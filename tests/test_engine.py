@@ -98,3 +98,14 @@ def test_map_clients_stacks_what_vmap_stacks_and_writes_through_to_stacked_buffe
     torch.testing.assert_close(looped, (weights * x).sum(1))
     torch.testing.assert_close(buffer, weights)
     torch.testing.assert_close(torch.func.vmap(fn)(weights, torch.zeros(3, 4), x), looped)
+
+
+def test_map_clients_skips_clients_that_finished_their_steps():
+    calls = []
+
+    def fn(w):
+        calls.append(w.clone())
+        return w * 2
+
+    out = fu.map_clients(fn, active=[True, False, True])(torch.tensor([1.0, 2.0, 3.0]))
+    assert len(calls) == 2 and out.tolist() == [2.0, 0.0, 6.0]
