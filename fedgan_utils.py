@@ -2030,6 +2030,7 @@ class Federation:
                            else _bound_copy(strategy, {n for n, _ in model.named_buffers()})
                            for which, model in networks}
         self.strategy_name = config.strategy if strategy is None else type(strategy).__name__
+        self._param_names = {which: {n for n, _ in model.named_parameters()} for which, model in networks}
         self.speeds = client_speeds(config.num_clients, config.client_speed_sigma, config.seed)
         self.clock = 0.0  # simulated time, in local steps of a speed-1 client
         self.in_flight: list[dict[str, Any]] = []  # async: clients training, with their results and finish time
@@ -2200,12 +2201,17 @@ class Federation:
 
     def _client_updates(self, which: str, updates: Mapping[str, Any], round_index: int) -> tuple[dict, int]:
         """What each client sends for one network: its update, attacked if it attacks, compressed with error
-        feedback if asked for; and the bytes that takes a client."""
+        feedback if asked for; and the bytes that takes a client.
+
+        Parameters travel as updates (state - start); attacks and compression act on those. Buffers (BN
+        running statistics, counters) travel as the client's values, dense: a running variance rebuilt from a
+        stale or compressed difference can turn negative.
+        """
         config, ids = self.config, updates["client_ids"]
         start, final = updates["start"][which], updates["final"][which]
         sent_keys = [k for k in final if k not in self._local_keys[which]]
-        floats = [k for k in sent_keys if final[k].dtype.is_floating_point]
-        update = {k: final[k] - start[k] if k in floats else final[k] for k in sent_keys}  # (K, ...) each
+        floats = [k for k in sent_keys if k in self._param_names[which]]
+        update = {k: final[k] - start[k] for k in floats}  # (K, ...) each
         if config.attack in ("sign_flip", "noise", "nan"):
             for row, client in enumerate(ids):
                 if client in self.attackers:
@@ -2222,7 +2228,8 @@ class Federation:
         sent, nbytes = compress_updates(update, config.compression, config.topk_fraction)
         for row, client in enumerate(ids if feedback else ()):
             self.client_store[int(client)][residual_key] = {k: (update[k][row] - sent[k][row]).cpu() for k in floats}
-        return sent, nbytes
+        buffers, buffer_bytes = compress_updates({k: final[k] for k in sent_keys if k not in floats}, "none")
+        return {**sent, **buffers}, nbytes + buffer_bytes
 
     def uploads(self, which: str) -> bool:
         """Whether clients send network "g" or "d" back (not a network kept local, nor G under server_generator)."""
@@ -2266,8 +2273,15 @@ class Federation:
         scale = staleness_weight(info["staleness"], config.staleness, config.staleness_a, config.staleness_b)
         attacked = config.attack in ("sign_flip", "noise") and any(c in self.attackers for c in info["client_ids"])
         received = {which: usable_rows(tree) for which, tree in sent.items()}
-        if config.dp_clip is not None:
-            noisy = self._privatize(received, round_index, log)
+        if config.dp_clip is not None:  # DP covers everything sent: parameter updates and buffer changes
+            buffer_changes = {}
+            for which, tree in received.items():
+                buffers = [k for k, v in tree.items() if k not in self._param_names[which] and v.is_floating_point()]
+                final, start = (usable_rows({k: updates[part][which][k] for k in buffers})
+                                for part in ("final", "start"))
+                buffer_changes[which] = {k: final[k] - start[k] for k in buffers}
+            noisy = self._privatize({which: {**received[which], **buffer_changes[which]} for which in received},
+                                    round_index, log)
         for which, model in (("g", self.generator), ("d", self.discriminator)):
             final = usable_rows(updates["final"][which])
             if not self.synced(which):  # nothing is sent; the average only serves to sample from
@@ -2276,7 +2290,7 @@ class Federation:
             if not self.uploads(which):  # G under server_generator: trained below, on the server
                 continue
             global_state = model.state_dict()
-            floats = [k for k, v in received[which].items() if v.dtype.is_floating_point]
+            floats = [k for k in received[which] if k in self._param_names[which]]
             effective, client_weights = dict(final), weights  # as the clients left them: exact when unchanged
             if config.dp_clip is not None:  # one noisy mean update, applied as a single client
                 effective = {k: (global_state[k] + noisy[which][k] if k in noisy[which]
@@ -2289,8 +2303,7 @@ class Federation:
                 effective.update(scale_updates(global_state, {k: global_state[k] + received[which][k] for k in floats},
                                                torch.as_tensor(scale), floats))
             if config.step_normalisation == "fednova" and config.dp_clip is None:
-                params = [k for k in floats if k not in self.strategies[which].buffer_keys]
-                effective = fednova_rescale(global_state, effective, steps, weights, params)
+                effective = fednova_rescale(global_state, effective, steps, weights, floats)
             strategy = self.strategies[which]
             model.load_state_dict(strategy.aggregate(global_state, effective, client_weights, info))
             if strategy.last_log:

@@ -238,6 +238,9 @@ def test_async_applies_stale_updates_weighted_and_resumes_exactly(mnist_small, t
                                 resume=True, progress=False)
     assert [r["staleness"] for r in resumed.history] == [r["staleness"] for r in straight.history]
     assert states_equal(resumed.generator.state_dict(), straight.generator.state_dict())
+    # buffers travel as values, not stale differences: running variances stay >= 0 and samples finite
+    assert all((v >= 0).all() for k, v in straight.generator.state_dict().items() if k.endswith("running_var"))
+    assert torch.isfinite(straight.sample_grid()).all()
 
 
 # -- strategies as objects --------------------------------------------------------------------------------
