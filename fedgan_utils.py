@@ -390,9 +390,9 @@ class FedConfig:
                  "letters, digits, '-', '_' and '.' only (it names folders)")
         _require(not (self.strategy == "fedprox" and self.prox_mu == 0), "prox_mu", self.prox_mu,
                  "a number > 0 (or None: 0.01) with strategy='fedprox'")
-        _require(self.min_clients <= max(1, round(self.client_fraction * self.num_clients)), "min_clients",
-                 self.min_clients, f"an integer from 1 to the {max(1, round(self.client_fraction * self.num_clients))}"
-                 " clients selected a round")
+        per_round = clients_per_round(self.num_clients, self.client_fraction)
+        _require(self.min_clients <= per_round, "min_clients", self.min_clients,
+                 f"an integer from 1 to the {per_round} clients selected a round")
         if self.dp_clip is not None:
             _require(self.strategy in DP_STRATEGIES, "strategy", self.strategy,
                      f"one of {list(DP_STRATEGIES)} with dp_clip (the DP sum is an average of clipped updates)")
@@ -402,9 +402,8 @@ class FedConfig:
         if self.sync_mode == "async":
             _require(self.round_deadline is None, "round_deadline", self.round_deadline,
                      "None with sync_mode='async' (asynchronous clients have no round to be late for)")
-            in_flight = max(1, round(self.client_fraction * self.num_clients))
-            _require(self.async_buffer is None or self.async_buffer <= in_flight, "async_buffer", self.async_buffer,
-                     f"None or at most the {in_flight} clients in flight (client_fraction x num_clients)")
+            _require(self.async_buffer is None or self.async_buffer <= per_round, "async_buffer", self.async_buffer,
+                     f"None or at most the {per_round} clients in flight (client_fraction x num_clients)")
 
     def partition_kwargs(self) -> dict[str, Any]:
         """The partition parameters that the chosen scheme takes."""
@@ -1414,11 +1413,16 @@ def choose_clients(pool: Sequence[int], count: int, rng: np.random.Generator, *,
     return np.sort(shortlist[np.argsort(-loss, kind="stable")[:count]])
 
 
+def clients_per_round(num_clients: int, fraction: float) -> int:
+    """The clients selected a round (in flight, when asynchronous): max(1, round(fraction * K))."""
+    return max(1, round(fraction * num_clients))
+
+
 def select_clients(num_clients: int, fraction: float, seed: int, round_index: int, *, policy: str = "uniform",
                    sizes: Sequence[int] | None = None, losses: Mapping[int, float] | None = None,
                    candidates: int | None = None) -> np.ndarray:
     """max(1, round(fraction * K)) clients by `policy` (see choose_clients), from a generator of its own per round."""
-    count = max(1, round(fraction * num_clients))
+    count = clients_per_round(num_clients, fraction)
     rng = np.random.default_rng(derive_seed(seed, round_index, STREAM_SELECTION))
     return choose_clients(np.arange(num_clients), count, rng, policy=policy, sizes=sizes, losses=losses,
                           candidates=candidates)
@@ -2047,10 +2051,10 @@ class Federation:
         self.round = 0
         self.run_dir = self._pick_run_dir(resume)
         self.out_dir = Path(config.out_dir) / self.run_dir.name
-        good = latest_good_checkpoint(self.run_dir, log=log) if resume else None
+        good, checkpoint = _newest_loadable(self.run_dir, log) if resume else (None, None)
         if good is not None:
             self._set_aside_after(good)
-            self._restore(good)
+            self._restore(good, checkpoint)
         else:
             self.grid_snapshots[0] = self.sample_grid()
 
@@ -2084,8 +2088,7 @@ class Federation:
                 if self.log:
                     print(f"set aside {path} as {aside.name}: it did not pass its checksum or did not load")
 
-    def _restore(self, path: Path) -> None:
-        checkpoint = load_checkpoint(path)
+    def _restore(self, path: Path, checkpoint: Mapping[str, Any]) -> None:
         saved = FedConfig.from_json(checkpoint["config"])
         differs = [f.name for f in dataclasses.fields(FedConfig)
                    if f.name not in ("rounds", "device") and getattr(saved, f.name) != getattr(self.config, f.name)]
@@ -2164,7 +2167,7 @@ class Federation:
                 failed[int(client)] = f"{type(error).__name__}: {error}"
         if not results:
             raise RuntimeError(f"round {plan.round}: the local training of every client failed") from first_error
-        if self.log:
+        if self.log and failed:
             print(f"round {plan.round}: left out clients {sorted(failed)}: their local training raised "
                   f"({next(iter(failed.values()))})")
         merged: dict[str, Any] = {key: np.concatenate([r[key] for r in results])
@@ -2180,10 +2183,8 @@ class Federation:
         """Local training of the plan's clients from the current global models: their start and final states."""
         starts = {"g": self._client_start("g", self.generator, plan),
                   "d": self._client_start("d", self.discriminator, plan)}
-        param_names = {"g": {n for n, _ in self.generator.named_parameters()},
-                       "d": {n for n, _ in self.discriminator.named_parameters()}}
         optimizers = {which: self._client_optimizers(which, plan, {k: v for k, v in starts[which].items()
-                                                                    if k in param_names[which]})
+                                                                    if k in self._param_names[which]})
                       for which in ("g", "d")}
         local = train_clients(self.generator, self.discriminator, starts["g"], starts["d"], self.images,
                               self.client_labels, plan, self.config, g_opt=optimizers["g"], d_opt=optimizers["d"],
@@ -2316,7 +2317,7 @@ class Federation:
                    log: dict[str, Any]) -> dict[str, dict[str, Tensor]]:
         """DP-FedAvg on what the clients sent (G and D together): clipped, summed, noised; epsilon into the log."""
         config = self.config
-        expected = max(1, round(config.client_fraction * config.num_clients))
+        expected = clients_per_round(config.num_clients, config.client_fraction)
         noise = torch.Generator(device=self.device).manual_seed(derive_seed(config.seed, round_index, STREAM_DP))
         which = list(received)
         noisy, norms = privatize_updates([received[w] for w in which], config.dp_clip, config.dp_noise_multiplier,
@@ -2352,20 +2353,22 @@ class Federation:
     def _watchdog(self, record: Mapping[str, Any]) -> None:
         """Stop with a clear message when the global model went NaN/Inf or D's loss collapsed for several rounds."""
         config = self.config
-        last_good = latest_checkpoint(self.run_dir)
-        advice = (f"The last checkpoint is {last_good} (resume=True continues from it); try lower learning rates, "
-                  "a robust strategy or update_threshold." if last_good else "No checkpoint was saved yet.")
+
+        def advice() -> str:
+            last_good = latest_checkpoint(self.run_dir)
+            return (f"The last checkpoint is {last_good} (resume=True continues from it); try lower learning rates, "
+                    "a robust strategy or update_threshold." if last_good else "No checkpoint was saved yet.")
         for name, model in (("generator", self.generator), ("discriminator", self.discriminator)):
             broken = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not v.isfinite().all()]
             if broken:
                 raise DivergenceError(f"round {record['round']}: the global {name} has NaN/Inf in {broken[:3]}. "
-                                      + advice)
+                                      + advice())
         rounds = config.watchdog_rounds
         recent = [r["d_loss"] for r in [*self.history, record][-rounds:]] if rounds else []
         if rounds and len(recent) == rounds and all(loss < config.collapse_loss for loss in recent):
             raise DivergenceError(f"round {record['round']}: the discriminator loss stayed below "
                                   f"collapse_loss={config.collapse_loss} for {rounds} rounds ({recent}); "
-                                  "the generator no longer learns. " + advice)
+                                  "the generator no longer learns. " + advice())
 
     def _async_updates(self, round_index: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         """FedBuff-style asynchrony: keep `concurrency` clients training, apply the next `async_buffer` arrivals.
@@ -2374,7 +2377,7 @@ class Federation:
         time units later; its update is weighted by staleness (server versions since its dispatch).
         """
         config, K = self.config, self.config.num_clients
-        concurrency = max(1, round(config.client_fraction * K))
+        concurrency = clients_per_round(K, config.client_fraction)
         buffer = config.async_buffer or max(1, concurrency // 2)
         busy = {entry["client"] for entry in self.in_flight}
         idle = [c for c in range(K) if c not in busy]
@@ -2575,7 +2578,7 @@ def run_ablation(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], *,
         last = federation.history[-1] if federation.history else {"images_total": 0, "bytes_total": 0}
         metrics = (None if stopped else last.get("metrics")) or federation.evaluate()
         evaluator = federation.evaluator
-        selected = max(1, round(config.client_fraction * config.num_clients))
+        selected = clients_per_round(config.num_clients, config.client_fraction)
         row = {**overrides, **({"stopped": stopped} if stopped else {}), "cell": name,
                "strategy": federation.strategy_name,
                "partition": describe_partition(config), "clients": f"{selected}/{config.num_clients}",
@@ -2642,7 +2645,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     expected = checksum_path(path)
     if expected.is_file():
         digest = hashlib.sha256(data).hexdigest()
-        recorded = expected.read_text().split()[0] if expected.read_text().split() else ""
+        recorded = (expected.read_text().split() or [""])[0]
         if digest != recorded:
             raise CheckpointError(f"{path} is corrupted or truncated: its SHA-256 {digest[:12]}... does not match "
                                   f"{expected.name} ({recorded[:12]}...); load an earlier checkpoint of the run "
@@ -2663,16 +2666,19 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def latest_good_checkpoint(run_dir: str | os.PathLike, *, log: bool = True) -> Path | None:
-    """The newest checkpoint of a run that passes its checksum and loads; the bad ones after it are reported."""
+def _newest_loadable(run_dir: str | os.PathLike, log: bool) -> tuple[Path | None, dict[str, Any] | None]:
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            load_checkpoint(path)
-            return path
+            return path, load_checkpoint(path)
         except CheckpointError as error:
             if log:
                 print(f"skipping a bad checkpoint: {error}")
-    return None
+    return None, None
+
+
+def latest_good_checkpoint(run_dir: str | os.PathLike, *, log: bool = True) -> Path | None:
+    """The newest checkpoint of a run that passes its checksum and loads; the bad ones after it are reported."""
+    return _newest_loadable(run_dir, log)[0]
 
 
 def save_history(history: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) -> tuple[Path, Path]:
