@@ -1549,11 +1549,40 @@ def adam_step(params: Mapping[str, Tensor], grads: Sequence[Tensor], state: dict
         param.add_((-step_size).view(view) * exp_avg / denom)
 
 
-def _split_state(module: nn.Module, stacked: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    names = {n for n, _ in module.named_parameters()}
-    params = {k: v.requires_grad_(True) for k, v in stacked.items() if k in names}
-    buffers = {k: v for k, v in stacked.items() if k not in names}
-    return params, buffers
+class FlatParams:
+    """A network's stacked parameters as one [K, P] tensor, each parameter a view of its columns.
+
+    The optimizer then updates a network with a dozen kernels instead of a dozen per parameter tensor, which
+    is what bounds a small GAN's step on a GPU (kernel launches, not arithmetic). The views are leaves of
+    autograd, so gradients come per parameter and are concatenated once a step.
+    """
+
+    def __init__(self, module: nn.Module, stacked: Mapping[str, Tensor]):
+        self.names = [n for n, _ in module.named_parameters()]
+        self.count = stacked[self.names[0]].shape[0]
+        self.shapes = [stacked[n].shape[1:] for n in self.names]
+        self.sizes = [math.prod(shape) for shape in self.shapes]
+        self.flat = self.flatten(stacked).detach()  # (K, P), a copy: the caller's state is left alone
+        self.params = {n: v.requires_grad_(True) for n, v in self.split(self.flat).items()}
+
+    def flatten(self, tree: Mapping[str, Tensor]) -> Tensor:
+        """{name: [K, ...]} -> [K, P] (a copy)."""
+        return torch.cat([tree[n].reshape(self.count, -1) for n in self.names], 1)
+
+    def split(self, flat: Tensor) -> dict[str, Tensor]:
+        """[K, P] -> {name: [K, ...]} as views of `flat`."""
+        pieces = flat.split(self.sizes, 1)  # each (K, size)
+        return {n: piece.view(self.count, *shape) for n, piece, shape in zip(self.names, pieces, self.shapes)}
+
+    def adam_state(self, state: dict[str, Any] | None) -> dict[str, Any]:
+        """A stacked Adam state ({name: [K, ...]} moments) as flat moments, or a fresh one."""
+        if state is None:
+            return adam_init({"flat": self.flat})
+        return {"step": state["step"], **{m: {"flat": self.flatten(state[m])} for m in ("exp_avg", "exp_avg_sq")}}
+
+    def unflatten_adam_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {"step": state["step"], **{m: {n: v.contiguous() for n, v in self.split(state[m]["flat"]).items()}
+                                          for m in ("exp_avg", "exp_avg_sq")}}
 
 
 @dataclass
@@ -1609,20 +1638,18 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     _require(client_map in CLIENT_MAPS, "client_map", client_map, f"one of {list(CLIENT_MAPS)}")
     device = images.device
     looped = client_map == "loop" or (client_map == "auto" and device.type == "cpu")
-    g_state = {k: v.detach().clone() for k, v in g_state.items()}
-    d_state = {k: v.detach().clone() for k, v in d_state.items()}
-    g_params, g_buffers = _split_state(generator, g_state)
-    d_params, d_buffers = _split_state(discriminator, d_state)
-    g_opt = g_opt if g_opt is not None else adam_init(g_params)
-    d_opt = d_opt if d_opt is not None else adam_init(d_params)
     _require(_is_number(prox_mu) and prox_mu >= 0, "prox_mu", prox_mu, "a number >= 0")
-    g_anchor, d_anchor = ({k: v.detach().clone() for k, v in params.items()} if prox_mu else {}
-                          for params in (g_params, d_params))
+    g_flat, d_flat = FlatParams(generator, g_state), FlatParams(discriminator, d_state)
+    g_params, d_params = g_flat.params, d_flat.params
+    g_buffers = {k: v.detach().clone() for k, v in g_state.items() if k not in g_params}
+    d_buffers = {k: v.detach().clone() for k, v in d_state.items() if k not in d_params}
+    g_opt, d_opt = g_flat.adam_state(g_opt), d_flat.adam_state(d_opt)
+    g_anchor, d_anchor = (net.flat.clone() if prox_mu else None for net in (g_flat, d_flat))
 
-    def proximal(params, anchor, grads):
-        if not prox_mu:
-            return grads
-        return [g + prox_mu * (p.detach() - anchor[n]) for g, (n, p) in zip(grads, params.items())]
+    def flat_gradient(loss: Tensor, net: FlatParams, anchor: Tensor | None) -> list[Tensor]:
+        grads = torch.autograd.grad(loss, list(net.params.values()))
+        flat = torch.cat([g.reshape(net.count, -1) for g in grads], 1)  # (K, P)
+        return [flat if anchor is None else flat + prox_mu * (net.flat - anchor)]
     num_clients, max_steps, batch = plan.batch_indices.shape
     steps = torch.as_tensor(plan.steps, device=device)
     batch_indices = plan.batch_indices.to(device)
@@ -1661,14 +1688,14 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
 
         # (1) Update D: real images -> 1, generated images -> 0
         d_loss = batched(d_real_fake_loss)(d_params, d_buffers, real, fake.detach(), y)  # (K,)
-        grads = proximal(d_params, d_anchor, torch.autograd.grad(d_loss.sum(), list(d_params.values())))
-        adam_step(d_params, grads, d_opt, lr=config.lr_d, betas=config.betas, active=active)
+        adam_step({"flat": d_flat.flat}, flat_gradient(d_loss.sum(), d_flat, d_anchor), d_opt, lr=config.lr_d,
+                  betas=config.betas, active=active)
 
         # (2) Update G: make the updated D call generated images real (DP-FedAvg-GAN: G trains on the server)
         if train_generator:
             g_loss = batched(d_fooled_loss)(d_params, d_buffers, fake, y)  # (K,)
-            grads = proximal(g_params, g_anchor, torch.autograd.grad(g_loss.sum(), list(g_params.values())))
-            adam_step(g_params, grads, g_opt, lr=config.lr_g, betas=config.betas, active=active)
+            adam_step({"flat": g_flat.flat}, flat_gradient(g_loss.sum(), g_flat, g_anchor), g_opt,
+                      lr=config.lr_g, betas=config.betas, active=active)
         else:
             g_loss = torch.zeros_like(d_loss)
 
@@ -1683,8 +1710,11 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
             d_loss_sum += torch.where(active, d_loss.detach(), torch.zeros_like(d_loss_sum))
             g_loss_sum += torch.where(active, g_loss.detach(), torch.zeros_like(g_loss_sum))
 
-    detach = lambda state: {k: v.detach() for k, v in state.items()}  # noqa: E731
-    return LocalResult(detach(g_state), detach(d_state), g_opt, d_opt,
+    def final_state(net: FlatParams, buffers: Mapping[str, Tensor], state: Mapping[str, Tensor]):
+        values = {**{n: v.detach().contiguous() for n, v in net.split(net.flat).items()}, **buffers}
+        return {k: values[k] for k in state}  # the caller's key order
+    return LocalResult(final_state(g_flat, g_buffers, g_state), final_state(d_flat, d_buffers, d_state),
+                       g_flat.unflatten_adam_state(g_opt), d_flat.unflatten_adam_state(d_opt),
                        d_loss_sum / steps, g_loss_sum / steps)
 
 

@@ -5,7 +5,9 @@ per step, K clients x batch images):
   loop     - the reference per-client loop of tests/reference_loop.py (nn.Module + torch.optim.Adam)
   engine   - fedgan_utils.train_clients, as the notebooks use it (all K clients stacked, one vmap'd model)
   ceiling  - the same engine with one model given all K x batch images per step
-and prints images/s with the ratios engine/loop and engine/ceiling.
+and prints images/s with the ratios engine/loop and engine/ceiling, and the kernels each launches per step
+(aten operations that compute, views left out: on a GPU each is at least one kernel launch, and launches
+are what bound a small GAN's step there; on a CPU the count still shows it).
 
     python benchmarks/bench_throughput.py                 # K = 1, 10, 100 on a GPU; 1, 4, 10 on a CPU
     python benchmarks/bench_throughput.py --ks 10 --steps 5 --json results.json
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -62,6 +65,25 @@ def time_loop(config, generator, discriminator, images, labels, plan) -> float:
     return time.perf_counter() - start
 
 
+class KernelCounter(TorchDispatchMode):
+    """Counts the aten operations that run a kernel (views and aliases left out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def kernels_per_step(timer, config, generator, discriminator, images, labels, plan) -> float:
+    """Kernels a contender launches per local step, its round set-up spread over the steps."""
+    with KernelCounter() as counter:
+        timer(config, generator, discriminator, images, labels, plan)
+    return counter.count / int(plan.steps.max())
+
+
 def make_warmup(plan: fu.RoundPlan) -> fu.RoundPlan:
     return fu.RoundPlan(plan.round, plan.client_ids, plan.sizes, np.minimum(plan.steps, 2),
                         plan.batch_indices[:, :2], plan.noise_seed)
@@ -83,6 +105,8 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
     for _ in range(args.repeats):  # interleaved, so that drift in the machine's speed hits all three alike
         for name, (timer, cfg, p) in contenders.items():
             best[name] = min(best[name], timer(cfg, *models, images, labels, p))
+    kernels = {name: kernels_per_step(timer, cfg, *models, images, labels, p)
+               for name, (timer, cfg, p) in contenders.items()}
     peak = None
     if device.type == "cuda":  # the engine's own peak, in a run of its own
         torch.cuda.reset_peak_memory_stats(device)
@@ -90,7 +114,8 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
     work = k * args.batch * args.steps
     return {"K": k, "batch": args.batch, "device": str(device), "loop_img_s": work / best["loop"],
-            "engine_img_s": work / best["engine"], "ceiling_img_s": work / best["ceiling"], "peak_mem_mb": peak}
+            "engine_img_s": work / best["engine"], "ceiling_img_s": work / best["ceiling"], "peak_mem_mb": peak,
+            **{f"{name}_kernels_step": kernels[name] for name in contenders}}
 
 
 def full_round_seconds(device: torch.device, images, labels) -> float:
@@ -129,14 +154,15 @@ def main() -> None:
           f"{args.steps} steps, best of {args.repeats}")
     rows = [measure(k, args, device, images, labels) for k in ks]
     header = f"{'K':>5} {'loop img/s':>12} {'engine img/s':>13} {'ceiling img/s':>14} {'engine/loop':>12} " \
-             f"{'engine/ceiling':>15} {'peak MB':>9}"
+             f"{'engine/ceiling':>15} {'peak MB':>9} {'kernels/step loop':>18} {'engine':>7} {'ceiling':>8}"
     print(header)
     print("-" * len(header))
     for row in rows:
         peak = f"{row['peak_mem_mb']:,.0f}" if row["peak_mem_mb"] is not None else "-"
         print(f"{row['K']:>5} {row['loop_img_s']:>12,.0f} {row['engine_img_s']:>13,.0f} {row['ceiling_img_s']:>14,.0f} "
               f"{row['engine_img_s'] / row['loop_img_s']:>12.2f} {row['engine_img_s'] / row['ceiling_img_s']:>15.2f} "
-              f"{peak:>9}")
+              f"{peak:>9} {row['loop_kernels_step']:>18,.0f} {row['engine_kernels_step']:>7,.0f} "
+              f"{row['ceiling_kernels_step']:>8,.0f}")
     if args.full_round or gpu:
         print(f"one full-preset round (10 clients, one local epoch over 60,000 images): "
               f"{full_round_seconds(device, images, labels):.2f} s")

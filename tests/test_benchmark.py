@@ -7,23 +7,37 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_benchmark_prints_ratios_and_writes_json_rows(tmp_path):
+def run_benchmark(tmp_path, *options):
     rows_path = tmp_path / "rows.json"
     result = subprocess.run(
         [sys.executable, "benchmarks/bench_throughput.py", "--ks", "1,2", "--steps", "2", "--ngf", "8", "--batch", "8",
-         "--repeats", "1", "--device", "cpu", "--json", str(rows_path)],
+         "--repeats", "1", "--device", "cpu", "--json", str(rows_path), *options],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+    return result, json.loads(rows_path.read_text())
+
+
+def test_benchmark_prints_ratios_and_writes_json_rows(tmp_path):
+    result, rows = run_benchmark(tmp_path)
     lines = result.stdout.splitlines()
     header = next(line for line in lines if "engine/loop" in line)
     assert "engine/ceiling" in header and "loop img/s" in header
     table = lines[lines.index(header) + 2:lines.index(header) + 4]
     assert [int(line.split()[0]) for line in table] == [1, 2]
-    rows = json.loads(rows_path.read_text())
     assert [set(r) for r in rows] == [{"K", "batch", "device", "loop_img_s", "engine_img_s", "ceiling_img_s",
-                                       "peak_mem_mb"}] * 2
+                                       "peak_mem_mb", "loop_kernels_step", "engine_kernels_step",
+                                       "ceiling_kernels_step"}] * 2
     for row, line in zip(rows, table):
         assert row["device"] == "cpu" and row["batch"] == 8 and row["peak_mem_mb"] is None
         assert min(row["loop_img_s"], row["engine_img_s"], row["ceiling_img_s"]) > 0
         ratio = float(line.split()[4])  # the printed engine/loop is the ratio of the written figures
         assert abs(ratio - row["engine_img_s"] / row["loop_img_s"]) < 0.006
+
+
+def test_batched_clients_launch_as_many_kernels_as_one_model_whatever_their_number(tmp_path):
+    """vmap runs all clients in each kernel; the per-client loop launches each kernel once per client."""
+    _, (one, two) = run_benchmark(tmp_path, "--client-map", "vmap", "--ks", "2,4")  # K=1 takes vmap's own path
+    assert one["engine_kernels_step"] == two["engine_kernels_step"]
+    assert one["ceiling_kernels_step"] == two["ceiling_kernels_step"]
+    assert two["loop_kernels_step"] > 1.5 * one["loop_kernels_step"]
+    assert two["engine_kernels_step"] < two["loop_kernels_step"]
