@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
+from torch.overrides import TorchFunctionMode
 
 Tensor = torch.Tensor
 StateDict = dict[str, Tensor]
@@ -237,7 +238,7 @@ _FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and w
     "topk_fraction": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "staleness_a": (lambda v: _is_number(v) and _finite(v) and v >= 0, "a number >= 0"),
     "staleness_b": (_non_negative_int, "an integer >= 0"),
-    "error_feedback": (lambda v: isinstance(v, bool), "True or False"),
+    **{name: (lambda v: isinstance(v, bool), "True or False") for name in ("error_feedback", "server_generator", "amp")},
     "attack_fraction": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "attack_scale": (_positive_number, "a number > 0"),
     "min_clients": (_positive_int, "an integer >= 1"),
@@ -246,7 +247,6 @@ _FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and w
     "dp_clip": (lambda v: v is None or _positive_number(v), "None (no DP) or a number > 0"),
     "dp_noise_multiplier": (lambda v: _is_number(v) and _finite(v) and v >= 0, "a number >= 0"),
     "dp_delta": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
-    "server_generator": (lambda v: isinstance(v, bool), "True or False"),
     "server_g_steps": (lambda v: v is None or _positive_int(v), "None or an integer >= 1"),
     "trim_beta": (lambda v: _is_number(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
     "krum_f": (_non_negative_int, "an integer >= 0"),
@@ -282,6 +282,7 @@ class FedConfig:
     bn_policy: str = "average"  # BatchNorm under aggregation: "average" (FedAvg) or "local" (FedBN)
     optimizer_state: str = "reset"  # client Adam state each round: "reset" or "keep" (per client)
     client_map: str = "auto"  # clients as one batch: "vmap", "loop" (map_clients), "auto" (vmap on GPU, loop on CPU)
+    amp: bool = False  # local training's forward passes in bfloat16 autocast (a GPU speed option; changes results)
     # server rule (see the Aggregation section)
     strategy: str = "fedavg"  # one of STRATEGIES (or pass a Strategy object to Federation)
     server_lr: float | None = None  # server learning rate; None: 1.0 fedavgm, 0.5 damped (its alpha), 1e-2 adaptive
@@ -1633,6 +1634,7 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     `prox_mu` > 0 adds FedProx's (mu/2)|w - w_start|^2 to both networks' losses (as mu (w - w_start) to the
     gradients), w_start being the state each client started the round from. `train_generator=False` trains
     only the discriminators (the generators only make the fakes), as DP-FedAvg-GAN's clients do.
+    `config.amp` runs the forward passes in bfloat16 autocast; parameters, gradients and Adam stay float32.
     """
     client_map = config.client_map if client_map is None else client_map
     _require(client_map in CLIENT_MAPS, "client_map", client_map, f"one of {list(CLIENT_MAPS)}")
@@ -1657,17 +1659,26 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     d_loss_sum = torch.zeros(num_clients, device=device)
     g_loss_sum = torch.zeros(num_clients, device=device)
 
+    def in_precision(fn):  # amp: the per-client function runs under BFloat16Compute (vmap traces it once)
+        def run(*args):
+            with _autocast(config.amp):
+                return fn(*args)
+        return run
+
+    @in_precision
     def g_forward(params, buffers, z, y):
         return functional_call(generator, (params, buffers), (z, y))
 
+    @in_precision
     def d_real_fake_loss(params, buffers, real, fake, y):
-        real_logits = functional_call(discriminator, (params, buffers), (real, y))
-        fake_logits = functional_call(discriminator, (params, buffers), (fake, y))
+        real_logits = functional_call(discriminator, (params, buffers), (real, y)).float()  # amp: bf16 -> float32
+        fake_logits = functional_call(discriminator, (params, buffers), (fake, y)).float()
         return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
                 + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
 
+    @in_precision
     def d_fooled_loss(params, buffers, fake, y):
-        logits = functional_call(discriminator, (params, buffers), (fake, y))
+        logits = functional_call(discriminator, (params, buffers), (fake, y)).float()
         return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
 
     for step in range(max_steps):
@@ -1716,6 +1727,40 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     return LocalResult(final_state(g_flat, g_buffers, g_state), final_state(d_flat, d_buffers, d_state),
                        g_flat.unflatten_adam_state(g_opt), d_flat.unflatten_adam_state(d_opt),
                        d_loss_sum / steps, g_loss_sum / steps)
+
+
+class BFloat16Compute(TorchFunctionMode):
+    """FedConfig.amp: convolutions and linear layers in bfloat16, batch norm and the rest in float32.
+
+    What torch.autocast does, but at the Python level, where vmap cannot bypass it: under vmap on a CPU,
+    autocast leaves convolutions in float32 (the batching rule calls an op autocast does not list).
+    bfloat16 has float32's exponent range, so no loss scaling is needed; parameters and gradients stay
+    float32 (the casts are differentiable).
+    """
+
+    LOW_PRECISION = (F.conv2d, F.conv_transpose2d, F.linear)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.LOW_PRECISION:
+            args, kwargs = _cast_floats((args, kwargs), torch.bfloat16)
+        elif func is F.batch_norm:
+            args = (args[0].float(), *args[1:])
+        return func(*args, **kwargs)
+
+
+def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:
+    if isinstance(tree, Tensor):
+        return tree.to(dtype) if tree.is_floating_point() else tree
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_cast_floats(t, dtype) for t in tree)
+    if isinstance(tree, dict):
+        return {k: _cast_floats(v, dtype) for k, v in tree.items()}
+    return tree
+
+
+def _autocast(enabled: bool) -> contextlib.AbstractContextManager:
+    return BFloat16Compute() if enabled else contextlib.nullcontext()
 
 
 def broadcast(state: Mapping[str, Tensor], count: int) -> dict[str, Tensor]:
@@ -2372,7 +2417,8 @@ class Federation:
         for _ in range(steps):
             z = torch.randn((config.batch_size, config.z_dim), generator=draws, device=self.device)
             y = torch.randint(num_classes, (config.batch_size,), generator=draws, device=self.device)
-            logits = critic(self.generator(z, y), y)
+            with _autocast(config.amp):
+                logits = critic(self.generator(z, y), y).float()
             loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
             self.server_g_opt.zero_grad()
             loss.backward()

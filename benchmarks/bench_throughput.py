@@ -91,7 +91,7 @@ def make_warmup(plan: fu.RoundPlan) -> fu.RoundPlan:
 
 def measure(k: int, args, device: torch.device, images, labels) -> dict:
     config = fu.FedConfig(num_clients=max(k, 1), batch_size=args.batch, ngf=args.ngf, ndf=args.ngf, device=str(device),
-                          eval_every=None, client_map=args.client_map)
+                          eval_every=None, client_map=args.client_map, amp=args.amp)
     torch.manual_seed(0)
     models = tuple(m.to(device) for m in fu.build_models(config))
     plan = make_plan(config, k, args.batch, args.steps, len(labels))
@@ -118,11 +118,11 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
             **{f"{name}_kernels_step": kernels[name] for name in contenders}}
 
 
-def full_round_seconds(device: torch.device, images, labels) -> float:
+def full_round_seconds(device: torch.device, images, labels, amp: bool) -> float:
     """Seconds for one full-preset round: 10 clients, one local epoch over all their images."""
     with tempfile.TemporaryDirectory() as scratch:
         config = fu.preset("full", device=str(device), eval_every=None, checkpoint_every=0, rounds=10 ** 6,
-                           checkpoint_dir=scratch, out_dir=scratch)
+                           checkpoint_dir=scratch, out_dir=scratch, amp=amp)
         federation = fu.Federation(config, data=(images, labels), log=False)
         federation.run_round()  # warm-up
         return federation.run_round()["seconds"]
@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--ngf", type=int, default=64, help="generator and discriminator width")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--client-map", default="auto", choices=fu.CLIENT_MAPS, help="the engine's client_map")
+    parser.add_argument("--amp", action="store_true", help="engine and ceiling in bf16 autocast (the loop stays float32)")
     parser.add_argument("--full-round", action="store_true", help="also time one full-preset round (default on GPU)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     args = parser.parse_args()
@@ -150,8 +151,8 @@ def main() -> None:
     images, labels = images.to(device), labels.to(device)
     report = fu.env_report()
     print(f"device {device} ({report['gpu'] or 'CPU, ' + str(report['cpu_threads']) + ' threads'}) | torch "
-          f"{report['torch']} | batch {args.batch} a client | ngf=ndf={args.ngf} | engine client_map={args.client_map} | "
-          f"{args.steps} steps, best of {args.repeats}")
+          f"{report['torch']} | batch {args.batch} a client | ngf=ndf={args.ngf} | engine client_map={args.client_map}"
+          f"{', bf16 autocast' if args.amp else ''} | {args.steps} steps, best of {args.repeats}")
     rows = [measure(k, args, device, images, labels) for k in ks]
     header = f"{'K':>5} {'loop img/s':>12} {'engine img/s':>13} {'ceiling img/s':>14} {'engine/loop':>12} " \
              f"{'engine/ceiling':>15} {'peak MB':>9} {'kernels/step loop':>18} {'engine':>7} {'ceiling':>8}"
@@ -165,7 +166,7 @@ def main() -> None:
               f"{row['ceiling_kernels_step']:>8,.0f}")
     if args.full_round or gpu:
         print(f"one full-preset round (10 clients, one local epoch over 60,000 images): "
-              f"{full_round_seconds(device, images, labels):.2f} s")
+              f"{full_round_seconds(device, images, labels, args.amp):.2f} s")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
         print(f"rows written to {args.json}")

@@ -15,6 +15,13 @@ os.environ.setdefault("FEDGAN_CACHE", tempfile.mkdtemp(prefix="fedgan-test-cache
 
 import fedgan_utils as fu  # noqa: E402
 
+# $FEDGAN_TEST_DEVICE=cuda runs the tiny federations on a GPU (benchmarks/gpu_session.sh); equivalence with the
+# reference loop is then checked in full float32, TF32 off
+TEST_DEVICE = os.environ.get("FEDGAN_TEST_DEVICE", "cpu")
+if TEST_DEVICE.startswith("cuda"):
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
 
 @pytest.fixture(scope="session")
 def mnist():
@@ -34,7 +41,7 @@ def tiny_config(tmp_path):
     """A federation small enough for a unit test, writing into a temporary folder."""
     def make(**overrides):
         values = dict(num_clients=3, rounds=2, local_steps=3, batch_size=8, ngf=8, ndf=8, z_dim=8, embed_dim=4,
-                      device="cpu", eval_every=None, out_dir=str(tmp_path / "outputs"),
+                      device=TEST_DEVICE, eval_every=None, out_dir=str(tmp_path / "outputs"),
                       checkpoint_dir=str(tmp_path / "checkpoints"))
         values.update(overrides)
         return fu.FedConfig(**values)

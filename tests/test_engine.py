@@ -109,3 +109,65 @@ def test_map_clients_skips_clients_that_finished_their_steps():
 
     out = fu.map_clients(fn, active=[True, False, True])(torch.tensor([1.0, 2.0, 3.0]))
     assert len(calls) == 2 and out.tolist() == [2.0, 0.0, 6.0]
+
+
+def train_tiny(config, images, labels):
+    torch.manual_seed(0)
+    generator, discriminator = fu.build_models(config)
+    plan = fu.plan_round(config, fu.partition(labels.numpy(), config.num_clients, seed=config.seed), 1)
+    count = config.num_clients
+    return fu.train_clients(generator, discriminator, fu.broadcast(generator.state_dict(), count),
+                            fu.broadcast(discriminator.state_dict(), count), images, labels, plan, config)
+
+
+def test_amp_trains_both_client_maps_alike_in_bfloat16_and_keeps_float32_state(mnist_small, tiny_config):
+    images, labels = mnist_small
+    exact = train_tiny(tiny_config(client_map="vmap"), images, labels)
+    vmapped = train_tiny(tiny_config(client_map="vmap", amp=True), images, labels)
+    looped = train_tiny(tiny_config(client_map="loop", amp=True), images, labels)
+    for amp in (vmapped, looped):
+        assert not torch.equal(amp.d_loss, exact.d_loss), "amp=True computed in float32"
+        torch.testing.assert_close(amp.d_loss, exact.d_loss, atol=5e-3, rtol=0)  # bf16 rounding, same model
+        torch.testing.assert_close(amp.g_loss, exact.g_loss, atol=5e-3, rtol=0)
+        for key, value in {**amp.g_state, **amp.d_state}.items():  # float32 master weights and BN statistics
+            assert value.dtype == {**exact.g_state, **exact.d_state}[key].dtype, key
+        assert all(v.dtype == torch.float32 for v in amp.g_opt["exp_avg"].values())
+    torch.testing.assert_close(vmapped.d_loss, looped.d_loss, atol=1e-3, rtol=0)  # vmap does not bypass amp
+    # Adam's first steps move a weight by about lr whatever the gradient's size: a rounding can flip one
+    moved = 2 * 3 * tiny_config().lr_g  # 3 local steps
+    torch.testing.assert_close(vmapped.g_state["main.0.weight"], looped.g_state["main.0.weight"], atol=moved, rtol=0)
+
+
+def test_bfloat16_compute_runs_convolutions_in_bf16_and_batch_norm_in_float32_also_under_vmap():
+    conv, norm = torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False)
+    x = torch.randn(3, 5, 2, 8, 8)  # (K, B, C, H, W)
+
+    def layers(x):
+        convolved = conv(x)
+        return convolved, norm(convolved)
+    with fu.BFloat16Compute():
+        for convolved, normed in (layers(x[0]), torch.func.vmap(layers)(x)):
+            assert convolved.dtype == torch.bfloat16 and normed.dtype == torch.float32
+    assert conv(x[0]).dtype == torch.float32  # only inside the mode
+    assert conv.weight.dtype == torch.float32
+
+
+def test_flat_params_are_views_of_one_tensor_and_round_trip_the_adam_state(tiny_config):
+    config = tiny_config()
+    generator, _ = fu.build_models(config)
+    stacked = fu.broadcast(generator.state_dict(), 3)
+    flat = fu.FlatParams(generator, stacked)
+    names = [n for n, _ in generator.named_parameters()]
+    assert list(flat.params) == names and flat.flat.shape == (3, sum(p.numel() for p in generator.parameters()))
+    for name in names:
+        assert torch.equal(flat.params[name], stacked[name])
+    with torch.no_grad():
+        flat.flat.add_(1.0)  # the optimizer writes the flat tensor; the layers see it through the views
+    assert all(torch.equal(flat.params[n], stacked[n] + 1) for n in names)
+    state = {"step": torch.tensor([1.0, 2.0, 3.0]),
+             "exp_avg": {n: torch.randn_like(stacked[n]) for n in names},
+             "exp_avg_sq": {n: torch.rand_like(stacked[n]) for n in names}}
+    back = flat.unflatten_adam_state(flat.adam_state(state))
+    assert torch.equal(back["step"], state["step"])
+    for moment in ("exp_avg", "exp_avg_sq"):
+        assert all(torch.equal(back[moment][n], state[moment][n]) for n in names)
