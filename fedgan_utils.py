@@ -282,7 +282,7 @@ class FedConfig:
     bn_policy: str = "average"  # BatchNorm under aggregation: "average" (FedAvg) or "local" (FedBN)
     optimizer_state: str = "reset"  # client Adam state each round: "reset" or "keep" (per client)
     client_map: str = "auto"  # clients as one batch: "vmap", "loop" (map_clients), "auto" (vmap on GPU, loop on CPU)
-    amp: bool = False  # local training's forward passes in bfloat16 autocast (a GPU speed option; changes results)
+    amp: bool = False  # local training's convolutions in bfloat16, the rest float32 (speed; changes results slightly)
     # server rule (see the Aggregation section)
     strategy: str = "fedavg"  # one of STRATEGIES (or pass a Strategy object to Federation)
     server_lr: float | None = None  # server learning rate; None: 1.0 fedavgm, 0.5 damped (its alpha), 1e-2 adaptive
@@ -1634,7 +1634,7 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     `prox_mu` > 0 adds FedProx's (mu/2)|w - w_start|^2 to both networks' losses (as mu (w - w_start) to the
     gradients), w_start being the state each client started the round from. `train_generator=False` trains
     only the discriminators (the generators only make the fakes), as DP-FedAvg-GAN's clients do.
-    `config.amp` runs the forward passes in bfloat16 autocast; parameters, gradients and Adam stay float32.
+    `config.amp` runs the convolutions in bfloat16 (BFloat16Compute); parameters, gradients and Adam stay float32.
     """
     client_map = config.client_map if client_map is None else client_map
     _require(client_map in CLIENT_MAPS, "client_map", client_map, f"one of {list(CLIENT_MAPS)}")
@@ -1661,7 +1661,7 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
 
     def in_precision(fn):  # amp: the per-client function runs under BFloat16Compute (vmap traces it once)
         def run(*args):
-            with _autocast(config.amp):
+            with _bfloat16_compute(config.amp):
                 return fn(*args)
         return run
 
@@ -1759,7 +1759,7 @@ def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:
     return tree
 
 
-def _autocast(enabled: bool) -> contextlib.AbstractContextManager:
+def _bfloat16_compute(enabled: bool) -> contextlib.AbstractContextManager:
     return BFloat16Compute() if enabled else contextlib.nullcontext()
 
 
@@ -2417,7 +2417,7 @@ class Federation:
         for _ in range(steps):
             z = torch.randn((config.batch_size, config.z_dim), generator=draws, device=self.device)
             y = torch.randint(num_classes, (config.batch_size,), generator=draws, device=self.device)
-            with _autocast(config.amp):
+            with _bfloat16_compute(config.amp):
                 logits = critic(self.generator(z, y), y).float()
             loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
             self.server_g_opt.zero_grad()

@@ -6,8 +6,8 @@ per step, K clients x batch images):
   engine   - fedgan_utils.train_clients, as the notebooks use it (all K clients stacked, one vmap'd model)
   ceiling  - the same engine with one model given all K x batch images per step
 and prints images/s with the ratios engine/loop and engine/ceiling, and the kernels each launches per step
-(aten operations that compute, views left out: on a GPU each is at least one kernel launch, and launches
-are what bound a small GAN's step there; on a CPU the count still shows it).
+(aten operations that compute, views and bare allocations left out: on a GPU each is at least one kernel
+launch, and launches are what bound a small GAN's step there; on a CPU the count still shows it).
 
     python benchmarks/bench_throughput.py                 # K = 1, 10, 100 on a GPU; 1, 4, 10 on a CPU
     python benchmarks/bench_throughput.py --ks 10 --steps 5 --json results.json
@@ -66,14 +66,17 @@ def time_loop(config, generator, discriminator, images, labels, plan) -> float:
 
 
 class KernelCounter(TorchDispatchMode):
-    """Counts the aten operations that run a kernel (views and aliases left out)."""
+    """Counts the aten operations that run a kernel: views and bare allocations left out."""
+
+    NO_KERNEL = {"aten::_unsafe_view", "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty",
+                 "aten::new_empty_strided"}
 
     def __init__(self):
         super().__init__()
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not func.is_view
+        self.count += not func.is_view and func._schema.name not in self.NO_KERNEL
         return func(*args, **(kwargs or {}))
 
 
@@ -137,7 +140,7 @@ def main() -> None:
     parser.add_argument("--ngf", type=int, default=64, help="generator and discriminator width")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--client-map", default="auto", choices=fu.CLIENT_MAPS, help="the engine's client_map")
-    parser.add_argument("--amp", action="store_true", help="engine and ceiling in bf16 autocast (the loop stays float32)")
+    parser.add_argument("--amp", action="store_true", help="engine and ceiling with amp=True, bf16 (the loop stays float32)")
     parser.add_argument("--full-round", action="store_true", help="also time one full-preset round (default on GPU)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     args = parser.parse_args()
@@ -152,7 +155,7 @@ def main() -> None:
     report = fu.env_report()
     print(f"device {device} ({report['gpu'] or 'CPU, ' + str(report['cpu_threads']) + ' threads'}) | torch "
           f"{report['torch']} | batch {args.batch} a client | ngf=ndf={args.ngf} | engine client_map={args.client_map}"
-          f"{', bf16 autocast' if args.amp else ''} | {args.steps} steps, best of {args.repeats}")
+          f"{', amp (bf16)' if args.amp else ''} | {args.steps} steps, best of {args.repeats}")
     rows = [measure(k, args, device, images, labels) for k in ks]
     header = f"{'K':>5} {'loop img/s':>12} {'engine img/s':>13} {'ceiling img/s':>14} {'engine/loop':>12} " \
              f"{'engine/ceiling':>15} {'peak MB':>9} {'kernels/step loop':>18} {'engine':>7} {'ceiling':>8}"

@@ -1,4 +1,4 @@
-"""Does bfloat16 autocast (FedConfig.amp) keep the quality? The same federation trained twice, float32 and bf16.
+"""Does bfloat16 compute (FedConfig.amp) keep the quality? The same federation trained twice, float32 and bf16.
 
 Same seed, data, clients and metric classifier; prints FID, KID, IS, conditional accuracy and training seconds
 of both, and the ratios. amp changes what is computed (bf16 rounding in the forward passes), so the two runs
@@ -36,7 +36,7 @@ def main() -> None:
             overrides.update(rounds=args.rounds, eval_every=args.rounds)
         base = fu.preset(name, **overrides)
         print(f"preset {name} | {base.rounds} rounds | device {device} | torch {fu.env_report()['torch']}")
-        rows, _ = fu.run_ablation(base, {"float32": {}, "bfloat16 autocast": {"amp": True}})
+        rows, _ = fu.run_ablation(base, {"float32": {}, "amp (bfloat16)": {"amp": True}})
     exact, amp = rows
     for key, label in (("fid", "FID"), ("kid", "KID"), ("is", "IS"), ("cond_acc", "cond_acc"), ("seconds", "seconds")):
         print(f"{label:>9}: float32 {exact[key]:10.4g} | bf16 {amp[key]:10.4g} | bf16/float32 {amp[key] / exact[key]:.2f}")
