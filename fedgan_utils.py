@@ -2083,6 +2083,9 @@ class Federation:
                             f"config.strategy, got {type(strategy).__name__}")
         self.config, self.log = config, log
         self.device = pick_device(config.device)
+        if config.amp and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] < 8:
+            _warn(f"amp=True on a {torch.cuda.get_device_name(self.device)}: GPUs before Ampere (e.g. Kaggle's T4 "
+                  "and P100) have no bfloat16 tensor cores, so amp is likely slower than float32 there")
         images, labels = data if data is not None else load_dataset(config.dataset, config.data_root)
         if config.train_subset is not None and config.train_subset < len(labels):
             keep = np.sort(np.random.default_rng(config.seed).choice(len(labels), config.train_subset,
