@@ -1521,33 +1521,27 @@ def adam_init(params: Mapping[str, Tensor]) -> dict[str, Any]:
             "exp_avg_sq": {n: torch.zeros_like(p) for n, p in params.items()}}
 
 
-@torch.no_grad()
-def adam_step(params: Mapping[str, Tensor], grads: Sequence[Tensor], state: dict[str, Any], *, lr: float,
-              betas: tuple[float, float], eps: float = 1e-8, active: Tensor | None = None) -> None:
-    """Adam (as torch.optim.Adam computes it) on params stacked [K, ...], one step count per client.
+class StackedAdam:
+    """Adam over K clients' flat parameters [K, P], each client with its own step count.
 
-    `active` [K] bool leaves the clients that have finished their local steps untouched.
+    torch's fused Adam over the K rows: one call reads each tensor once and updates every client still
+    training (one multi-tensor kernel; a few for large K on a GPU), where the same update written with tensor
+    ops takes a dozen full passes over [K, P] (25x slower on a CPU at K=10, ngf=64). Same algorithm as
+    torch.optim.Adam, which the reference loop uses.
     """
-    beta1, beta2 = betas
-    step = state["step"] + (1 if active is None else active.to(state["step"].dtype))
-    bias_correction1 = 1 - beta1 ** step.clamp(min=1)  # (K,)
-    bias_correction2_sqrt = (1 - beta2 ** step.clamp(min=1)).sqrt()  # (K,)
-    step_size = lr / bias_correction1
-    if active is not None:
-        step_size = torch.where(active, step_size, torch.zeros_like(step_size))
-    state["step"] = step
-    for (name, param), grad in zip(params.items(), grads):
-        view = (-1,) + (1,) * (param.dim() - 1)  # broadcast (K,) over a client's tensor
-        exp_avg, exp_avg_sq = state["exp_avg"][name], state["exp_avg_sq"][name]
-        new_avg = exp_avg.lerp(grad, 1 - beta1)
-        new_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-        if active is not None:
-            keep = active.view(view)
-            new_avg, new_avg_sq = torch.where(keep, new_avg, exp_avg), torch.where(keep, new_avg_sq, exp_avg_sq)
-        exp_avg.copy_(new_avg)
-        exp_avg_sq.copy_(new_avg_sq)
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt.view(view)).add_(eps)
-        param.add_((-step_size).view(view) * exp_avg / denom)
+
+    def __init__(self, flat: Tensor, state: Mapping[str, Any], *, lr: float, betas: tuple[float, float]):
+        self.rows = list(flat.unbind(0))  # (P,) views: the optimizer writes the clients' parameters in place
+        self.optimizer = torch.optim.Adam(self.rows, lr=lr, betas=betas, fused=True)
+        moments = (state["exp_avg"]["flat"].unbind(0), state["exp_avg_sq"]["flat"].unbind(0))
+        for row, step, exp_avg, exp_avg_sq in zip(self.rows, state["step"].unbind(0), *moments):
+            self.optimizer.state[row] = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}  # views
+
+    def step(self, grad: Tensor, active: Sequence[bool] | None = None) -> None:
+        """One step with gradients [K, P]; clients not `active` (their local steps done) are left untouched."""
+        for k, (row, client_grad) in enumerate(zip(self.rows, grad.unbind(0))):
+            row.grad = client_grad if active is None or active[k] else None  # Adam skips a parameter without grad
+        self.optimizer.step()
 
 
 class FlatParams:
@@ -1648,10 +1642,13 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     g_opt, d_opt = g_flat.adam_state(g_opt), d_flat.adam_state(d_opt)
     g_anchor, d_anchor = (net.flat.clone() if prox_mu else None for net in (g_flat, d_flat))
 
-    def flat_gradient(loss: Tensor, net: FlatParams, anchor: Tensor | None) -> list[Tensor]:
+    g_adam = StackedAdam(g_flat.flat, g_opt, lr=config.lr_g, betas=config.betas)
+    d_adam = StackedAdam(d_flat.flat, d_opt, lr=config.lr_d, betas=config.betas)
+
+    def flat_gradient(loss: Tensor, net: FlatParams, anchor: Tensor | None) -> Tensor:
         grads = torch.autograd.grad(loss, list(net.params.values()))
         flat = torch.cat([g.reshape(net.count, -1) for g in grads], 1)  # (K, P)
-        return [flat if anchor is None else flat + prox_mu * (net.flat - anchor)]
+        return flat if anchor is None else flat + prox_mu * (net.flat - anchor)
     num_clients, max_steps, batch = plan.batch_indices.shape
     steps = torch.as_tensor(plan.steps, device=device)
     batch_indices = plan.batch_indices.to(device)
@@ -1699,14 +1696,12 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
 
         # (1) Update D: real images -> 1, generated images -> 0
         d_loss = batched(d_real_fake_loss)(d_params, d_buffers, real, fake.detach(), y)  # (K,)
-        adam_step({"flat": d_flat.flat}, flat_gradient(d_loss.sum(), d_flat, d_anchor), d_opt, lr=config.lr_d,
-                  betas=config.betas, active=active)
+        d_adam.step(flat_gradient(d_loss.sum(), d_flat, d_anchor), on_steps)
 
         # (2) Update G: make the updated D call generated images real (DP-FedAvg-GAN: G trains on the server)
         if train_generator:
             g_loss = batched(d_fooled_loss)(d_params, d_buffers, fake, y)  # (K,)
-            adam_step({"flat": g_flat.flat}, flat_gradient(g_loss.sum(), g_flat, g_anchor), g_opt,
-                      lr=config.lr_g, betas=config.betas, active=active)
+            g_adam.step(flat_gradient(g_loss.sum(), g_flat, g_anchor), on_steps)
         else:
             g_loss = torch.zeros_like(d_loss)
 

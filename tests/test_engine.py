@@ -39,31 +39,37 @@ def test_engine_matches_the_per_client_reference_loop_over_two_rounds(mnist_smal
     assert_states_close(federation.discriminator.state_dict(), d_ref)
 
 
-def test_stacked_adam_matches_torch_adam_for_each_client():
+def test_stacked_adam_matches_torch_adam_for_each_client_with_its_own_step_count():
     torch.manual_seed(0)
-    params = {"w": torch.randn(3, 4, 5)}
-    references = [torch.nn.Parameter(params["w"][k].clone()) for k in range(3)]
+    flat = torch.randn(3, 20)
+    state = fu.adam_init({"flat": flat})
+    state["step"] += torch.tensor([0.0, 5.0, 9.0])  # clients that kept their optimizer through earlier rounds
+    references = [torch.nn.Parameter(flat[k].clone()) for k in range(3)]
     optimizers = [torch.optim.Adam([p], lr=1e-2, betas=(0.5, 0.999)) for p in references]
-    state = fu.adam_init(params)
+    for k, optimizer in enumerate(optimizers):
+        optimizer.state[references[k]] = {"step": state["step"][k].clone(), "exp_avg": torch.zeros(20),
+                                          "exp_avg_sq": torch.zeros(20)}
+    adam = fu.StackedAdam(flat, state, lr=1e-2, betas=(0.5, 0.999))
     for _ in range(4):
-        grads = torch.randn(3, 4, 5)
-        fu.adam_step(params, [grads], state, lr=1e-2, betas=(0.5, 0.999))
-        for k, (p, opt) in enumerate(zip(references, optimizers)):
+        grads = torch.randn(3, 20)
+        adam.step(grads)
+        for k, (p, optimizer) in enumerate(zip(references, optimizers)):
             p.grad = grads[k].clone()
-            opt.step()
+            optimizer.step()
     for k in range(3):
-        torch.testing.assert_close(params["w"][k], references[k].detach(), atol=1e-6, rtol=1e-6)
-    assert state["step"].tolist() == [4.0, 4.0, 4.0]
+        torch.testing.assert_close(flat[k], references[k].detach(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(state["exp_avg_sq"]["flat"][k], optimizers[k].state[references[k]]["exp_avg_sq"])
+    assert state["step"].tolist() == [4.0, 9.0, 13.0]  # the counts are updated in the caller's state
 
 
 def test_stacked_adam_leaves_inactive_clients_untouched():
-    params = {"w": torch.ones(2, 3)}
-    state = fu.adam_init(params)
-    fu.adam_step(params, [torch.ones(2, 3)], state, lr=0.1, betas=(0.9, 0.999), active=torch.tensor([True, False]))
-    assert torch.equal(params["w"][1], torch.ones(3))
+    flat = torch.ones(2, 3)
+    state = fu.adam_init({"flat": flat})
+    fu.StackedAdam(flat, state, lr=0.1, betas=(0.9, 0.999)).step(torch.ones(2, 3), active=[True, False])
+    assert torch.equal(flat[1], torch.ones(3))
     assert state["step"].tolist() == [1.0, 0.0]
-    assert torch.equal(state["exp_avg"]["w"][1], torch.zeros(3))
-    torch.testing.assert_close(params["w"][0], torch.full((3,), 0.9))  # first Adam step moves by lr
+    assert torch.equal(state["exp_avg"]["flat"][1], torch.zeros(3))
+    torch.testing.assert_close(flat[0], torch.full((3,), 0.9))  # first Adam step moves by lr
 
 
 def test_plan_is_deterministic_and_walks_each_clients_own_data(tiny_config):
