@@ -33,7 +33,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output
 "$PYTHON" -c "import fedgan_utils as fu, json; print(json.dumps(fu.env_report(), indent=1))" > "$OUT/env.txt" 2>&1
 if [ "$GPU" = 1 ]; then
   nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-  step throughput 200 "$PYTHON" benchmarks/bench_throughput.py --json "$OUT/throughput.json"
+  step throughput 200 "$PYTHON" benchmarks/bench_throughput.py --steps 10 --json "$OUT/throughput.json"
   step tests_cuda 100 env FEDGAN_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:warnings -p no:cacheprovider \
     tests/test_engine.py tests/test_federation.py tests/test_checkpoints.py
   step memory 120 "$PYTHON" benchmarks/bench_memory.py --json "$OUT/memory.json"
