@@ -37,7 +37,8 @@ if [ "$GPU" = 1 ]; then
   step tests_cuda 100 env FEDGAN_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:warnings -p no:cacheprovider \
     tests/test_engine.py tests/test_federation.py tests/test_checkpoints.py
   step memory 120 "$PYTHON" benchmarks/bench_memory.py --json "$OUT/memory.json"
-  step throughput_amp 90 "$PYTHON" benchmarks/bench_throughput.py --ks 10,100 --steps 5 --repeats 2 --amp --json "$OUT/throughput_amp.json"
+  step throughput_amp 90 "$PYTHON" benchmarks/bench_throughput.py --ks 10,100 --steps 5 --repeats 2 --amp \
+    --json "$OUT/throughput_amp.json"
   step amp_quality 180 "$PYTHON" benchmarks/check_amp.py --preset full --rounds 6 --json "$OUT/amp_quality.json"
 else
   step throughput 300 "$PYTHON" benchmarks/bench_throughput.py --ks 1,2 --steps 2 --repeats 1 --ngf 16 \
