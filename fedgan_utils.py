@@ -238,7 +238,8 @@ _FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and w
     "topk_fraction": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "staleness_a": (lambda v: _is_number(v) and _finite(v) and v >= 0, "a number >= 0"),
     "staleness_b": (_non_negative_int, "an integer >= 0"),
-    **{name: (lambda v: isinstance(v, bool), "True or False") for name in ("error_feedback", "server_generator", "amp")},
+    **{name: (lambda v: isinstance(v, bool), "True or False")
+       for name in ("error_feedback", "server_generator", "amp")},
     "attack_fraction": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "attack_scale": (_positive_number, "a number > 0"),
     "min_clients": (_positive_int, "an integer >= 1"),
@@ -1530,12 +1531,20 @@ class StackedAdam:
     torch.optim.Adam, which the reference loop uses. (Fused Adam runs on a CPU from torch 2.4.)
     """
 
-    def __init__(self, flat: Tensor, state: Mapping[str, Any], *, lr: float, betas: tuple[float, float]):
+    MOMENTS = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, flat: Tensor, state: Mapping[str, Tensor], *, lr: float, betas: tuple[float, float]):
+        """`state`: {"step": [K], "exp_avg": [K, P], "exp_avg_sq": [K, P]}, updated in place by step()."""
         self.rows = list(flat.unbind(0))  # (P,) views: the optimizer writes the clients' parameters in place
         self.optimizer = torch.optim.Adam(self.rows, lr=lr, betas=betas, fused=True)
-        moments = (state["exp_avg"]["flat"].unbind(0), state["exp_avg_sq"]["flat"].unbind(0))
-        for row, step, exp_avg, exp_avg_sq in zip(self.rows, state["step"].unbind(0), *moments):
-            self.optimizer.state[row] = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}  # views
+        for row, step, *moments in zip(self.rows, *(state[k].unbind(0) for k in ("step", *self.MOMENTS))):
+            self.optimizer.state[row] = {"step": step, **dict(zip(self.MOMENTS, moments))}  # views
+
+    @staticmethod
+    def initial_state(flat: Tensor) -> dict[str, Tensor]:
+        """Step counts 0 and zero moments for the clients of `flat` [K, P]."""
+        return {"step": torch.zeros(flat.shape[0], device=flat.device),
+                **{m: torch.zeros_like(flat) for m in StackedAdam.MOMENTS}}
 
     def step(self, grad: Tensor, active: Sequence[bool] | None = None) -> None:
         """One step with gradients [K, P]; clients not `active` (their local steps done) are left untouched."""
@@ -1569,15 +1578,15 @@ class FlatParams:
         pieces = flat.split(self.sizes, 1)  # each (K, size)
         return {n: piece.view(self.count, *shape) for n, piece, shape in zip(self.names, pieces, self.shapes)}
 
-    def adam_state(self, state: dict[str, Any] | None) -> dict[str, Any]:
-        """A stacked Adam state ({name: [K, ...]} moments) as flat moments, or a fresh one."""
+    def adam_state(self, state: dict[str, Any] | None) -> dict[str, Tensor]:
+        """A stacked Adam state ({name: [K, ...]} moments) as StackedAdam's flat one, or a fresh one."""
         if state is None:
-            return adam_init({"flat": self.flat})
-        return {"step": state["step"], **{m: {"flat": self.flatten(state[m])} for m in ("exp_avg", "exp_avg_sq")}}
+            return StackedAdam.initial_state(self.flat)
+        return {"step": state["step"], **{m: self.flatten(state[m]) for m in StackedAdam.MOMENTS}}
 
-    def unflatten_adam_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        return {"step": state["step"], **{m: {n: v.contiguous() for n, v in self.split(state[m]["flat"]).items()}
-                                          for m in ("exp_avg", "exp_avg_sq")}}
+    def unflatten_adam_state(self, state: Mapping[str, Tensor]) -> dict[str, Any]:
+        return {"step": state["step"], **{m: {n: v.contiguous() for n, v in self.split(state[m]).items()}
+                                          for m in StackedAdam.MOMENTS}}
 
 
 @dataclass

@@ -42,7 +42,7 @@ def test_engine_matches_the_per_client_reference_loop_over_two_rounds(mnist_smal
 def test_stacked_adam_matches_torch_adam_for_each_client_with_its_own_step_count():
     torch.manual_seed(0)
     flat = torch.randn(3, 20)
-    state = fu.adam_init({"flat": flat})
+    state = fu.StackedAdam.initial_state(flat)
     state["step"] += torch.tensor([0.0, 5.0, 9.0])  # clients that kept their optimizer through earlier rounds
     references = [torch.nn.Parameter(flat[k].clone()) for k in range(3)]
     optimizers = [torch.optim.Adam([p], lr=1e-2, betas=(0.5, 0.999)) for p in references]
@@ -58,17 +58,17 @@ def test_stacked_adam_matches_torch_adam_for_each_client_with_its_own_step_count
             optimizer.step()
     for k in range(3):
         torch.testing.assert_close(flat[k], references[k].detach(), atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(state["exp_avg_sq"]["flat"][k], optimizers[k].state[references[k]]["exp_avg_sq"])
+        torch.testing.assert_close(state["exp_avg_sq"][k], optimizers[k].state[references[k]]["exp_avg_sq"])
     assert state["step"].tolist() == [4.0, 9.0, 13.0]  # the counts are updated in the caller's state
 
 
 def test_stacked_adam_leaves_inactive_clients_untouched():
     flat = torch.ones(2, 3)
-    state = fu.adam_init({"flat": flat})
+    state = fu.StackedAdam.initial_state(flat)
     fu.StackedAdam(flat, state, lr=0.1, betas=(0.9, 0.999)).step(torch.ones(2, 3), active=[True, False])
     assert torch.equal(flat[1], torch.ones(3))
     assert state["step"].tolist() == [1.0, 0.0]
-    assert torch.equal(state["exp_avg"]["flat"][1], torch.zeros(3))
+    assert torch.equal(state["exp_avg"][1], torch.zeros(3))
     torch.testing.assert_close(flat[0], torch.full((3,), 0.9))  # first Adam step moves by lr
 
 
