@@ -239,7 +239,7 @@ _FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and w
     "staleness_a": (lambda v: _is_number(v) and _finite(v) and v >= 0, "a number >= 0"),
     "staleness_b": (_non_negative_int, "an integer >= 0"),
     **{name: (lambda v: isinstance(v, bool), "True or False")
-       for name in ("error_feedback", "server_generator", "amp")},
+       for name in ("error_feedback", "server_generator", "amp", "cuda_graphs")},
     "attack_fraction": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "attack_scale": (_positive_number, "a number > 0"),
     "min_clients": (_positive_int, "an integer >= 1"),
@@ -284,6 +284,7 @@ class FedConfig:
     optimizer_state: str = "reset"  # client Adam state each round: "reset" or "keep" (per client)
     client_map: str = "auto"  # clients as one batch: "vmap", "loop" (map_clients), "auto" (vmap on GPU, loop on CPU)
     amp: bool = False  # local training's convolutions in bfloat16, the rest float32 (speed; changes results slightly)
+    cuda_graphs: bool = True  # on a CUDA GPU, replay each local step from a CUDA graph (same result, fewer launches)
     # server rule (see the Aggregation section)
     strategy: str = "fedavg"  # one of STRATEGIES (or pass a Strategy object to Federation)
     server_lr: float | None = None  # server learning rate; None: 1.0 fedavgm, 0.5 damped (its alpha), 1e-2 adaptive
@@ -1537,6 +1538,7 @@ class StackedAdam:
         """`state`: {"step": [K], "exp_avg": [K, P], "exp_avg_sq": [K, P]}, updated in place by step()."""
         self.rows = list(flat.unbind(0))  # (P,) views: the optimizer writes the clients' parameters in place
         self.optimizer = torch.optim.Adam(self.rows, lr=lr, betas=betas, fused=True)
+        self.on_cuda = flat.device.type == "cuda"
         for row, step, *moments in zip(self.rows, *(state[k].unbind(0) for k in ("step", *self.MOMENTS))):
             self.optimizer.state[row] = {"step": step, **dict(zip(self.MOMENTS, moments))}  # views
 
@@ -1550,6 +1552,9 @@ class StackedAdam:
         """One step with gradients [K, P]; clients not `active` (their local steps done) are left untouched."""
         for k, (row, client_grad) in enumerate(zip(self.rows, grad.unbind(0))):
             row.grad = client_grad if active is None or active[k] else None  # Adam skips a parameter without grad
+        # torch lets a CUDA graph record step() only if "capturable" (and warns if it is set outside a capture);
+        # the fused kernel computes the same either way
+        self.optimizer.param_groups[0]["capturable"] = self.on_cuda and torch.cuda.is_current_stream_capturing()
         self.optimizer.step()
 
 
@@ -1687,16 +1692,10 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
         logits = functional_call(discriminator, (params, buffers), (fake, y)).float()
         return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
 
-    for step in range(max_steps):
-        idx = batch_indices[:, step]  # (K, B)
+    def local_step(idx: Tensor, z: Tensor, on_steps: list[bool] | None) -> tuple[Tensor, Tensor]:
+        """A D and a G step of the clients `on_steps` (None: all) on images `idx` [K, B], noise z [K, B, z_dim]."""
         real = to_float_images(images[idx])  # (K, B, C, H, W)
         y = labels[idx]  # (K, B)
-        z = torch.randn((num_clients, batch, generator.z_dim), generator=noise_gen, device=device)
-        everyone = step < int(plan.steps.min())
-        active = None if everyone else step < steps  # (K,) clients still training
-        if not everyone:
-            saved_buffers = {k: v.clone() for k, v in {**g_buffers, **d_buffers}.items()}
-        on_steps = None if everyone else (step < plan.steps).tolist()  # known on the host: no device sync
 
         def batched(fn):
             return map_clients(fn, on_steps) if looped else vmap(fn)
@@ -1708,22 +1707,36 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
         d_adam.step(flat_gradient(d_loss.sum(), d_flat, d_anchor), on_steps)
 
         # (2) Update G: make the updated D call generated images real (DP-FedAvg-GAN: G trains on the server)
-        if train_generator:
-            g_loss = batched(d_fooled_loss)(d_params, d_buffers, fake, y)  # (K,)
-            g_adam.step(flat_gradient(g_loss.sum(), g_flat, g_anchor), on_steps)
-        else:
-            g_loss = torch.zeros_like(d_loss)
+        if not train_generator:
+            return d_loss.detach(), torch.zeros_like(d_loss_sum)
+        g_loss = batched(d_fooled_loss)(d_params, d_buffers, fake, y)  # (K,)
+        g_adam.step(flat_gradient(g_loss.sum(), g_flat, g_anchor), on_steps)
+        return d_loss.detach(), g_loss.detach()
 
-        if active is None:
-            d_loss_sum += d_loss.detach()
-            g_loss_sum += g_loss.detach()
-        else:  # finished clients: undo the running-statistics updates of this step, count no loss
-            with torch.no_grad():
-                for name, buffer in {**g_buffers, **d_buffers}.items():
-                    keep = active.view(-1, *([1] * (buffer.dim() - 1)))
-                    buffer.copy_(torch.where(keep, buffer, saved_buffers[name]))
-            d_loss_sum += torch.where(active, d_loss.detach(), torch.zeros_like(d_loss_sum))
-            g_loss_sum += torch.where(active, g_loss.detach(), torch.zeros_like(g_loss_sum))
+    def step_of_all(idx: Tensor, z: Tensor) -> None:  # every client trains: losses added on the device
+        d_loss, g_loss = local_step(idx, z, None)
+        d_loss_sum.add_(d_loss)
+        g_loss_sum.add_(g_loss)
+
+    steps_of_all = int(plan.steps.min())  # the steps every client takes; after them, the finished ones sit out
+    if config.cuda_graphs and device.type == "cuda" and steps_of_all >= CudaGraphStep.MIN_CALLS:
+        step_of_all = CudaGraphStep(step_of_all)
+    for step in range(max_steps):
+        idx = batch_indices[:, step]  # (K, B)
+        z = torch.randn((num_clients, batch, generator.z_dim), generator=noise_gen, device=device)
+        if step < steps_of_all:
+            step_of_all(idx, z)
+            continue
+        active = step < steps  # (K,) clients still training
+        saved_buffers = {k: v.clone() for k, v in {**g_buffers, **d_buffers}.items()}
+        on_steps = (step < plan.steps).tolist()  # known on the host: no device sync
+        d_loss, g_loss = local_step(idx, z, on_steps)
+        with torch.no_grad():  # finished clients: undo the running-statistics updates of this step, count no loss
+            for name, buffer in {**g_buffers, **d_buffers}.items():
+                keep = active.view(-1, *([1] * (buffer.dim() - 1)))
+                buffer.copy_(torch.where(keep, buffer, saved_buffers[name]))
+        d_loss_sum += torch.where(active, d_loss, torch.zeros_like(d_loss_sum))
+        g_loss_sum += torch.where(active, g_loss, torch.zeros_like(g_loss_sum))
 
     def final_state(net: FlatParams, buffers: Mapping[str, Tensor], state: Mapping[str, Tensor]):
         values = {**{n: v.detach().contiguous() for n, v in net.split(net.flat).items()}, **buffers}
@@ -1731,6 +1744,46 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     return LocalResult(final_state(g_flat, g_buffers, g_state), final_state(d_flat, d_buffers, d_state),
                        g_flat.unflatten_adam_state(g_opt), d_flat.unflatten_adam_state(d_opt),
                        d_loss_sum / steps, g_loss_sum / steps)
+
+
+class CudaGraphStep:
+    """A local step replayed from a CUDA graph: one launch where the eager step makes hundreds.
+
+    A small GAN's step on a GPU is bound by kernel launches, not arithmetic (the issue's H200 table: 2-4x from
+    graphs). The first WARMUP calls run eagerly on a side stream (lazy initialisation must happen outside a
+    capture, as torch's CUDA-graph notes say); the next call records `body` once and every call replays it. A
+    replay runs the recorded kernels on the same memory, so the result is the eager one: `body` must not sync
+    with the host, must keep its state in tensors that outlive the calls (parameters, Adam state, buffers, loss
+    sums, updated in place), and takes its inputs from static buffers that each call copies into.
+    """
+
+    WARMUP = 2
+    MIN_CALLS = WARMUP + 4  # fewer steps than this: capturing costs more than replays save
+
+    def __init__(self, body):
+        self.body = body
+        self.calls = 0
+        self.inputs: list[Tensor] | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self, *inputs: Tensor) -> None:
+        if self.inputs is None:
+            self.inputs = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in inputs]
+        for buffer, x in zip(self.inputs, inputs):
+            buffer.copy_(x)
+        if self.calls < self.WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.body(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            if self.graph is None:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.body(*self.inputs)
+            self.graph.replay()
+        self.calls += 1
 
 
 class BFloat16Compute(TorchFunctionMode):

@@ -3,8 +3,10 @@
 In one process, on the same data and model, for each K it times local training (a D and a G step per client
 per step, K clients x batch images):
   loop     - the reference per-client loop of tests/reference_loop.py (nn.Module + torch.optim.Adam)
-  engine   - fedgan_utils.train_clients, as the notebooks use it (all K clients stacked, one vmap'd model)
+  engine   - fedgan_utils.train_clients, as the notebooks use it (all K clients stacked, one vmap'd model;
+             on a GPU each step replayed from a CUDA graph)
   ceiling  - the same engine with one model given all K x batch images per step
+  eager    - on a GPU, also the engine without CUDA graphs (--no-cuda-graphs makes it the engine)
 and prints images/s with the ratios engine/loop and engine/ceiling, and the kernels each launches per step
 (aten operations that compute, views and bare allocations left out: on a GPU each is at least one kernel
 launch, and launches are what bound a small GAN's step there; on a CPU the count still shows it).
@@ -81,20 +83,23 @@ class KernelCounter(TorchDispatchMode):
 
 
 def kernels_per_step(timer, config, generator, discriminator, images, labels, plan) -> float:
-    """Kernels a contender launches per local step, its round set-up spread over the steps."""
+    """Kernels a contender runs per local step, its round set-up spread over the steps.
+
+    Counted without CUDA graphs: a graph replays the same kernels, but from one launch that the count cannot see.
+    """
     with KernelCounter() as counter:
-        timer(config, generator, discriminator, images, labels, plan)
+        timer(dataclasses.replace(config, cuda_graphs=False), generator, discriminator, images, labels, plan)
     return counter.count / int(plan.steps.max())
 
 
-def make_warmup(plan: fu.RoundPlan) -> fu.RoundPlan:
-    return fu.RoundPlan(plan.round, plan.client_ids, plan.sizes, np.minimum(plan.steps, 2),
-                        plan.batch_indices[:, :2], plan.noise_seed)
+def first_steps(plan: fu.RoundPlan, count: int) -> fu.RoundPlan:
+    return fu.RoundPlan(plan.round, plan.client_ids, plan.sizes, np.minimum(plan.steps, count),
+                        plan.batch_indices[:, :count], plan.noise_seed)
 
 
 def measure(k: int, args, device: torch.device, images, labels) -> dict:
     config = fu.FedConfig(num_clients=max(k, 1), batch_size=args.batch, ngf=args.ngf, ndf=args.ngf, device=str(device),
-                          eval_every=None, client_map=args.client_map, amp=args.amp)
+                          eval_every=None, client_map=args.client_map, amp=args.amp, cuda_graphs=args.cuda_graphs)
     torch.manual_seed(0)
     models = tuple(m.to(device) for m in fu.build_models(config))
     plan = make_plan(config, k, args.batch, args.steps, len(labels))
@@ -102,14 +107,17 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
     one_model = make_plan(ceiling_config, 1, k * args.batch, args.steps, len(labels))
     contenders = {"engine": (time_engine, config, plan), "loop": (time_loop, config, plan),
                   "ceiling": (time_engine, ceiling_config, one_model)}
+    graphs = device.type == "cuda" and config.cuda_graphs
+    if graphs:  # what the graphs bring: the engine as it steps without them
+        contenders["eager"] = (time_engine, dataclasses.replace(config, cuda_graphs=False), plan)
     for timer, cfg, p in contenders.values():  # warm-up: allocator, cuDNN autotuning, caches
-        timer(cfg, *models, images, labels, make_warmup(p))
+        timer(cfg, *models, images, labels, first_steps(p, 2))
     best = {name: float("inf") for name in contenders}
-    for _ in range(args.repeats):  # interleaved, so that drift in the machine's speed hits all three alike
+    for _ in range(args.repeats):  # interleaved, so that drift in the machine's speed hits all alike
         for name, (timer, cfg, p) in contenders.items():
             best[name] = min(best[name], timer(cfg, *models, images, labels, p))
-    kernels = {name: kernels_per_step(timer, cfg, *models, images, labels, p)
-               for name, (timer, cfg, p) in contenders.items()}
+    kernels = {name: kernels_per_step(timer, cfg, *models, images, labels, first_steps(p, 10))
+               for name, (timer, cfg, p) in contenders.items() if name != "eager"}
     peak = None
     if device.type == "cuda":  # the engine's own peak, in a run of its own
         torch.cuda.reset_peak_memory_stats(device)
@@ -118,14 +126,15 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
     work = k * args.batch * args.steps
     return {"K": k, "batch": args.batch, "device": str(device), "loop_img_s": work / best["loop"],
             "engine_img_s": work / best["engine"], "ceiling_img_s": work / best["ceiling"], "peak_mem_mb": peak,
-            **{f"{name}_kernels_step": kernels[name] for name in contenders}}
+            "eager_img_s": work / best["eager"] if graphs else None,
+            **{f"{name}_kernels_step": count for name, count in kernels.items()}}
 
 
-def full_round_seconds(device: torch.device, images, labels, amp: bool) -> float:
+def full_round_seconds(device: torch.device, images, labels, amp: bool, cuda_graphs: bool) -> float:
     """Seconds for one full-preset round: 10 clients, one local epoch over all their images."""
     with tempfile.TemporaryDirectory() as scratch:
         config = fu.preset("full", device=str(device), eval_every=None, checkpoint_every=0, rounds=10 ** 6,
-                           checkpoint_dir=scratch, out_dir=scratch, amp=amp)
+                           checkpoint_dir=scratch, out_dir=scratch, amp=amp, cuda_graphs=cuda_graphs)
         federation = fu.Federation(config, data=(images, labels), log=False)
         federation.run_round()  # warm-up
         return federation.run_round()["seconds"]
@@ -141,6 +150,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--client-map", default="auto", choices=fu.CLIENT_MAPS, help="the engine's client_map")
     parser.add_argument("--amp", action="store_true", help="engine and ceiling with amp=True, bf16 (the loop stays float32)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="engine and ceiling step eagerly on a GPU (default: replayed from CUDA graphs)")
     parser.add_argument("--full-round", action="store_true", help="also time one full-preset round (default on GPU)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     args = parser.parse_args()
@@ -155,21 +166,24 @@ def main() -> None:
     report = fu.env_report()
     print(f"device {device} ({report['gpu'] or 'CPU, ' + str(report['cpu_threads']) + ' threads'}) | torch "
           f"{report['torch']} | batch {args.batch} a client | ngf=ndf={args.ngf} | engine client_map={args.client_map}"
-          f"{', amp (bf16)' if args.amp else ''} | {args.steps} steps, best of {args.repeats}")
+          f"{', amp (bf16)' if args.amp else ''}{', CUDA graphs' if gpu and args.cuda_graphs else ''} | "
+          f"{args.steps} steps, best of {args.repeats}")
     rows = [measure(k, args, device, images, labels) for k in ks]
     header = f"{'K':>5} {'loop img/s':>12} {'engine img/s':>13} {'ceiling img/s':>14} {'engine/loop':>12} " \
-             f"{'engine/ceiling':>15} {'peak MB':>9} {'kernels/step loop':>18} {'engine':>7} {'ceiling':>8}"
+             f"{'engine/ceiling':>15} {'peak MB':>9} {'kernels/step loop':>18} {'engine':>7} {'ceiling':>8} " \
+             f"{'engine w/o graphs img/s':>24}"
     print(header)
     print("-" * len(header))
     for row in rows:
         peak = f"{row['peak_mem_mb']:,.0f}" if row["peak_mem_mb"] is not None else "-"
+        eager = f"{row['eager_img_s']:,.0f}" if row["eager_img_s"] is not None else "-"
         print(f"{row['K']:>5} {row['loop_img_s']:>12,.0f} {row['engine_img_s']:>13,.0f} {row['ceiling_img_s']:>14,.0f} "
               f"{row['engine_img_s'] / row['loop_img_s']:>12.2f} {row['engine_img_s'] / row['ceiling_img_s']:>15.2f} "
               f"{peak:>9} {row['loop_kernels_step']:>18,.0f} {row['engine_kernels_step']:>7,.0f} "
-              f"{row['ceiling_kernels_step']:>8,.0f}")
+              f"{row['ceiling_kernels_step']:>8,.0f} {eager:>24}")
     if args.full_round or gpu:
         print(f"one full-preset round (10 clients, one local epoch over 60,000 images): "
-              f"{full_round_seconds(device, images, labels, args.amp):.2f} s")
+              f"{full_round_seconds(device, images, labels, args.amp, args.cuda_graphs):.2f} s")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
         print(f"rows written to {args.json}")

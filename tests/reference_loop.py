@@ -18,13 +18,15 @@ def proximal_term(model, anchor, mu):
 def reference_round(generator, discriminator, images, labels, plan, config, prox_mu=0.0):
     """Train each selected client in turn from copies of the global models; return FedAvg of the results."""
     num_clients, max_steps, batch = plan.batch_indices.shape
-    noise_gen = torch.Generator().manual_seed(plan.noise_seed)
-    noise = [torch.randn((num_clients, batch, generator.z_dim), generator=noise_gen) for _ in range(max_steps)]
+    device = images.device  # the engine draws its noise on the data's device: so does the reference
+    noise_gen = torch.Generator(device=device).manual_seed(plan.noise_seed)
+    noise = [torch.randn((num_clients, batch, generator.z_dim), generator=noise_gen, device=device)
+             for _ in range(max_steps)]
     g_states, d_states, d_losses, g_losses = [], [], [], []
     for row in range(num_clients):
-        client_g, client_d = copy.deepcopy(generator).train(), copy.deepcopy(discriminator).train()
-        g_anchor = [p.detach().clone() for p in generator.parameters()]
-        d_anchor = [p.detach().clone() for p in discriminator.parameters()]
+        client_g, client_d = (copy.deepcopy(net).to(device).train() for net in (generator, discriminator))
+        g_anchor = [p.detach().to(device) for p in generator.parameters()]
+        d_anchor = [p.detach().to(device) for p in discriminator.parameters()]
         g_optimizer = torch.optim.Adam(client_g.parameters(), lr=config.lr_g, betas=config.betas)
         d_optimizer = torch.optim.Adam(client_d.parameters(), lr=config.lr_d, betas=config.betas)
         d_total = g_total = 0.0

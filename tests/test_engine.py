@@ -1,10 +1,18 @@
 """The stacked local-training engine: plans, the stacked Adam, and equivalence with the per-client loop."""
+import dataclasses
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import fedgan_utils as fu
+from conftest import TEST_DEVICE
 from reference_loop import reference_round
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_throughput import KernelCounter  # noqa: E402
 
 
 def assert_states_close(actual, expected, atol=2e-5):
@@ -124,6 +132,37 @@ def train_tiny(config, images, labels):
     count = config.num_clients
     return fu.train_clients(generator, discriminator, fu.broadcast(generator.state_dict(), count),
                             fu.broadcast(discriminator.state_dict(), count), images, labels, plan, config)
+
+
+def test_cuda_graphs_replay_the_eager_steps_with_a_fraction_of_the_dispatches(mnist_small, tiny_config):
+    """On a GPU the steps all clients take are replayed from a CUDA graph; elsewhere the option changes nothing."""
+    device = torch.device(TEST_DEVICE)
+    images, labels = (t.to(device) for t in mnist_small)
+    config = tiny_config()
+    steps = np.array([12, 14, 12])  # 12 steps of all three (2 warm-up, then a capture and replays), 2 of one alone
+    rng = np.random.default_rng(0)
+    indices = torch.from_numpy(rng.integers(0, len(labels), (3, 14, config.batch_size)))
+    plan = fu.RoundPlan(1, np.arange(3), steps * config.batch_size, steps, indices, noise_seed=5)
+    results, dispatched = {}, {}
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        generator, discriminator = (m.to(device) for m in fu.build_models(config))
+        with KernelCounter() as counter:
+            results[graphs] = fu.train_clients(
+                generator, discriminator, fu.broadcast(generator.state_dict(), 3),
+                fu.broadcast(discriminator.state_dict(), 3), images, labels, plan,
+                dataclasses.replace(config, cuda_graphs=graphs))
+        dispatched[graphs] = counter.count
+    eager, graphed = results[False], results[True]
+    torch.testing.assert_close(graphed.d_loss, eager.d_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(graphed.g_loss, eager.g_loss, atol=1e-5, rtol=1e-5)
+    assert_states_close(graphed.g_state, eager.g_state)
+    assert_states_close(graphed.d_state, eager.d_state)
+    assert graphed.g_opt["step"].tolist() == eager.g_opt["step"].tolist() == [12.0, 14.0, 12.0]
+    if device.type == "cuda":  # 5 of the 14 steps go through the dispatcher
+        assert dispatched[True] < 0.5 * dispatched[False], dispatched
+    else:
+        assert dispatched[True] == dispatched[False]
 
 
 def test_amp_trains_both_client_maps_alike_in_bfloat16_and_keeps_float32_state(mnist_small, tiny_config):

@@ -1,0 +1,114 @@
+"""Where the batched clients lose to one model: each cDCGAN layer, forward and backward, in the forms K clients can take.
+
+vmap runs K clients' convolution as one grouped convolution (groups=K); the one-model ceiling runs a plain
+convolution over K x batch images. This times every layer of G and D (ngf=ndf=64, MNIST) both ways, and the
+alternatives the speed issue asks about: the grouped convolution in channels_last, bfloat16, and for the layers
+that are matrix products in disguise (G's first layer on a 1x1 input, D's last layer over the whole 7x7 map)
+a batched matrix multiply (bmm) with each client's weights. Each form's forward and backward (input and weight
+gradients) is captured in a CUDA graph and replayed, so launches do not hide the kernels' own time.
+
+    python benchmarks/probe_conv_forms.py --ks 10,100 --json forms.json      # needs a CUDA GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# (name, transposed, in channels, out channels, kernel, stride, padding, input size): ngf=ndf=64 on 28x28
+LAYERS = [("G1 convT 110->128 1->7", True, 110, 128, 7, 1, 0, 1),
+          ("G2 convT 128->64 7->14", True, 128, 64, 4, 2, 1, 7),
+          ("G3 convT 64->1 14->28", True, 64, 1, 4, 2, 1, 14),
+          ("D1 conv 2->64 28->14", False, 2, 64, 4, 2, 1, 28),
+          ("D2 conv 64->128 14->7", False, 64, 128, 4, 2, 1, 14),
+          ("D3 conv 128->1 7->1", False, 128, 1, 7, 1, 0, 7)]
+
+
+def conv(transposed: bool, x, w, stride: int, padding: int, groups: int = 1):
+    op = F.conv_transpose2d if transposed else F.conv2d
+    return op(x, w, stride=stride, padding=padding, groups=groups)
+
+
+def forms(layer, k: int, batch: int, dtype: torch.dtype):
+    """{form: (fn of (x, w), x, w)} for one layer, K clients of `batch` images each."""
+    _, transposed, cin, cout, size, stride, padding, hin = layer
+    weight_shape = (cin, cout, size, size) if transposed else (cout, cin, size, size)
+
+    def make(*shape, channels_last=False):
+        t = torch.randn(*shape, device="cuda", dtype=dtype)
+        t = t.to(memory_format=torch.channels_last) if channels_last else t
+        return t.requires_grad_(True)
+    grouped_w = (k * cin, cout, size, size) if transposed else (k * cout, cin, size, size)
+    out = {
+        "one model": (lambda x, w: conv(transposed, x, w, stride, padding),
+                      make(k * batch, cin, hin, hin), make(*weight_shape)),
+        "grouped (vmap)": (lambda x, w: conv(transposed, x, w, stride, padding, k),
+                           make(batch, k * cin, hin, hin), make(*grouped_w)),
+        "grouped channels_last": (lambda x, w: conv(transposed, x, w, stride, padding, k),
+                                  make(batch, k * cin, hin, hin, channels_last=True),
+                                  make(*grouped_w, channels_last=True)),
+    }
+    if transposed and hin == 1:  # (K, B, cin) @ (K, cin, cout*size*size): a 1x1 input spread over the kernel
+        out["bmm"] = (lambda x, w: torch.bmm(x, w), make(k, batch, cin), make(k, cin, cout * size * size))
+    if not transposed and size == hin and padding == 0:  # the kernel covers the whole map: (K, B, cin*H*W) @ w
+        out["bmm"] = (lambda x, w: torch.bmm(x, w), make(k, batch, cin * hin * hin), make(k, cin * hin * hin, cout))
+    return out
+
+
+def replay_ms(fn, x, w, iterations: int = 10, repeats: int = 5) -> float:
+    """Median milliseconds of one forward + backward, from a CUDA graph of `iterations` of them."""
+    grad_out = torch.randn_like(fn(x, w))
+
+    def body():
+        for _ in range(iterations):
+            torch.autograd.grad(fn(x, w), (x, w), grad_out)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iterations)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ks", default="10,100", help="comma-separated client counts")
+    parser.add_argument("--batch", type=int, default=64, help="images per client")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("probe_conv_forms.py times CUDA kernels: it needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | batch {args.batch} a client | TF32 on | "
+          "ms per forward + backward (median of graph replays); ratio: form / one model")
+    rows = []
+    for k in (int(k) for k in args.ks.split(",")):
+        for dtype in (torch.float32, torch.bfloat16):
+            for layer in LAYERS:
+                timed = {name: replay_ms(*form) for name, form in forms(layer, k, args.batch, dtype).items()}
+                base = timed["one model"]
+                print(f"K={k:<4} {str(dtype).removeprefix('torch.'):<9} {layer[0]:<24} "
+                      + "  ".join(f"{name} {ms:.3f} ({ms / base:.2f})" for name, ms in timed.items()))
+                rows += [{"K": k, "dtype": str(dtype), "layer": layer[0], "form": name, "ms": ms} for name, ms in
+                         timed.items()]
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
