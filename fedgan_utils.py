@@ -829,7 +829,11 @@ class Generator(nn.Module):
 
     def forward(self, z: Tensor, labels: Tensor) -> Tensor:
         x = torch.cat([z, self.label_embedding(labels)], dim=1)  # (B, z_dim + embed_dim)
-        return self.main(x[:, :, None, None])  # (B, C, H, W)
+        # The first layer, a transposed convolution of a 1x1 input, is a matrix product: computed as one, since
+        # convolution kernels are slow at it, grouped ones (K clients under vmap) most (benchmarks/RESULTS.md)
+        first = self.main[0].weight  # (z_dim + embed_dim, C', base, base)
+        x = F.linear(x, first.flatten(1).t()).view(-1, *first.shape[1:])  # (B, C', base, base)
+        return self.main[1:](x)  # (B, C, H, W)
 
 
 class Discriminator(nn.Module):
@@ -857,7 +861,9 @@ class Discriminator(nn.Module):
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         size = self.image_size
         label_map = self.label_channel(labels).view(-1, 1, size, size)  # (B, 1, H, W)
-        return self.main(torch.cat([images, label_map], dim=1)).flatten()  # (B,) logits
+        features = self.main[:-1](torch.cat([images, label_map], dim=1))  # (B, C', base, base)
+        # the last layer's kernel covers the whole map: a matrix product, computed as one (as in the Generator)
+        return F.linear(features.flatten(1), self.main[-1].weight.flatten(1)).flatten()  # (B,) logits
 
 
 def build_models(config: FedConfig) -> tuple[Generator, Discriminator]:
@@ -1806,14 +1812,19 @@ class BFloat16Compute(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:
+def _map_tensors(tree: Any, fn) -> Any:
+    """`fn` applied to every tensor in nested dicts, lists and tuples; anything else is kept."""
     if isinstance(tree, Tensor):
-        return tree.to(dtype) if tree.is_floating_point() else tree
+        return fn(tree)
     if isinstance(tree, (tuple, list)):
-        return type(tree)(_cast_floats(t, dtype) for t in tree)
+        return type(tree)(_map_tensors(t, fn) for t in tree)
     if isinstance(tree, dict):
-        return {k: _cast_floats(v, dtype) for k, v in tree.items()}
+        return {k: _map_tensors(v, fn) for k, v in tree.items()}
     return tree
+
+
+def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:
+    return _map_tensors(tree, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
 def _bfloat16_compute(enabled: bool) -> contextlib.AbstractContextManager:
@@ -2236,8 +2247,8 @@ class Federation:
         self.history = checkpoint["history"]
         self.grid_snapshots = {int(k): v for k, v in checkpoint["grid_snapshots"].items()}
         self.round = checkpoint["round"]
-        for which, strategy in self.strategies.items():
-            strategy.load_state_dict(checkpoint["strategies"][which])
+        for which, strategy in self.strategies.items():  # the server state computes on this run's device
+            strategy.load_state_dict(_map_tensors(checkpoint["strategies"][which], lambda t: t.to(self.device)))
         # format 1 checkpoints (before asynchrony and the server generator) lack these; simulated time restarts at 0
         self.clock, self.in_flight = checkpoint.get("clock", 0.0), checkpoint.get("in_flight", [])
         if checkpoint.get("server_g_opt") is not None:

@@ -8,7 +8,7 @@
 #
 # On a CPU (to try the script) every step runs at a small size. Steps: the engine-vs-reference and CUDA-graph
 # tests on the GPU, the throughput benchmark (K = 1, 10, 100 and a full-preset round), memory at K = 100/200
-# and 1,000, the convolution forms' probe, amp's throughput and its quality check. Prints a line per step.
+# and 1,000 (last), the convolution forms' probe, amp's throughput and its quality check. Prints a line per step.
 set -u
 OUT=${OUT:-gpu-out}
 PYTHON=${PYTHON:-python3}
@@ -18,7 +18,7 @@ mkdir -p "$LOGS"
 : > "$LOGS/summary.txt"
 if "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then GPU=1; else GPU=0; fi
 
-BUDGET=${BUDGET:-480}  # seconds for the whole script (a device call may run 600 s); later steps get what is left
+BUDGET=${BUDGET:-470}  # seconds for the whole script (a device call may run 600 s); later steps get what is left
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output, say how it ended
   local name=$1 limit=$2 start=$SECONDS
@@ -37,16 +37,17 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output
 "$PYTHON" -c "import fedgan_utils as fu, json; print(json.dumps(fu.env_report(), indent=1))" > "$LOGS/env.txt" 2>&1
 if [ "$GPU" = 1 ]; then
   nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1
+  # -o addopts="": pytest.ini's nbval options (nbval is not on the GPU machine, and the notebooks are not run there)
   step tests_cuda 100 env FEDGAN_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:warnings -p no:cacheprovider \
-    tests/test_engine.py tests/test_federation.py tests/test_checkpoints.py
+    -o addopts="" tests/test_engine.py tests/test_federation.py tests/test_checkpoints.py tests/test_models.py
   step throughput 170 "$PYTHON" benchmarks/bench_throughput.py --steps 20 --repeats 2 --json "$LOGS/throughput.json" ||
     step throughput_eager 120 "$PYTHON" benchmarks/bench_throughput.py --steps 20 --repeats 2 --no-cuda-graphs \
       --json "$LOGS/throughput.json"  # the engine without graphs, should they fail
-  step memory 90 "$PYTHON" benchmarks/bench_memory.py --local-steps 8 --json "$LOGS/memory.json"
-  step conv_forms 60 "$PYTHON" benchmarks/probe_conv_forms.py --json "$LOGS/conv_forms.json"
-  step throughput_amp 50 "$PYTHON" benchmarks/bench_throughput.py --ks 10 --steps 20 --repeats 2 --amp \
+  step conv_forms 90 "$PYTHON" benchmarks/probe_conv_forms.py --json "$LOGS/conv_forms.json"
+  step throughput_amp 100 "$PYTHON" benchmarks/bench_throughput.py --ks 10,100 --steps 20 --repeats 2 --amp \
     --json "$LOGS/throughput_amp.json"
-  step amp_quality 150 "$PYTHON" benchmarks/check_amp.py --preset full --rounds 6 --json "$LOGS/amp_quality.json"
+  step amp_quality 90 "$PYTHON" benchmarks/check_amp.py --preset full --rounds 6 --json "$LOGS/amp_quality.json"
+  step memory 90 "$PYTHON" benchmarks/bench_memory.py --local-steps 8 --json "$LOGS/memory.json"
 else
   step throughput 300 "$PYTHON" benchmarks/bench_throughput.py --ks 1,2 --steps 2 --repeats 1 --ngf 16 \
     --json "$LOGS/throughput.json"

@@ -2,10 +2,12 @@
 
 vmap runs K clients' convolution as one grouped convolution (groups=K); the one-model ceiling runs a plain
 convolution over K x batch images. This times every layer of G and D (ngf=ndf=64, MNIST) both ways, and the
-alternatives the speed issue asks about: the grouped convolution in channels_last, bfloat16, and for the layers
+alternatives the speed issue asks about: the grouped convolution in channels_last, bfloat16, for the layers
 that are matrix products in disguise (G's first layer on a 1x1 input, D's last layer over the whole 7x7 map)
-a batched matrix multiply (bmm) with each client's weights. Each form's forward and backward (input and weight
-gradients) is captured in a CUDA graph and replayed, so launches do not hide the kernels' own time.
+a batched matrix multiply (bmm) with each client's weights, and for every layer the convolution written as a
+bmm of each client's weights with the unfolded image patches ("im2col bmm": unfold, bmm; for a transposed
+convolution bmm, fold). Each form's forward and backward (input and weight gradients) is captured in a CUDA
+graph and replayed, so launches do not hide the kernels' own time.
 
     python benchmarks/probe_conv_forms.py --ks 10,100 --json forms.json      # needs a CUDA GPU
 """
@@ -33,6 +35,28 @@ def conv(transposed: bool, x, w, stride: int, padding: int, groups: int = 1):
     return op(x, w, stride=stride, padding=padding, groups=groups)
 
 
+def im2col_conv(x, w, size: int, stride: int, padding: int):
+    """K clients' convolutions as bmm: x (K, B, cin, H, W), w (K, cout, cin, k, k) -> (K, B, cout, H', W')."""
+    k, b, cin, height, _ = x.shape
+    cols = F.unfold(x.flatten(0, 1), size, padding=padding, stride=stride)  # (K*B, cin*k*k, L)
+    patches, positions = cols.shape[1:]
+    cols = cols.view(k, b, patches, positions).transpose(1, 2).reshape(k, patches, b * positions)
+    out = torch.bmm(w.flatten(2), cols)  # (K, cout, B*L)
+    side = (height + 2 * padding - size) // stride + 1
+    return out.view(k, -1, b, side, side).transpose(1, 2)  # (K, B, cout, H', W')
+
+
+def im2col_conv_transpose(x, w, size: int, stride: int, padding: int):
+    """K clients' transposed convolutions as bmm then fold: x (K, B, cin, H, W), w (K, cin, cout, k, k)."""
+    k, b, cin, height, _ = x.shape
+    inputs = x.transpose(1, 2).reshape(k, cin, b * height * height)  # (K, cin, B*H*W)
+    cols = torch.bmm(w.flatten(2).transpose(1, 2), inputs)  # (K, cout*k*k, B*H*W)
+    cols = cols.view(k, -1, b, height * height).transpose(1, 2).flatten(0, 1)  # (K*B, cout*k*k, H*W)
+    side = (height - 1) * stride - 2 * padding + size
+    out = F.fold(cols, side, size, padding=padding, stride=stride)  # (K*B, cout, H', W')
+    return out.view(k, b, *out.shape[1:])
+
+
 def forms(layer, k: int, batch: int, dtype: torch.dtype):
     """{form: (fn of (x, w), x, w)} for one layer, K clients of `batch` images each."""
     _, transposed, cin, cout, size, stride, padding, hin = layer
@@ -52,6 +76,10 @@ def forms(layer, k: int, batch: int, dtype: torch.dtype):
                                   make(batch, k * cin, hin, hin, channels_last=True),
                                   make(*grouped_w, channels_last=True)),
     }
+    per_client_w = (k, *weight_shape)
+    im2col = im2col_conv_transpose if transposed else im2col_conv
+    out["im2col bmm"] = (lambda x, w: im2col(x, w, size, stride, padding), make(k, batch, cin, hin, hin),
+                         make(*per_client_w))
     if transposed and hin == 1:  # (K, B, cin) @ (K, cin, cout*size*size): a 1x1 input spread over the kernel
         out["bmm"] = (lambda x, w: torch.bmm(x, w), make(k, batch, cin), make(k, cin, cout * size * size))
     if not transposed and size == hin and padding == 0:  # the kernel covers the whole map: (K, B, cin*H*W) @ w

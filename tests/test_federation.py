@@ -73,11 +73,11 @@ def test_local_batchnorm_stays_with_its_client(mnist_small, tiny_config):
     assert set(own[0]) == bn_keys
     assert not torch.equal(own[0]["main.1.running_mean"], own[1]["main.1.running_mean"])
     average = fu.fedavg(own, [len(p) for p in federation.parts])  # the global BN is their average
-    torch.testing.assert_close(federation.generator.state_dict()["main.1.running_mean"],
+    torch.testing.assert_close(federation.generator.state_dict()["main.1.running_mean"].cpu(),  # clients: CPU
                                average["main.1.running_mean"])
     plan = fu.plan_round(federation.config, federation.parts, 2)
     start = federation._client_start("g", federation.generator, plan)  # next round starts from its own BN
-    torch.testing.assert_close(start["main.1.running_mean"][1], own[1]["main.1.running_mean"])
+    torch.testing.assert_close(start["main.1.running_mean"][1].cpu(), own[1]["main.1.running_mean"])
 
 
 def test_kept_optimizer_state_carries_each_clients_adam_across_rounds(mnist_small, tiny_config):

@@ -16,6 +16,20 @@ def test_generator_and_discriminator_fit_the_image_shape(shape):
     assert discriminator(images, labels).shape == (3,)
 
 
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_the_layers_computed_as_matrix_products_are_the_convolutions_they_hold(shape):
+    torch.manual_seed(0)
+    generator = fu.Generator(image_shape=shape, z_dim=16, embed_dim=4, ngf=8)
+    discriminator = fu.Discriminator(image_shape=shape, ndf=8)
+    z, labels = torch.randn(5, 16), torch.tensor([0, 3, 9, 9, 1])
+    x = torch.cat([z, generator.label_embedding(labels)], 1)[:, :, None, None]  # (B, z + e, 1, 1)
+    images = generator.main(x)  # the transposed convolution of a 1x1 input, as the layer itself computes it
+    torch.testing.assert_close(generator(z, labels), images, atol=1e-6, rtol=1e-5)
+    label_map = discriminator.label_channel(labels).view(-1, 1, *shape[1:])
+    logits = discriminator.main(torch.cat([images, label_map], 1)).flatten()
+    torch.testing.assert_close(discriminator(images, labels), logits, atol=1e-6, rtol=1e-5)
+
+
 def test_unsupported_image_sizes_are_refused():
     with pytest.raises(ValueError, match="image size 30 is not supported"):
         fu.Generator(image_shape=(1, 30, 30))
