@@ -99,7 +99,8 @@ def first_steps(plan: fu.RoundPlan, count: int) -> fu.RoundPlan:
 
 def measure(k: int, args, device: torch.device, images, labels) -> dict:
     config = fu.FedConfig(num_clients=max(k, 1), batch_size=args.batch, ngf=args.ngf, ndf=args.ngf, device=str(device),
-                          eval_every=None, client_map=args.client_map, amp=args.amp, cuda_graphs=args.cuda_graphs)
+                          eval_every=None, client_map=args.client_map, amp=args.amp, cuda_graphs=args.cuda_graphs,
+                          conv_form=args.conv_form)
     torch.manual_seed(0)
     models = tuple(m.to(device) for m in fu.build_models(config))
     plan = make_plan(config, k, args.batch, args.steps, len(labels))
@@ -107,6 +108,8 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
     one_model = make_plan(ceiling_config, 1, k * args.batch, args.steps, len(labels))
     contenders = {"engine": (time_engine, config, plan), "loop": (time_loop, config, plan),
                   "ceiling": (time_engine, ceiling_config, one_model)}
+    if not args.loop:  # a variant of the engine measured after the loop was: the loop's figures are the same
+        del contenders["loop"]
     graphs = device.type == "cuda" and config.cuda_graphs
     if graphs:  # what the graphs bring: the engine as it steps without them
         contenders["eager"] = (time_engine, dataclasses.replace(config, cuda_graphs=False), plan)
@@ -124,17 +127,22 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
         time_engine(config, *models, images, labels, plan)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
     work = k * args.batch * args.steps
-    return {"K": k, "batch": args.batch, "device": str(device), "loop_img_s": work / best["loop"],
+    return {"K": k, "batch": args.batch, "device": str(device), "loop_img_s": work / best["loop"] if args.loop else None,
             "engine_img_s": work / best["engine"], "ceiling_img_s": work / best["ceiling"], "peak_mem_mb": peak,
             "eager_img_s": work / best["eager"] if graphs else None,
-            **{f"{name}_kernels_step": count for name, count in kernels.items()}}
+            **{f"{name}_kernels_step": kernels.get(name) for name in ("loop", "engine", "ceiling")}}
 
 
-def full_round_seconds(device: torch.device, images, labels, amp: bool, cuda_graphs: bool) -> float:
+def cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def full_round_seconds(device: torch.device, images, labels, args) -> float:
     """Seconds for one full-preset round: 10 clients, one local epoch over all their images."""
     with tempfile.TemporaryDirectory() as scratch:
         config = fu.preset("full", device=str(device), eval_every=None, checkpoint_every=0, rounds=10 ** 6,
-                           checkpoint_dir=scratch, out_dir=scratch, amp=amp, cuda_graphs=cuda_graphs)
+                           checkpoint_dir=scratch, out_dir=scratch, amp=args.amp, cuda_graphs=args.cuda_graphs,
+                           conv_form=args.conv_form)
         federation = fu.Federation(config, data=(images, labels), log=False)
         federation.run_round()  # warm-up
         return federation.run_round()["seconds"]
@@ -150,8 +158,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--client-map", default="auto", choices=fu.CLIENT_MAPS, help="the engine's client_map")
     parser.add_argument("--amp", action="store_true", help="engine and ceiling with amp=True, bf16 (the loop stays float32)")
+    parser.add_argument("--conv-form", default="native", choices=fu.CONV_FORMS,
+                        help="the engine's and ceiling's conv_form (the loop keeps torch's convolutions)")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="engine and ceiling step eagerly on a GPU (default: replayed from CUDA graphs)")
+    parser.add_argument("--no-loop", dest="loop", action="store_false",
+                        help="leave the reference loop out (to time a variant of the engine; its figures are '-')")
     parser.add_argument("--full-round", action="store_true", help="also time one full-preset round (default on GPU)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     args = parser.parse_args()
@@ -166,7 +178,8 @@ def main() -> None:
     report = fu.env_report()
     print(f"device {device} ({report['gpu'] or 'CPU, ' + str(report['cpu_threads']) + ' threads'}) | torch "
           f"{report['torch']} | batch {args.batch} a client | ngf=ndf={args.ngf} | engine client_map={args.client_map}"
-          f"{', amp (bf16)' if args.amp else ''}{', CUDA graphs' if gpu and args.cuda_graphs else ''} | "
+          f"{', amp (bf16)' if args.amp else ''}{', CUDA graphs' if gpu and args.cuda_graphs else ''}, "
+          f"conv_form={args.conv_form} | "
           f"{args.steps} steps, best of {args.repeats}")
     rows = [measure(k, args, device, images, labels) for k in ks]
     header = f"{'K':>5} {'loop img/s':>12} {'engine img/s':>13} {'ceiling img/s':>14} {'engine/loop':>12} " \
@@ -175,15 +188,15 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for row in rows:
-        peak = f"{row['peak_mem_mb']:,.0f}" if row["peak_mem_mb"] is not None else "-"
-        eager = f"{row['eager_img_s']:,.0f}" if row["eager_img_s"] is not None else "-"
-        print(f"{row['K']:>5} {row['loop_img_s']:>12,.0f} {row['engine_img_s']:>13,.0f} {row['ceiling_img_s']:>14,.0f} "
-              f"{row['engine_img_s'] / row['loop_img_s']:>12.2f} {row['engine_img_s'] / row['ceiling_img_s']:>15.2f} "
-              f"{peak:>9} {row['loop_kernels_step']:>18,.0f} {row['engine_kernels_step']:>7,.0f} "
-              f"{row['ceiling_kernels_step']:>8,.0f} {eager:>24}")
+        vs_loop = row["engine_img_s"] / row["loop_img_s"] if row["loop_img_s"] else None
+        print(f"{row['K']:>5} {cell(row['loop_img_s'], ',.0f'):>12} {row['engine_img_s']:>13,.0f} "
+              f"{row['ceiling_img_s']:>14,.0f} {cell(vs_loop, '.2f'):>12} "
+              f"{row['engine_img_s'] / row['ceiling_img_s']:>15.2f} {cell(row['peak_mem_mb'], ',.0f'):>9} "
+              f"{cell(row['loop_kernels_step'], ',.0f'):>18} {row['engine_kernels_step']:>7,.0f} "
+              f"{row['ceiling_kernels_step']:>8,.0f} {cell(row['eager_img_s'], ',.0f'):>24}")
     if args.full_round or gpu:
         print(f"one full-preset round (10 clients, one local epoch over 60,000 images): "
-              f"{full_round_seconds(device, images, labels, args.amp, args.cuda_graphs):.2f} s")
+              f"{full_round_seconds(device, images, labels, args):.2f} s")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
         print(f"rows written to {args.json}")
