@@ -171,7 +171,6 @@ PARTITIONS = ("iid", "dirichlet", "shards", "classes", "quantity")
 BN_POLICIES = ("average", "local")
 OPTIMIZER_STATES = ("reset", "keep")
 CLIENT_MAPS = ("auto", "vmap", "loop")
-CONV_FORMS = ("native", "im2col")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "damped", "fedadagrad", "fedadam", "fedyogi", "median",
               "trimmed_mean", "krum")
 SELECTIONS = ("uniform", "proportional", "power_of_choice")
@@ -286,7 +285,6 @@ class FedConfig:
     client_map: str = "auto"  # clients as one batch: "vmap", "loop" (map_clients), "auto" (vmap on GPU, loop on CPU)
     amp: bool = False  # local training's convolutions in bfloat16, the rest float32 (speed; changes results slightly)
     cuda_graphs: bool = True  # on a CUDA GPU, replay each local step from a CUDA graph (same result, fewer launches)
-    conv_form: str = "native"  # local training's convolutions: "native" (torch's; grouped under vmap) or "im2col"
     # server rule (see the Aggregation section)
     strategy: str = "fedavg"  # one of STRATEGIES (or pass a Strategy object to Federation)
     server_lr: float | None = None  # server learning rate; None: 1.0 fedavgm, 0.5 damped (its alpha), 1e-2 adaptive
@@ -428,8 +426,7 @@ class FedConfig:
 
 
 CHOICES.update(dataset=tuple(sorted(DATASETS)), partition=PARTITIONS, bn_policy=BN_POLICIES,
-               optimizer_state=OPTIMIZER_STATES, client_map=CLIENT_MAPS, conv_form=CONV_FORMS, strategy=STRATEGIES,
-               selection=SELECTIONS,
+               optimizer_state=OPTIMIZER_STATES, client_map=CLIENT_MAPS, strategy=STRATEGIES, selection=SELECTIONS,
                sync_networks=SYNC_NETWORKS, sync_mode=SYNC_MODES, staleness=STALENESS_RULES,
                threshold_rule=THRESHOLD_RULES, threshold_action=THRESHOLD_ACTIONS,
                straggler_policy=STRAGGLER_POLICIES, step_normalisation=STEP_NORMALISATIONS, compression=COMPRESSIONS,
@@ -1679,13 +1676,9 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     d_loss_sum = torch.zeros(num_clients, device=device)
     g_loss_sum = torch.zeros(num_clients, device=device)
 
-    def in_precision(fn):  # the per-client function runs under the config's compute modes (vmap traces it once)
+    def in_precision(fn):  # amp: the per-client function runs under BFloat16Compute (vmap traces it once)
         def run(*args):
-            with contextlib.ExitStack() as modes:
-                if config.amp:  # entered first: Im2colConvolutions' matrix products pass through it
-                    modes.enter_context(BFloat16Compute())
-                if config.conv_form == "im2col":
-                    modes.enter_context(Im2colConvolutions())
+            with _bfloat16_compute(config.amp):
                 return fn(*args)
         return run
 
@@ -1836,49 +1829,6 @@ def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:
 
 def _bfloat16_compute(enabled: bool) -> contextlib.AbstractContextManager:
     return BFloat16Compute() if enabled else contextlib.nullcontext()
-
-
-def _pair(value: Any) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-
-
-class Im2colConvolutions(TorchFunctionMode):
-    """FedConfig.conv_form="im2col": each convolution as image patches times the weights, a matrix product.
-
-    Under vmap, torch runs K clients' convolutions as one grouped convolution, which cuDNN ran 2-6x slower than
-    one plain convolution of the same images on an H200 (benchmarks/RESULTS.md); written as unfold + linear,
-    the clients' products become one batched matmul. A transposed convolution is linear + fold. The patches
-    of a 4x4 stride-2 kernel hold 4x the image's values: more memory. Same function as the convolution up to
-    float rounding; only plain convolutions (no groups, no dilation) are rewritten.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.conv2d:
-            return _conv2d_im2col(*args, **kwargs)
-        if func is F.conv_transpose2d:
-            return _conv_transpose2d_im2col(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-def _conv2d_im2col(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    if x.dim() != 4 or groups != 1 or _pair(dilation) != (1, 1) or isinstance(padding, str):
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    (sh, sw), (ph, pw), (kh, kw) = _pair(stride), _pair(padding), weight.shape[2:]
-    cols = F.unfold(x, (kh, kw), padding=(ph, pw), stride=(sh, sw))  # (B, C*kh*kw, L)
-    out = F.linear(cols.transpose(1, 2), weight.flatten(1), bias)  # (B, L, O)
-    height, width = (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
-    return out.transpose(1, 2).reshape(x.shape[0], weight.shape[0], height, width)  # (B, O, H', W')
-
-
-def _conv_transpose2d_im2col(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-    if x.dim() != 4 or groups != 1 or _pair(dilation) != (1, 1) or _pair(output_padding) != (0, 0):
-        return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)
-    (sh, sw), (ph, pw), (kh, kw) = _pair(stride), _pair(padding), weight.shape[2:]
-    cols = F.linear(x.flatten(2).transpose(1, 2), weight.flatten(1).t())  # (B, H*W, O*kh*kw)
-    size = ((x.shape[2] - 1) * sh - 2 * ph + kh, (x.shape[3] - 1) * sw - 2 * pw + kw)
-    out = F.fold(cols.transpose(1, 2), size, (kh, kw), padding=(ph, pw), stride=(sh, sw))  # (B, O, H', W')
-    return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
 def broadcast(state: Mapping[str, Tensor], count: int) -> dict[str, Tensor]:

@@ -99,8 +99,7 @@ def first_steps(plan: fu.RoundPlan, count: int) -> fu.RoundPlan:
 
 def measure(k: int, args, device: torch.device, images, labels) -> dict:
     config = fu.FedConfig(num_clients=max(k, 1), batch_size=args.batch, ngf=args.ngf, ndf=args.ngf, device=str(device),
-                          eval_every=None, client_map=args.client_map, amp=args.amp, cuda_graphs=args.cuda_graphs,
-                          conv_form=args.conv_form)
+                          eval_every=None, client_map=args.client_map, amp=args.amp, cuda_graphs=args.cuda_graphs)
     torch.manual_seed(0)
     models = tuple(m.to(device) for m in fu.build_models(config))
     plan = make_plan(config, k, args.batch, args.steps, len(labels))
@@ -141,8 +140,7 @@ def full_round_seconds(device: torch.device, images, labels, args) -> float:
     """Seconds for one full-preset round: 10 clients, one local epoch over all their images."""
     with tempfile.TemporaryDirectory() as scratch:
         config = fu.preset("full", device=str(device), eval_every=None, checkpoint_every=0, rounds=10 ** 6,
-                           checkpoint_dir=scratch, out_dir=scratch, amp=args.amp, cuda_graphs=args.cuda_graphs,
-                           conv_form=args.conv_form)
+                           checkpoint_dir=scratch, out_dir=scratch, amp=args.amp, cuda_graphs=args.cuda_graphs)
         federation = fu.Federation(config, data=(images, labels), log=False)
         federation.run_round()  # warm-up
         return federation.run_round()["seconds"]
@@ -158,8 +156,6 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--client-map", default="auto", choices=fu.CLIENT_MAPS, help="the engine's client_map")
     parser.add_argument("--amp", action="store_true", help="engine and ceiling with amp=True, bf16 (the loop stays float32)")
-    parser.add_argument("--conv-form", default="native", choices=fu.CONV_FORMS,
-                        help="the engine's and ceiling's conv_form (the loop keeps torch's convolutions)")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="engine and ceiling step eagerly on a GPU (default: replayed from CUDA graphs)")
     parser.add_argument("--no-loop", dest="loop", action="store_false",
@@ -178,8 +174,7 @@ def main() -> None:
     report = fu.env_report()
     print(f"device {device} ({report['gpu'] or 'CPU, ' + str(report['cpu_threads']) + ' threads'}) | torch "
           f"{report['torch']} | batch {args.batch} a client | ngf=ndf={args.ngf} | engine client_map={args.client_map}"
-          f"{', amp (bf16)' if args.amp else ''}{', CUDA graphs' if gpu and args.cuda_graphs else ''}, "
-          f"conv_form={args.conv_form} | "
+          f"{', amp (bf16)' if args.amp else ''}{', CUDA graphs' if gpu and args.cuda_graphs else ''} | "
           f"{args.steps} steps, best of {args.repeats}")
     rows = [measure(k, args, device, images, labels) for k in ks]
     header = f"{'K':>5} {'loop img/s':>12} {'engine img/s':>13} {'ceiling img/s':>14} {'engine/loop':>12} " \

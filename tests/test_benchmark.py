@@ -41,3 +41,10 @@ def test_batched_clients_launch_as_many_kernels_as_one_model_whatever_their_numb
     assert one["ceiling_kernels_step"] == two["ceiling_kernels_step"]
     assert two["loop_kernels_step"] > 1.5 * one["loop_kernels_step"]
     assert two["engine_kernels_step"] < two["loop_kernels_step"]
+
+
+def test_without_the_loop_the_benchmark_times_the_engine_alone(tmp_path):
+    result, rows = run_benchmark(tmp_path, "--no-loop", "--ks", "2")
+    assert rows[0]["loop_img_s"] is None and rows[0]["loop_kernels_step"] is None and rows[0]["engine_img_s"] > 0
+    line = next(line for line in result.stdout.splitlines() if line.split()[:1] == ["2"])
+    assert line.split()[1] == "-" and line.split()[4] == "-"  # no loop figure, no engine/loop ratio

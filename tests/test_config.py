@@ -50,7 +50,6 @@ import fedgan_utils as fu
     ("error_feedback", 1, "True or False"),
     ("amp", "yes", "True or False"),
     ("cuda_graphs", 1, "True or False"),
-    ("conv_form", "bmm", "'native', 'im2col'"),
 ])
 def test_a_bad_value_names_the_field_the_value_and_what_is_allowed(field, value, allowed):
     with pytest.raises(ValueError) as error:

@@ -197,47 +197,6 @@ def test_bfloat16_compute_runs_convolutions_in_bf16_and_batch_norm_in_float32_al
     assert conv.weight.dtype == torch.float32
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-def test_im2col_convolutions_compute_the_layers_convolution_and_its_gradients_also_under_vmap(transposed):
-    torch.manual_seed(0)
-    layer = (torch.nn.ConvTranspose2d(6, 4, 4, 2, 1, bias=True) if transposed
-             else torch.nn.Conv2d(6, 4, (4, 3), (2, 1), (1, 2), bias=True))
-    weights = {n: torch.randn(3, *p.shape, requires_grad=True) for n, p in layer.named_parameters()}  # 3 clients
-    x = torch.randn(3, 5, 6, 7, 9, requires_grad=True)  # (K, B, C, H, W)
-
-    def client(params, x):
-        return torch.func.functional_call(layer, params, (x,))
-    native = torch.func.vmap(client)(weights, x)
-    with fu.Im2colConvolutions():
-        im2col = torch.func.vmap(client)(weights, x)
-        single = client({n: w[0] for n, w in weights.items()}, x[0])
-    torch.testing.assert_close(im2col, native, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(single, native[0], atol=1e-5, rtol=1e-5)
-    grad_out = torch.randn_like(native)
-    expected = torch.autograd.grad(native, [x, *weights.values()], grad_out)
-    for got, want in zip(torch.autograd.grad(im2col, [x, *weights.values()], grad_out), expected):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
-
-
-@pytest.mark.parametrize("client_map", ["vmap", "loop"])
-def test_im2col_form_trains_as_the_native_convolutions_do(mnist_small, tiny_config, client_map):
-    images, labels = mnist_small
-    native = train_tiny(tiny_config(client_map=client_map), images, labels)
-    im2col = train_tiny(tiny_config(client_map=client_map, conv_form="im2col"), images, labels)
-    torch.testing.assert_close(im2col.d_loss, native.d_loss, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(im2col.g_loss, native.g_loss, atol=1e-5, rtol=1e-5)
-    assert_states_close(im2col.g_state, native.g_state, atol=1e-4)
-    assert_states_close(im2col.d_state, native.d_state, atol=1e-4)
-
-
-def test_im2col_matrix_products_run_in_bfloat16_under_amp():
-    conv, x = torch.nn.Conv2d(2, 4, 3), torch.randn(5, 2, 8, 8)
-    with fu.BFloat16Compute(), fu.Im2colConvolutions():  # the order the engine enters them
-        out = conv(x)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), conv(x), atol=2e-2, rtol=2e-2)  # bf16 rounding of the same product
-
-
 def test_flat_params_are_views_of_one_tensor_and_round_trip_the_adam_state(tiny_config):
     config = tiny_config()
     generator, _ = fu.build_models(config)
