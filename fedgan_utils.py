@@ -1649,6 +1649,8 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     gradients), w_start being the state each client started the round from. `train_generator=False` trains
     only the discriminators (the generators only make the fakes), as DP-FedAvg-GAN's clients do.
     `config.amp` runs the convolutions in bfloat16 (BFloat16Compute); parameters, gradients and Adam stay float32.
+    On a CUDA GPU (`config.cuda_graphs`), the steps every client takes are replayed from a CUDA graph
+    (CudaGraphStep); the steps of the clients with more data after them run eagerly.
     """
     client_map = config.client_map if client_map is None else client_map
     _require(client_map in CLIENT_MAPS, "client_map", client_map, f"one of {list(CLIENT_MAPS)}")
@@ -1755,16 +1757,17 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
 class CudaGraphStep:
     """A local step replayed from a CUDA graph: one launch where the eager step makes hundreds.
 
-    A small GAN's step on a GPU is bound by kernel launches, not arithmetic (the issue's H200 table: 2-4x from
-    graphs). The first WARMUP calls run eagerly on a side stream (lazy initialisation must happen outside a
-    capture, as torch's CUDA-graph notes say); the next call records `body` once and every call replays it. A
-    replay runs the recorded kernels on the same memory, so the result is the eager one: `body` must not sync
-    with the host, must keep its state in tensors that outlive the calls (parameters, Adam state, buffers, loss
-    sums, updated in place), and takes its inputs from static buffers that each call copies into.
+    A small GAN's step on a GPU is bound by kernel launches, not arithmetic: on an H200 the replays ran 3.7x the
+    eager steps at K=1 and 1.8x at K=10; at K=100 the kernels fill the GPU and graphs gain nothing
+    (benchmarks/RESULTS.md). The first WARMUP calls run eagerly on a side stream (lazy initialisation must
+    happen outside a capture, as torch's CUDA-graph notes say); the next call records `body` once and every
+    call replays it. A replay runs the recorded kernels on the same memory, so the result is the eager one:
+    `body` must not sync with the host, must keep its state in tensors that outlive the calls (parameters, Adam
+    state, buffers, loss sums, updated in place), and takes its inputs from static buffers each call fills.
     """
 
     WARMUP = 2
-    MIN_CALLS = WARMUP + 4  # fewer steps than this: capturing costs more than replays save
+    MIN_CALLS = WARMUP + 4  # fewer steps: too few replays for a capture (a guess; not measured)
 
     def __init__(self, body):
         self.body = body

@@ -126,7 +126,8 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
         time_engine(config, *models, images, labels, plan)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
     work = k * args.batch * args.steps
-    return {"K": k, "batch": args.batch, "device": str(device), "loop_img_s": work / best["loop"] if args.loop else None,
+    return {"K": k, "batch": args.batch, "device": str(device),
+            "loop_img_s": work / best["loop"] if args.loop else None,
             "engine_img_s": work / best["engine"], "ceiling_img_s": work / best["ceiling"], "peak_mem_mb": peak,
             "eager_img_s": work / best["eager"] if graphs else None,
             **{f"{name}_kernels_step": kernels.get(name) for name in ("loop", "engine", "ceiling")}}
@@ -155,7 +156,8 @@ def main() -> None:
     parser.add_argument("--ngf", type=int, default=64, help="generator and discriminator width")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--client-map", default="auto", choices=fu.CLIENT_MAPS, help="the engine's client_map")
-    parser.add_argument("--amp", action="store_true", help="engine and ceiling with amp=True, bf16 (the loop stays float32)")
+    parser.add_argument("--amp", action="store_true",
+                        help="engine and ceiling with amp=True, bf16 (the loop stays float32)")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="engine and ceiling step eagerly on a GPU (default: replayed from CUDA graphs)")
     parser.add_argument("--no-loop", dest="loop", action="store_false",

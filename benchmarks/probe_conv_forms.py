@@ -1,4 +1,4 @@
-"""Where the batched clients lose to one model: each cDCGAN layer, forward and backward, in the forms K clients can take.
+"""Where batched clients lose to one model: each cDCGAN layer, forward and backward, in the forms K clients can take.
 
 vmap runs K clients' convolution as one grouped convolution (groups=K); the one-model ceiling runs a plain
 convolution over K x batch images. This times every layer of G and D (ngf=ndf=64, MNIST) both ways, and the
