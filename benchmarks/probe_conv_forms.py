@@ -2,12 +2,12 @@
 
 vmap runs K clients' convolution as one grouped convolution (groups=K); the one-model ceiling runs a plain
 convolution over K x batch images. This times every layer of G and D (ngf=ndf=64, MNIST) both ways, and the
-alternatives the speed issue asks about: the grouped convolution in channels_last, bfloat16, for the layers
-that are matrix products in disguise (G's first layer on a 1x1 input, D's last layer over the whole 7x7 map)
-a batched matrix multiply (bmm) with each client's weights, and for every layer the convolution written as a
-bmm of each client's weights with the unfolded image patches ("im2col bmm": unfold, bmm; for a transposed
-convolution bmm, fold). Each form's forward and backward (input and weight gradients) is captured in a CUDA
-graph and replayed, so launches do not hide the kernels' own time.
+alternatives the speed issue asks about: the grouped convolution in channels_last; bfloat16; a batched matrix
+multiply (bmm) with each client's weights for the layers that are matrix products in disguise (G's first layer
+on a 1x1 input, D's last layer over the whole 7x7 map); for every layer the convolution as a bmm of each
+client's weights with the unfolded image patches ("im2col bmm": unfold, bmm; for a transposed convolution bmm,
+fold); and K plain convolutions one after another ("loop"). Each form's forward and backward (input and weight
+gradients) is captured in a CUDA graph and replayed, so launches do not hide the kernels' own time.
 
     python benchmarks/probe_conv_forms.py --ks 10,100 --json forms.json      # needs a CUDA GPU
 """
@@ -80,6 +80,8 @@ def forms(layer, k: int, batch: int, dtype: torch.dtype):
     im2col = im2col_conv_transpose if transposed else im2col_conv
     out["im2col bmm"] = (lambda x, w: im2col(x, w, size, stride, padding), make(k, batch, cin, hin, hin),
                          make(*per_client_w))
+    out["loop"] = (lambda x, w: torch.stack([conv(transposed, x[c], w[c], stride, padding) for c in range(k)]),
+                   make(k, batch, cin, hin, hin), make(*per_client_w))
     if transposed and hin == 1:  # (K, B, cin) @ (K, cin, cout*size*size): a 1x1 input spread over the kernel
         out["bmm"] = (lambda x, w: torch.bmm(x, w), make(k, batch, cin), make(k, cin, cout * size * size))
     if not transposed and size == hin and padding == 0:  # the kernel covers the whole map: (K, B, cin*H*W) @ w
