@@ -171,6 +171,7 @@ PARTITIONS = ("iid", "dirichlet", "shards", "classes", "quantity")
 BN_POLICIES = ("average", "local")
 OPTIMIZER_STATES = ("reset", "keep")
 CLIENT_MAPS = ("auto", "vmap", "loop")
+CONV_FORMS = ("auto", "grouped", "block", "loop")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "damped", "fedadagrad", "fedadam", "fedyogi", "median",
               "trimmed_mean", "krum")
 SELECTIONS = ("uniform", "proportional", "power_of_choice")
@@ -240,6 +241,7 @@ _FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and w
     "staleness_b": (_non_negative_int, "an integer >= 0"),
     **{name: (lambda v: isinstance(v, bool), "True or False")
        for name in ("error_feedback", "server_generator", "amp", "cuda_graphs")},
+    "conv_block_clients": (_positive_int, "an integer >= 1"),
     "attack_fraction": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "attack_scale": (_positive_number, "a number > 0"),
     "min_clients": (_positive_int, "an integer >= 1"),
@@ -285,6 +287,8 @@ class FedConfig:
     client_map: str = "auto"  # clients as one batch: "vmap", "loop" (map_clients), "auto" (vmap on GPU, loop on CPU)
     amp: bool = False  # local training's convolutions in bfloat16, the rest float32 (speed; changes results slightly)
     cuda_graphs: bool = True  # on a CUDA GPU, replay each local step from a CUDA graph (same result, fewer launches)
+    conv_form: str = "auto"  # under vmap, thin convolutions (<= 4 channels a side) as: CONV_FORMS, see ClientConvolutions
+    conv_block_clients: int = 10  # conv_form="block": clients per block-diagonal convolution
     # server rule (see the Aggregation section)
     strategy: str = "fedavg"  # one of STRATEGIES (or pass a Strategy object to Federation)
     server_lr: float | None = None  # server learning rate; None: 1.0 fedavgm, 0.5 damped (its alpha), 1e-2 adaptive
@@ -426,7 +430,7 @@ class FedConfig:
 
 
 CHOICES.update(dataset=tuple(sorted(DATASETS)), partition=PARTITIONS, bn_policy=BN_POLICIES,
-               optimizer_state=OPTIMIZER_STATES, client_map=CLIENT_MAPS, strategy=STRATEGIES, selection=SELECTIONS,
+               optimizer_state=OPTIMIZER_STATES, client_map=CLIENT_MAPS, conv_form=CONV_FORMS, strategy=STRATEGIES, selection=SELECTIONS,
                sync_networks=SYNC_NETWORKS, sync_mode=SYNC_MODES, staleness=STALENESS_RULES,
                threshold_rule=THRESHOLD_RULES, threshold_action=THRESHOLD_ACTIONS,
                straggler_policy=STRAGGLER_POLICIES, step_normalisation=STEP_NORMALISATIONS, compression=COMPRESSIONS,
@@ -1678,9 +1682,9 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     d_loss_sum = torch.zeros(num_clients, device=device)
     g_loss_sum = torch.zeros(num_clients, device=device)
 
-    def in_precision(fn):  # amp: the per-client function runs under BFloat16Compute (vmap traces it once)
+    def in_precision(fn):  # the per-client function under amp's BFloat16Compute and the thin convolutions' form
         def run(*args):
-            with _bfloat16_compute(config.amp):
+            with _bfloat16_compute(config.amp), _client_convolutions(config, looped):
                 return fn(*args)
         return run
 
@@ -1793,6 +1797,119 @@ class CudaGraphStep:
                     self.body(*self.inputs)
             self.graph.replay()
         self.calls += 1
+
+
+def _convolution(transposed: bool, x: Tensor, weight: Tensor, stride, padding, groups: int = 1) -> Tensor:
+    op = F.conv_transpose2d if transposed else F.conv2d
+    return op(x, weight, stride=stride, padding=padding, groups=groups)
+
+
+def _clients_first(t: Tensor, dim: int | None, clients: int) -> Tensor:
+    """A physical tensor under vmap with its client dim moved to the front (expanded if it has none)."""
+    return t.expand(clients, *t.shape) if dim is None else t.movedim(dim, 0)
+
+
+def block_diagonal_convolution(transposed: bool, x: Tensor, weight: Tensor, stride, padding,
+                               block: int) -> Tensor:
+    """K clients' convolutions as one grouped convolution whose groups each hold `block` clients' weights on the
+    diagonal of a dense kernel (zeros elsewhere): `block` times the arithmetic of K separate convolutions in
+    ceil(K / block) groups instead of K. block=1 is vmap's own grouped convolution.
+
+    x (K, B, Cin, H, W), weight (K, *one client's weight) -> (B, K, Cout, H', W'), the client dim second as
+    vmap's grouped convolution leaves it. Clients beyond a multiple of `block` are padded with zeros.
+    """
+    clients, batch = x.shape[:2]
+    block = min(block, clients)
+    groups = -(-clients // block)
+    padded = groups * block - clients
+    if padded:
+        x = F.pad(x, (0, 0) * (x.dim() - 1) + (0, padded))
+        weight = F.pad(weight, (0, 0) * (weight.dim() - 1) + (0, padded))
+    x = x.transpose(0, 1).reshape(batch, -1, *x.shape[3:])  # (B, K*Cin, H, W): client k's channels in group k
+    first, second = weight.shape[1:3]  # (Cout, Cin) of a convolution, (Cin, Cout) of a transposed one
+    diagonal = torch.eye(block, dtype=weight.dtype, device=weight.device).view(1, block, 1, block, 1, 1, 1)
+    kernel = weight.view(groups, block, first, 1, second, *weight.shape[3:]) * diagonal  # (G, b, A, b, A', kh, kw)
+    kernel = kernel.reshape(groups * block * first, block * second, *weight.shape[3:])
+    out = _convolution(transposed, x, kernel, stride, padding, groups)  # (B, G*b*Cout, H', W')
+    return out.view(batch, groups * block, -1, *out.shape[2:])[:, :clients]  # (B, K, Cout, H', W')
+
+
+class _ClientConvolution(torch.autograd.Function):
+    """One client's convolution whose vmap rule computes all K clients' in a chosen form (ClientConvolutions).
+
+    Only applied under vmap. The rule works on the physical tensors with differentiable torch ops, which
+    autograd records, so the Function needs no backward of its own.
+    """
+
+    @staticmethod
+    def forward(x, weight, transposed, stride, padding, form, block):
+        return _convolution(transposed, x, weight, stride, padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, transposed, stride, padding, form, block):
+        clients = info.batch_size
+        x, weight = _clients_first(x, in_dims[0], clients), _clients_first(weight, in_dims[1], clients)
+        if form == "loop":  # K plain convolutions
+            return torch.stack([_convolution(transposed, x[k], weight[k], stride, padding)
+                                for k in range(clients)]), 0
+        return block_diagonal_convolution(transposed, x, weight, stride, padding, block), 1
+
+
+def _plain_convolution_args(func, *args, **kwargs) -> tuple[Tensor, Tensor, Any, Any] | None:
+    """(x, weight, stride, padding) of an F.conv2d / F.conv_transpose2d call as nn.Conv2d and nn.ConvTranspose2d
+    make it, if it has no bias, groups, dilation or output padding; else None."""
+    def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        return input, weight, bias, stride, padding, dilation, groups, 0
+
+    def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+        return input, weight, bias, stride, padding, dilation, groups, output_padding
+    x, weight, bias, stride, padding, dilation, groups, output_padding = (
+        conv_transpose2d if func is F.conv_transpose2d else conv2d)(*args, **kwargs)
+    plain = bias is None and groups == 1 and set(_pair(dilation)) == {1} and set(_pair(output_padding)) == {0}
+    return (x, weight, stride, padding) if plain else None
+
+
+def _pair(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+class ClientConvolutions(TorchFunctionMode):
+    """FedConfig.conv_form: the form K clients' thin convolutions take under vmap.
+
+    vmap runs K clients' convolution as one grouped convolution (groups=K), which cuDNN computes slowly when a
+    group has 1 or 2 channels on a side, as D's first and G's last layer have: 4-6x one model's time for the same
+    images on an H200 (benchmarks/RESULTS.md). Those layers (at most THIN channels on a side) are computed here as
+    "block": block-diagonal convolutions over `block` clients at a time (block_diagonal_convolution), or "loop":
+    K plain convolutions (cheap inside a CUDA graph); "grouped" leaves them to vmap. Same result up to rounding.
+    Enter it inside the function vmap maps, with nothing but vmap's batched tensors reaching the convolutions.
+    """
+
+    THIN = 4
+
+    def __init__(self, form: str, block: int):
+        super().__init__()
+        self.form, self.block = form, block
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.conv2d, F.conv_transpose2d):
+            plain = _plain_convolution_args(func, *args, **kwargs)
+            if plain is not None and min(plain[1].shape[:2]) <= self.THIN:
+                x, weight, stride, padding = plain
+                return _ClientConvolution.apply(x, weight, func is F.conv_transpose2d, stride, padding, self.form,
+                                                self.block)
+        return func(*args, **kwargs)
+
+
+def _client_convolutions(config: FedConfig, looped: bool) -> contextlib.AbstractContextManager:
+    form = "block" if config.conv_form == "auto" else config.conv_form
+    if looped or form == "grouped":
+        return contextlib.nullcontext()
+    return ClientConvolutions(form, config.conv_block_clients)
 
 
 class BFloat16Compute(TorchFunctionMode):

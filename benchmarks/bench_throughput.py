@@ -99,7 +99,8 @@ def first_steps(plan: fu.RoundPlan, count: int) -> fu.RoundPlan:
 
 def measure(k: int, args, device: torch.device, images, labels) -> dict:
     config = fu.FedConfig(num_clients=max(k, 1), batch_size=args.batch, ngf=args.ngf, ndf=args.ngf, device=str(device),
-                          eval_every=None, client_map=args.client_map, amp=args.amp, cuda_graphs=args.cuda_graphs)
+                          eval_every=None, client_map=args.client_map, amp=args.amp, cuda_graphs=args.cuda_graphs,
+                          **args.conv)
     torch.manual_seed(0)
     models = tuple(m.to(device) for m in fu.build_models(config))
     plan = make_plan(config, k, args.batch, args.steps, len(labels))
@@ -112,6 +113,8 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
     graphs = device.type == "cuda" and config.cuda_graphs
     if graphs:  # what the graphs bring: the engine as it steps without them
         contenders["eager"] = (time_engine, dataclasses.replace(config, cuda_graphs=False), plan)
+    for form in args.compare_forms:  # the engine with other forms of the thin convolutions
+        contenders[form] = (time_engine, dataclasses.replace(config, **conv_options(form)), plan)
     for timer, cfg, p in contenders.values():  # warm-up: allocator, cuDNN autotuning, caches
         timer(cfg, *models, images, labels, first_steps(p, 2))
     best = {name: float("inf") for name in contenders}
@@ -119,18 +122,25 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
         for name, (timer, cfg, p) in contenders.items():
             best[name] = min(best[name], timer(cfg, *models, images, labels, p))
     kernels = {name: kernels_per_step(timer, cfg, *models, images, labels, first_steps(p, 10))
-               for name, (timer, cfg, p) in contenders.items() if name != "eager"}
+               for name, (timer, cfg, p) in contenders.items() if name in ("loop", "engine", "ceiling")}
     peak = None
     if device.type == "cuda":  # the engine's own peak, in a run of its own
         torch.cuda.reset_peak_memory_stats(device)
         time_engine(config, *models, images, labels, plan)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
     work = k * args.batch * args.steps
-    return {"K": k, "batch": args.batch, "device": str(device),
+    return {"K": k, "batch": args.batch, "device": str(device), **args.conv,
             "loop_img_s": work / best["loop"] if args.loop else None,
             "engine_img_s": work / best["engine"], "ceiling_img_s": work / best["ceiling"], "peak_mem_mb": peak,
             "eager_img_s": work / best["eager"] if graphs else None,
+            "forms_img_s": {form: work / best[form] for form in args.compare_forms} or None,
             **{f"{name}_kernels_step": kernels.get(name) for name in ("loop", "engine", "ceiling")}}
+
+
+def conv_options(form: str) -> dict:
+    """"block:5" -> conv_form "block" with 5 clients a block; "loop" -> conv_form "loop"."""
+    name, _, block = form.partition(":")
+    return {"conv_form": name, **({"conv_block_clients": int(block)} if block else {})}
 
 
 def cell(value: float | None, spec: str) -> str:
@@ -141,7 +151,8 @@ def full_round_seconds(device: torch.device, images, labels, args) -> float:
     """Seconds for one full-preset round: 10 clients, one local epoch over all their images."""
     with tempfile.TemporaryDirectory() as scratch:
         config = fu.preset("full", device=str(device), eval_every=None, checkpoint_every=0, rounds=10 ** 6,
-                           checkpoint_dir=scratch, out_dir=scratch, amp=args.amp, cuda_graphs=args.cuda_graphs)
+                           checkpoint_dir=scratch, out_dir=scratch, amp=args.amp, cuda_graphs=args.cuda_graphs,
+                           **args.conv)
         federation = fu.Federation(config, data=(images, labels), log=False)
         federation.run_round()  # warm-up
         return federation.run_round()["seconds"]
@@ -158,6 +169,13 @@ def main() -> None:
     parser.add_argument("--client-map", default="auto", choices=fu.CLIENT_MAPS, help="the engine's client_map")
     parser.add_argument("--amp", action="store_true",
                         help="engine and ceiling with amp=True, bf16 (the loop stays float32)")
+    parser.add_argument("--conv-form", default="auto", choices=fu.CONV_FORMS,
+                        help="engine and ceiling: the form of the thin convolutions under vmap (FedConfig.conv_form)")
+    parser.add_argument("--block-clients", type=int, default=fu.FedConfig.conv_block_clients,
+                        help="clients per block-diagonal convolution with --conv-form block")
+    parser.add_argument("--compare-forms", default="",
+                        help="comma-separated other conv forms for the engine, timed alongside: grouped, loop, "
+                             "block:N (N clients a block); printed below the table")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="engine and ceiling step eagerly on a GPU (default: replayed from CUDA graphs)")
     parser.add_argument("--no-loop", dest="loop", action="store_false",
@@ -165,6 +183,10 @@ def main() -> None:
     parser.add_argument("--full-round", action="store_true", help="also time one full-preset round (default on GPU)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     args = parser.parse_args()
+    args.conv = {"conv_form": args.conv_form, "conv_block_clients": args.block_clients}
+    args.compare_forms = [form for form in args.compare_forms.split(",") if form]
+    for form in args.compare_forms:  # a wrong one fails here, not after the first timings
+        fu.FedConfig(**conv_options(form))
     device = fu.pick_device(args.device)
     gpu = device.type == "cuda"
     ks = [int(k) for k in (args.ks or ("1,10,100" if gpu else "1,4,10")).split(",")]
@@ -175,7 +197,8 @@ def main() -> None:
     images, labels = images.to(device), labels.to(device)
     report = fu.env_report()
     print(f"device {device} ({report['gpu'] or 'CPU, ' + str(report['cpu_threads']) + ' threads'}) | torch "
-          f"{report['torch']} | batch {args.batch} a client | ngf=ndf={args.ngf} | engine client_map={args.client_map}"
+          f"{report['torch']} | batch {args.batch} a client | ngf=ndf={args.ngf} | engine client_map={args.client_map}, "
+          f"conv_form={args.conv_form}{f' ({args.block_clients} clients a block)' if args.conv_form == 'block' else ''}"
           f"{', amp (bf16)' if args.amp else ''}{', CUDA graphs' if gpu and args.cuda_graphs else ''} | "
           f"{args.steps} steps, best of {args.repeats}")
     rows = [measure(k, args, device, images, labels) for k in ks]
@@ -191,6 +214,10 @@ def main() -> None:
               f"{row['engine_img_s'] / row['ceiling_img_s']:>15.2f} {cell(row['peak_mem_mb'], ',.0f'):>9} "
               f"{cell(row['loop_kernels_step'], ',.0f'):>18} {row['engine_kernels_step']:>7,.0f} "
               f"{row['ceiling_kernels_step']:>8,.0f} {cell(row['eager_img_s'], ',.0f'):>24}")
+    for row in rows:
+        for form, img_s in (row["forms_img_s"] or {}).items():
+            print(f"K={row['K']}: the engine with conv_form {form}: {img_s:,.0f} img/s, "
+                  f"{img_s / row['engine_img_s']:.2f}x the engine, {img_s / row['ceiling_img_s']:.2f}x the ceiling")
     if args.full_round or gpu:
         print(f"one full-preset round (10 clients, one local epoch over 60,000 images): "
               f"{full_round_seconds(device, images, labels, args):.2f} s")

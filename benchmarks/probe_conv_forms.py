@@ -6,10 +6,13 @@ alternatives the speed issue asks about: the grouped convolution in channels_las
 multiply (bmm) with each client's weights for the layers that are matrix products in disguise (G's first layer
 on a 1x1 input, D's last layer over the whole 7x7 map); for every layer the convolution as a bmm of each
 client's weights with the unfolded image patches ("im2col bmm": unfold, bmm; for a transposed convolution bmm,
-fold); and K plain convolutions one after another ("loop"). Each form's forward and backward (input and weight
-gradients) is captured in a CUDA graph and replayed, so launches do not hide the kernels' own time.
+fold); K plain convolutions one after another ("loop"); and the engine's block-diagonal convolutions over b
+clients a group ("block b", fedgan_utils.block_diagonal_convolution, b times the arithmetic in K/b groups). Each
+form's forward and backward (input and weight gradients) is captured in a CUDA graph and replayed, so launches do
+not hide the kernels' own time.
 
     python benchmarks/probe_conv_forms.py --ks 10,100 --json forms.json      # needs a CUDA GPU
+    python benchmarks/probe_conv_forms.py --layers G3,D1 --forms "one model,block" --blocks 5,10
 """
 from __future__ import annotations
 
@@ -18,8 +21,13 @@ import json
 import statistics
 from pathlib import Path
 
+import sys
+
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fedgan_utils as fu  # noqa: E402
 
 # (name, transposed, in channels, out channels, kernel, stride, padding, input size): ngf=ndf=64 on 28x28
 LAYERS = [("G1 convT 110->128 1->7", True, 110, 128, 7, 1, 0, 1),
@@ -57,13 +65,17 @@ def im2col_conv_transpose(x, w, size: int, stride: int, padding: int):
     return out.view(k, b, *out.shape[1:])
 
 
-def forms(layer, k: int, batch: int, dtype: torch.dtype):
+DEVICE = "cuda"
+FORMS = ("one model", "grouped (vmap)", "grouped channels_last", "im2col bmm", "loop", "bmm", "block")
+
+
+def forms(layer, k: int, batch: int, dtype: torch.dtype, blocks: list[int]):
     """{form: (fn of (x, w), x, w)} for one layer, K clients of `batch` images each."""
     _, transposed, cin, cout, size, stride, padding, hin = layer
     weight_shape = (cin, cout, size, size) if transposed else (cout, cin, size, size)
 
     def make(*shape, channels_last=False):
-        t = torch.randn(*shape, device="cuda", dtype=dtype)
+        t = torch.randn(*shape, device=DEVICE, dtype=dtype)
         t = t.to(memory_format=torch.channels_last) if channels_last else t
         return t.requires_grad_(True)
     grouped_w = (k * cin, cout, size, size) if transposed else (k * cout, cin, size, size)
@@ -82,6 +94,9 @@ def forms(layer, k: int, batch: int, dtype: torch.dtype):
                          make(*per_client_w))
     out["loop"] = (lambda x, w: torch.stack([conv(transposed, x[c], w[c], stride, padding) for c in range(k)]),
                    make(k, batch, cin, hin, hin), make(*per_client_w))
+    for block in (b for b in blocks if 1 < b <= k):
+        out[f"block {block}"] = (lambda x, w, block=block: fu.block_diagonal_convolution(
+            transposed, x, w, stride, padding, block), make(k, batch, cin, hin, hin), make(*per_client_w))
     if transposed and hin == 1:  # (K, B, cin) @ (K, cin, cout*size*size): a 1x1 input spread over the kernel
         out["bmm"] = (lambda x, w: torch.bmm(x, w), make(k, batch, cin), make(k, cin, cout * size * size))
     if not transposed and size == hin and padding == 0:  # the kernel covers the whole map: (K, B, cin*H*W) @ w
@@ -119,8 +134,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ks", default="10,100", help="comma-separated client counts")
     parser.add_argument("--batch", type=int, default=64, help="images per client")
+    parser.add_argument("--layers", default=",".join(layer[0].split()[0] for layer in LAYERS),
+                        help="comma-separated layers to time, by their first word (G1..G3, D1..D3)")
+    parser.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated forms to time, of {FORMS} "
+                        "('one model' always: the ratios are to it)")
+    parser.add_argument("--blocks", default="2,5,10,25,50,100", help="clients a group for the block forms")
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     args = parser.parse_args()
+    layers = [layer for layer in LAYERS if layer[0].split()[0] in args.layers.split(",")]
+    wanted = set(args.forms.split(",")) | {"one model"}
+    blocks = [int(b) for b in args.blocks.split(",")]
     if not torch.cuda.is_available():
         raise SystemExit("probe_conv_forms.py times CUDA kernels: it needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -129,8 +152,9 @@ def main() -> None:
     rows = []
     for k in (int(k) for k in args.ks.split(",")):
         for dtype in (torch.float32, torch.bfloat16):
-            for layer in LAYERS:
-                timed = {name: replay_ms(*form) for name, form in forms(layer, k, args.batch, dtype).items()}
+            for layer in layers:
+                timed = {name: replay_ms(*form) for name, form in forms(layer, k, args.batch, dtype, blocks).items()
+                         if name in wanted or name.startswith("block ") and "block" in wanted}
                 base = timed["one model"]
                 print(f"K={k:<4} {str(dtype).removeprefix('torch.'):<9} {layer[0]:<24} "
                       + "  ".join(f"{name} {ms:.3f} ({ms / base:.2f})" for name, ms in timed.items()))

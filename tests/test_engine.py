@@ -183,6 +183,54 @@ def test_amp_trains_both_client_maps_alike_in_bfloat16_and_keeps_float32_state(m
     torch.testing.assert_close(vmapped.g_state["main.0.weight"], looped.g_state["main.0.weight"], atol=moved, rtol=0)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("block", [1, 2, 5, 8])  # 2: five clients padded to three groups of two; 8: one group
+def test_block_diagonal_convolution_computes_each_clients_own_convolution_and_gradients(transposed, block):
+    device = torch.device(TEST_DEVICE)
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 2, 9, 9, device=device, requires_grad=True)  # (K, B, Cin, H, W)
+    weight = torch.randn(5, *((2, 4) if transposed else (4, 2)), 4, 4, device=device, requires_grad=True)
+    op = torch.nn.functional.conv_transpose2d if transposed else torch.nn.functional.conv2d
+    expected = torch.stack([op(x[k], weight[k], stride=2, padding=1) for k in range(5)])  # (K, B, Cout, H', W')
+    blocked = fu.block_diagonal_convolution(transposed, x, weight, 2, 1, block)  # (B, K, Cout, H', W')
+    torch.testing.assert_close(blocked.transpose(0, 1), expected, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad(blocked.transpose(0, 1), (x, weight), grad_out),
+                               torch.autograd.grad(expected, (x, weight), grad_out), atol=1e-4, rtol=1e-5)
+
+
+class ConvolutionGroups(torch.utils._python_dispatch.TorchDispatchMode):
+    """The groups of every convolution run, by (transposed, number of input channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.groups = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.groups.setdefault((args[6], args[0].shape[1]), set()).add(args[8])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("form,block,clients,thin_groups", [  # clients: in a thin convolution's input
+    ("grouped", 2, 5, 5), ("block", 2, 6, 3), ("block", 10, 5, 1), ("auto", 10, 5, 1), ("loop", 2, 1, 1)])
+def test_conv_forms_change_only_the_thin_convolutions_and_train_the_clients_alike(mnist_small, tiny_config, form,
+                                                                                   block, clients, thin_groups):
+    """D's first and G's last layer (2 and 1 channels a client) take the form asked for; the wider ones stay vmap's
+    grouped convolutions (groups=K)."""
+    images, labels = mnist_small
+    config = tiny_config(num_clients=5, client_map="vmap", device="cpu")
+    grouped = train_tiny(dataclasses.replace(config, conv_form="grouped"), images, labels)
+    with ConvolutionGroups() as seen:
+        result = train_tiny(dataclasses.replace(config, conv_form=form, conv_block_clients=block), images, labels)
+    assert seen.groups[False, 2 * clients] == seen.groups[True, 8 * clients] == {thin_groups}  # D1 2->8, G3 8->1
+    assert seen.groups[False, 8 * 5] == seen.groups[True, 16 * 5] == {5}  # D2 8->16, G2 16->8
+    torch.testing.assert_close(result.d_loss, grouped.d_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(result.g_loss, grouped.g_loss, atol=1e-5, rtol=1e-5)
+    assert_states_close(result.g_state, grouped.g_state)
+    assert_states_close(result.d_state, grouped.d_state)
+
+
 def test_bfloat16_compute_runs_convolutions_in_bf16_and_batch_norm_in_float32_also_under_vmap():
     conv, norm = torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False)
     x = torch.randn(3, 5, 2, 8, 8)  # (K, B, C, H, W)
