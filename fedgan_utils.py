@@ -287,8 +287,8 @@ class FedConfig:
     client_map: str = "auto"  # clients as one batch: "vmap", "loop" (map_clients), "auto" (vmap on GPU, loop on CPU)
     amp: bool = False  # local training's convolutions in bfloat16, the rest float32 (speed; changes results slightly)
     cuda_graphs: bool = True  # on a CUDA GPU, replay each local step from a CUDA graph (same result, fewer launches)
-    conv_form: str = "auto"  # under vmap, thin convolutions (<= 4 channels a side) as: CONV_FORMS, see ClientConvolutions
-    conv_block_clients: int = 10  # conv_form="block": clients per block-diagonal convolution
+    conv_form: str = "auto"  # under vmap, the thin convolutions (<= 4 channels a side): CONV_FORMS, ClientConvolutions
+    conv_block_clients: int = 10  # conv_form="block": clients per block-diagonal convolution ("auto" picks its own)
     # server rule (see the Aggregation section)
     strategy: str = "fedavg"  # one of STRATEGIES (or pass a Strategy object to Federation)
     server_lr: float | None = None  # server learning rate; None: 1.0 fedavgm, 0.5 damped (its alpha), 1e-2 adaptive
@@ -430,8 +430,8 @@ class FedConfig:
 
 
 CHOICES.update(dataset=tuple(sorted(DATASETS)), partition=PARTITIONS, bn_policy=BN_POLICIES,
-               optimizer_state=OPTIMIZER_STATES, client_map=CLIENT_MAPS, conv_form=CONV_FORMS, strategy=STRATEGIES, selection=SELECTIONS,
-               sync_networks=SYNC_NETWORKS, sync_mode=SYNC_MODES, staleness=STALENESS_RULES,
+               optimizer_state=OPTIMIZER_STATES, client_map=CLIENT_MAPS, conv_form=CONV_FORMS, strategy=STRATEGIES,
+               selection=SELECTIONS, sync_networks=SYNC_NETWORKS, sync_mode=SYNC_MODES, staleness=STALENESS_RULES,
                threshold_rule=THRESHOLD_RULES, threshold_action=THRESHOLD_ACTIONS,
                straggler_policy=STRAGGLER_POLICIES, step_normalisation=STEP_NORMALISATIONS, compression=COMPRESSIONS,
                attack=ATTACKS)
@@ -1684,7 +1684,7 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
 
     def in_precision(fn):  # the per-client function under amp's BFloat16Compute and the thin convolutions' form
         def run(*args):
-            with _bfloat16_compute(config.amp), _client_convolutions(config, looped):
+            with _bfloat16_compute(config.amp), _client_convolutions(config, looped, num_clients):
                 return fn(*args)
         return run
 
@@ -1733,22 +1733,23 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     steps_of_all = int(plan.steps.min())  # the steps every client takes; after them, the finished ones sit out
     if config.cuda_graphs and device.type == "cuda" and steps_of_all >= CudaGraphStep.MIN_CALLS:
         step_of_all = CudaGraphStep(step_of_all)
-    for step in range(max_steps):
-        idx = batch_indices[:, step]  # (K, B)
-        z = torch.randn((num_clients, batch, generator.z_dim), generator=noise_gen, device=device)
-        if step < steps_of_all:
-            step_of_all(idx, z)
-            continue
-        active = step < steps  # (K,) clients still training
-        saved_buffers = {k: v.clone() for k, v in {**g_buffers, **d_buffers}.items()}
-        on_steps = (step < plan.steps).tolist()  # known on the host: no device sync
-        d_loss, g_loss = local_step(idx, z, on_steps)
-        with torch.no_grad():  # finished clients: undo the running-statistics updates of this step, count no loss
-            for name, buffer in {**g_buffers, **d_buffers}.items():
-                keep = active.view(-1, *([1] * (buffer.dim() - 1)))
-                buffer.copy_(torch.where(keep, buffer, saved_buffers[name]))
-        d_loss_sum += torch.where(active, d_loss, torch.zeros_like(d_loss_sum))
-        g_loss_sum += torch.where(active, g_loss, torch.zeros_like(g_loss_sum))
+    with _deterministic_cudnn():  # the backward passes too: autograd.grad runs inside the steps
+        for step in range(max_steps):
+            idx = batch_indices[:, step]  # (K, B)
+            z = torch.randn((num_clients, batch, generator.z_dim), generator=noise_gen, device=device)
+            if step < steps_of_all:
+                step_of_all(idx, z)
+                continue
+            active = step < steps  # (K,) clients still training
+            saved_buffers = {k: v.clone() for k, v in {**g_buffers, **d_buffers}.items()}
+            on_steps = (step < plan.steps).tolist()  # known on the host: no device sync
+            d_loss, g_loss = local_step(idx, z, on_steps)
+            with torch.no_grad():  # finished clients: undo the running-statistics updates of this step, count no loss
+                for name, buffer in {**g_buffers, **d_buffers}.items():
+                    keep = active.view(-1, *([1] * (buffer.dim() - 1)))
+                    buffer.copy_(torch.where(keep, buffer, saved_buffers[name]))
+            d_loss_sum += torch.where(active, d_loss, torch.zeros_like(d_loss_sum))
+            g_loss_sum += torch.where(active, g_loss, torch.zeros_like(g_loss_sum))
 
     def final_state(net: FlatParams, buffers: Mapping[str, Tensor], state: Mapping[str, Tensor]):
         values = {**{n: v.detach().contiguous() for n, v in net.split(net.flat).items()}, **buffers}
@@ -1831,7 +1832,8 @@ def block_diagonal_convolution(transposed: bool, x: Tensor, weight: Tensor, stri
     kernel = weight.view(groups, block, first, 1, second, *weight.shape[3:]) * diagonal  # (G, b, A, b, A', kh, kw)
     kernel = kernel.reshape(groups * block * first, block * second, *weight.shape[3:])
     out = _convolution(transposed, x, kernel, stride, padding, groups)  # (B, G*b*Cout, H', W')
-    return out.view(batch, groups * block, -1, *out.shape[2:])[:, :clients]  # (B, K, Cout, H', W')
+    out = out.view(batch, groups * block, -1, *out.shape[2:])  # (B, G*b, Cout, H', W')
+    return out[:, :clients] if padded else out  # (B, K, Cout, H', W')
 
 
 class _ClientConvolution(torch.autograd.Function):
@@ -1905,11 +1907,31 @@ class ClientConvolutions(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _client_convolutions(config: FedConfig, looped: bool) -> contextlib.AbstractContextManager:
-    form = "block" if config.conv_form == "auto" else config.conv_form
+AUTO_BLOCK_CLIENTS = 10  # conv_form="auto": up to this many clients (float32) in one block-diagonal convolution
+
+
+def _client_convolutions(config: FedConfig, looped: bool, clients: int) -> contextlib.AbstractContextManager:
+    """The form of the thin convolutions under vmap. "auto" is what the benchmark measured fastest on an H200
+    (benchmarks/RESULTS.md): all clients in one block-diagonal convolution at 10 clients in float32; vmap's grouped
+    convolutions at 100 clients and in bfloat16, and for one client, where the forms are the same convolution."""
+    form, block = config.conv_form, config.conv_block_clients
+    if form == "auto":
+        form, block = ("block", clients) if not config.amp and 2 <= clients <= AUTO_BLOCK_CLIENTS else ("grouped", 1)
     if looped or form == "grouped":
         return contextlib.nullcontext()
-    return ClientConvolutions(form, config.conv_block_clients)
+    return ClientConvolutions(form, block)
+
+
+@contextlib.contextmanager
+def _deterministic_cudnn():
+    """cuDNN restricted to deterministic algorithms: the same seed gives the same result on a GPU. (On an H200 the
+    block-diagonal convolutions' gradients came out different run to run without it.)"""
+    saved = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic = saved
 
 
 class BFloat16Compute(TorchFunctionMode):

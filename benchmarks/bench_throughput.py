@@ -114,7 +114,7 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
     if graphs:  # what the graphs bring: the engine as it steps without them
         contenders["eager"] = (time_engine, dataclasses.replace(config, cuda_graphs=False), plan)
     for form in args.compare_forms:  # the engine with other forms of the thin convolutions
-        contenders[form] = (time_engine, dataclasses.replace(config, **conv_options(form)), plan)
+        contenders[f"form {form}"] = (time_engine, dataclasses.replace(config, **conv_options(form)), plan)
     for timer, cfg, p in contenders.values():  # warm-up: allocator, cuDNN autotuning, caches
         timer(cfg, *models, images, labels, first_steps(p, 2))
     best = {name: float("inf") for name in contenders}
@@ -133,7 +133,7 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
             "loop_img_s": work / best["loop"] if args.loop else None,
             "engine_img_s": work / best["engine"], "ceiling_img_s": work / best["ceiling"], "peak_mem_mb": peak,
             "eager_img_s": work / best["eager"] if graphs else None,
-            "forms_img_s": {form: work / best[form] for form in args.compare_forms} or None,
+            "forms_img_s": {form: work / best[f"form {form}"] for form in args.compare_forms} or None,
             **{f"{name}_kernels_step": kernels.get(name) for name in ("loop", "engine", "ceiling")}}
 
 
@@ -197,7 +197,8 @@ def main() -> None:
     images, labels = images.to(device), labels.to(device)
     report = fu.env_report()
     print(f"device {device} ({report['gpu'] or 'CPU, ' + str(report['cpu_threads']) + ' threads'}) | torch "
-          f"{report['torch']} | batch {args.batch} a client | ngf=ndf={args.ngf} | engine client_map={args.client_map}, "
+          f"{report['torch']} | batch {args.batch} a client | ngf=ndf={args.ngf} | "
+          f"engine client_map={args.client_map}, "
           f"conv_form={args.conv_form}{f' ({args.block_clients} clients a block)' if args.conv_form == 'block' else ''}"
           f"{', amp (bf16)' if args.amp else ''}{', CUDA graphs' if gpu and args.cuda_graphs else ''} | "
           f"{args.steps} steps, best of {args.repeats}")
