@@ -240,7 +240,7 @@ _FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and w
     "staleness_a": (lambda v: _is_number(v) and _finite(v) and v >= 0, "a number >= 0"),
     "staleness_b": (_non_negative_int, "an integer >= 0"),
     **{name: (lambda v: isinstance(v, bool), "True or False")
-       for name in ("error_feedback", "server_generator", "amp", "cuda_graphs")},
+       for name in ("error_feedback", "server_generator", "amp", "cuda_graphs", "deterministic")},
     "conv_block_clients": (_positive_int, "an integer >= 1"),
     "attack_fraction": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "attack_scale": (_positive_number, "a number > 0"),
@@ -289,6 +289,7 @@ class FedConfig:
     cuda_graphs: bool = True  # on a CUDA GPU, replay each local step from a CUDA graph (same result, fewer launches)
     conv_form: str = "auto"  # under vmap, the thin convolutions (<= 4 channels a side): CONV_FORMS, ClientConvolutions
     conv_block_clients: int = 10  # conv_form="block": clients per block-diagonal convolution ("auto" picks its own)
+    deterministic: bool = True  # GPU: cuDNN's deterministic algorithms (same seed, same result); False: autotuned
     # server rule (see the Aggregation section)
     strategy: str = "fedavg"  # one of STRATEGIES (or pass a Strategy object to Federation)
     server_lr: float | None = None  # server learning rate; None: 1.0 fedavgm, 0.5 damped (its alpha), 1e-2 adaptive
@@ -1655,6 +1656,8 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     `config.amp` runs the convolutions in bfloat16 (BFloat16Compute); parameters, gradients and Adam stay float32.
     On a CUDA GPU (`config.cuda_graphs`), the steps every client takes are replayed from a CUDA graph
     (CudaGraphStep); the steps of the clients with more data after them run eagerly.
+    `config.conv_form` picks how vmap computes the thin convolutions (ClientConvolutions); `config.deterministic`
+    how cuDNN picks its algorithms (_cudnn_algorithms).
     """
     client_map = config.client_map if client_map is None else client_map
     _require(client_map in CLIENT_MAPS, "client_map", client_map, f"one of {list(CLIENT_MAPS)}")
@@ -1733,7 +1736,7 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     steps_of_all = int(plan.steps.min())  # the steps every client takes; after them, the finished ones sit out
     if config.cuda_graphs and device.type == "cuda" and steps_of_all >= CudaGraphStep.MIN_CALLS:
         step_of_all = CudaGraphStep(step_of_all)
-    with _deterministic_cudnn():  # the backward passes too: autograd.grad runs inside the steps
+    with _cudnn_algorithms(config.deterministic):  # the backward passes too: autograd.grad runs inside the steps
         for step in range(max_steps):
             idx = batch_indices[:, step]  # (K, B)
             z = torch.randn((num_clients, batch, generator.z_dim), generator=noise_gen, device=device)
@@ -1810,8 +1813,8 @@ def _clients_first(t: Tensor, dim: int | None, clients: int) -> Tensor:
     return t.expand(clients, *t.shape) if dim is None else t.movedim(dim, 0)
 
 
-def block_diagonal_convolution(transposed: bool, x: Tensor, weight: Tensor, stride, padding,
-                               block: int) -> Tensor:
+def block_diagonal_convolution(transposed: bool, x: Tensor, weight: Tensor, stride: int | Sequence[int],
+                               padding: int | Sequence[int], block: int) -> Tensor:
     """K clients' convolutions as one grouped convolution whose groups each hold `block` clients' weights on the
     diagonal of a dense kernel (zeros elsewhere): `block` times the arithmetic of K separate convolutions in
     ceil(K / block) groups instead of K. block=1 is vmap's own grouped convolution.
@@ -1882,11 +1885,12 @@ def _pair(value: Any) -> tuple:
 class ClientConvolutions(TorchFunctionMode):
     """FedConfig.conv_form: the form K clients' thin convolutions take under vmap.
 
-    vmap runs K clients' convolution as one grouped convolution (groups=K), which cuDNN computes slowly when a
-    group has 1 or 2 channels on a side, as D's first and G's last layer have: 4-6x one model's time for the same
-    images on an H200 (benchmarks/RESULTS.md). Those layers (at most THIN channels on a side) are computed here as
-    "block": block-diagonal convolutions over `block` clients at a time (block_diagonal_convolution), or "loop":
-    K plain convolutions (cheap inside a CUDA graph); "grouped" leaves them to vmap. Same result up to rounding.
+    vmap runs K clients' convolution as one grouped convolution (groups=K), for which cuDNN's deterministic
+    heuristics pick slow algorithms when a group has 1 or 2 channels on a side, as D's first and G's last layer
+    have: 4-6x one model's time for the same images on an H200 (benchmarks/RESULTS.md). Those layers (at most THIN
+    channels on a side) are computed here as "block": block-diagonal convolutions over `block` clients at a time
+    (block_diagonal_convolution), or "loop": K plain convolutions; "grouped" leaves them to vmap. The same result
+    up to rounding.
     Enter it inside the function vmap maps, with nothing but vmap's batched tensors reaching the convolutions.
     """
 
@@ -1912,26 +1916,30 @@ AUTO_BLOCK_CLIENTS = 10  # conv_form="auto": up to this many clients (float32) i
 
 def _client_convolutions(config: FedConfig, looped: bool, clients: int) -> contextlib.AbstractContextManager:
     """The form of the thin convolutions under vmap. "auto" is what the benchmark measured fastest on an H200
-    (benchmarks/RESULTS.md): all clients in one block-diagonal convolution at 10 clients in float32; vmap's grouped
-    convolutions at 100 clients and in bfloat16, and for one client, where the forms are the same convolution."""
+    (benchmarks/RESULTS.md): with cuDNN's deterministic heuristics, all clients in one block-diagonal convolution
+    at 10 clients in float32 (+12% over grouped); vmap's grouped convolutions at 100 clients, in bfloat16, when
+    cuDNN is autotuned (deterministic=False: there grouped was 9% faster at 10 clients) and for one client."""
     form, block = config.conv_form, config.conv_block_clients
     if form == "auto":
-        form, block = ("block", clients) if not config.amp and 2 <= clients <= AUTO_BLOCK_CLIENTS else ("grouped", 1)
+        blocked = config.deterministic and not config.amp and 2 <= clients <= AUTO_BLOCK_CLIENTS
+        form, block = ("block", clients) if blocked else ("grouped", 1)
     if looped or form == "grouped":
         return contextlib.nullcontext()
     return ClientConvolutions(form, block)
 
 
 @contextlib.contextmanager
-def _deterministic_cudnn():
-    """cuDNN restricted to deterministic algorithms: the same seed gives the same result on a GPU. (On an H200 the
-    block-diagonal convolutions' gradients came out different run to run without it.)"""
-    saved = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True
+def _cudnn_algorithms(deterministic: bool):
+    """FedConfig.deterministic: cuDNN restricted to deterministic algorithms chosen by its heuristics, so that the
+    same seed gives the same result on a GPU (on an H200 the tests' same-seed runs differed without it, with the
+    block-diagonal convolutions); or autotuned (cudnn.benchmark): the fastest it times, deterministic or not."""
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = deterministic, not deterministic
     try:
         yield
     finally:
-        torch.backends.cudnn.deterministic = saved
+        cudnn.deterministic, cudnn.benchmark = saved
 
 
 class BFloat16Compute(TorchFunctionMode):

@@ -176,6 +176,8 @@ def main() -> None:
     parser.add_argument("--compare-forms", default="",
                         help="comma-separated other conv forms for the engine, timed alongside: grouped, loop, "
                              "block:N (N clients a block); printed below the table")
+    parser.add_argument("--nondeterministic", dest="deterministic", action="store_false",
+                        help="engine and ceiling with deterministic=False: cuDNN autotuned, not reproducible")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="engine and ceiling step eagerly on a GPU (default: replayed from CUDA graphs)")
     parser.add_argument("--no-loop", dest="loop", action="store_false",
@@ -183,7 +185,8 @@ def main() -> None:
     parser.add_argument("--full-round", action="store_true", help="also time one full-preset round (default on GPU)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     args = parser.parse_args()
-    args.conv = {"conv_form": args.conv_form, "conv_block_clients": args.block_clients}
+    args.conv = {"conv_form": args.conv_form, "conv_block_clients": args.block_clients,
+                 "deterministic": args.deterministic}
     args.compare_forms = [form for form in args.compare_forms.split(",") if form]
     for form in args.compare_forms:  # a wrong one fails here, not after the first timings
         fu.FedConfig(**conv_options(form))
@@ -200,7 +203,8 @@ def main() -> None:
           f"{report['torch']} | batch {args.batch} a client | ngf=ndf={args.ngf} | "
           f"engine client_map={args.client_map}, "
           f"conv_form={args.conv_form}{f' ({args.block_clients} clients a block)' if args.conv_form == 'block' else ''}"
-          f"{', amp (bf16)' if args.amp else ''}{', CUDA graphs' if gpu and args.cuda_graphs else ''} | "
+          f"{', amp (bf16)' if args.amp else ''}{', CUDA graphs' if gpu and args.cuda_graphs else ''}"
+          f"{'' if args.deterministic else ', cuDNN autotuned (deterministic=False)'} | "
           f"{args.steps} steps, best of {args.repeats}")
     rows = [measure(k, args, device, images, labels) for k in ks]
     header = f"{'K':>5} {'loop img/s':>12} {'engine img/s':>13} {'ceiling img/s':>14} {'engine/loop':>12} " \

@@ -1,4 +1,5 @@
-"""benchmarks/bench_throughput.py runs at a small size, prints its table with ratios and writes its rows."""
+"""The benchmarks run at a small size: bench_throughput prints its table with ratios and writes its rows;
+check_determinism compares two same-seed runs."""
 import json
 import subprocess
 import sys
@@ -24,12 +25,13 @@ def test_benchmark_prints_ratios_and_writes_json_rows(tmp_path):
     assert "engine/ceiling" in header and "loop img/s" in header
     table = lines[lines.index(header) + 2:lines.index(header) + 4]
     assert [int(line.split()[0]) for line in table] == [1, 2]
-    assert [set(r) for r in rows] == [{"K", "batch", "device", "conv_form", "conv_block_clients", "loop_img_s",
-                                       "engine_img_s", "ceiling_img_s", "peak_mem_mb", "eager_img_s", "forms_img_s",
-                                       "loop_kernels_step", "engine_kernels_step", "ceiling_kernels_step"}] * 2
+    assert [set(r) for r in rows] == [{"K", "batch", "device", "conv_form", "conv_block_clients", "deterministic",
+                                       "loop_img_s", "engine_img_s", "ceiling_img_s", "peak_mem_mb", "eager_img_s",
+                                       "forms_img_s", "loop_kernels_step", "engine_kernels_step",
+                                       "ceiling_kernels_step"}] * 2
     for row, line in zip(rows, table):
         assert row["device"] == "cpu" and row["batch"] == 8 and row["peak_mem_mb"] is row["eager_img_s"] is None
-        assert row["conv_form"] == "auto" and row["forms_img_s"] is None
+        assert row["conv_form"] == "auto" and row["deterministic"] is True and row["forms_img_s"] is None
         assert min(row["loop_img_s"], row["engine_img_s"], row["ceiling_img_s"]) > 0
         ratio = float(line.split()[4])  # the printed engine/loop is the ratio of the written figures
         assert abs(ratio - row["engine_img_s"] / row["loop_img_s"]) < 0.006
@@ -60,3 +62,16 @@ def test_other_conv_forms_are_timed_alongside_the_engine_and_compared_to_it(tmp_
         assert row["loop_img_s"] != row["forms_img_s"]["loop"]  # the reference loop is timed apart from the form
         line = next(line for line in lines if line.startswith(f"K={row['K']}: the engine with conv_form block:2:"))
         assert line.split("img/s, ")[1].startswith(f"{row['forms_img_s']['block:2'] / row['engine_img_s']:.2f}x")
+
+
+def test_determinism_check_trains_each_setting_twice_and_finds_a_cpu_run_reproducible(tmp_path):
+    rows_path = tmp_path / "determinism.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/check_determinism.py", "--clients", "3", "--steps", "2", "--ngf", "8",
+         "--device", "cpu", "--json", str(rows_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(rows_path.read_text())
+    assert {(r["deterministic"], r["conv_form"]) for r in rows} == {(d, f) for d in (True, False)
+                                                                   for f in ("grouped", "block")}
+    assert all(r["equal"] and r["max_diff"] == 0 for r in rows)
+    assert sum("equal: True" in line for line in result.stdout.splitlines()) == 4

@@ -231,6 +231,46 @@ def test_conv_forms_change_only_the_thin_convolutions_and_train_the_clients_alik
     assert_states_close(result.d_state, grouped.d_state)
 
 
+@pytest.mark.parametrize("clients,overrides,thin_groups", [
+    (5, {}, 1), (10, {}, 1),  # float32, deterministic cuDNN, up to 10 clients: one block-diagonal convolution
+    (12, {}, 12), (5, {"amp": True}, 5), (5, {"deterministic": False}, 5), (1, {}, 1)])  # else vmap's groups=K
+def test_auto_conv_form_blocks_the_thin_convolutions_only_where_it_was_measured_faster(mnist_small, tiny_config,
+                                                                                       clients, overrides, thin_groups):
+    images, labels = mnist_small
+    with ConvolutionGroups() as seen:
+        train_tiny(tiny_config(num_clients=clients, client_map="vmap", device="cpu", **overrides), images, labels)
+    assert seen.groups[False, 2 * clients] == {thin_groups}  # D's first layer
+
+
+class CudnnFlagsAtConvolutions(torch.utils._python_dispatch.TorchDispatchMode):
+    """cuDNN's (deterministic, benchmark) flags as each convolution and its backward run."""
+
+    def __init__(self):
+        super().__init__()
+        self.flags = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default):
+            self.flags.add((torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_local_training_sets_cudnns_algorithm_choice_for_its_convolutions_and_restores_it(mnist_small, tiny_config,
+                                                                                          deterministic):
+    images, labels = mnist_small
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = not deterministic, deterministic  # the other way round, to be undone
+    try:
+        with CudnnFlagsAtConvolutions() as seen:
+            train_tiny(tiny_config(deterministic=deterministic), images, labels)
+        assert seen.flags == {(deterministic, not deterministic)}  # forward and backward alike
+        assert (cudnn.deterministic, cudnn.benchmark) == (not deterministic, deterministic)
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
+
+
 def test_bfloat16_compute_runs_convolutions_in_bf16_and_batch_norm_in_float32_also_under_vmap():
     conv, norm = torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False)
     x = torch.randn(3, 5, 2, 8, 8)  # (K, B, C, H, W)
