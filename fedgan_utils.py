@@ -1685,24 +1685,24 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     d_loss_sum = torch.zeros(num_clients, device=device)
     g_loss_sum = torch.zeros(num_clients, device=device)
 
-    def in_precision(fn):  # the per-client function under amp's BFloat16Compute and the thin convolutions' form
+    def in_compute_modes(fn):  # the per-client function under amp's BFloat16Compute and the thin convolutions' form
         def run(*args):
             with _bfloat16_compute(config.amp), _client_convolutions(config, looped, num_clients):
                 return fn(*args)
         return run
 
-    @in_precision
+    @in_compute_modes
     def g_forward(params, buffers, z, y):
         return functional_call(generator, (params, buffers), (z, y))
 
-    @in_precision
+    @in_compute_modes
     def d_real_fake_loss(params, buffers, real, fake, y):
         real_logits = functional_call(discriminator, (params, buffers), (real, y)).float()  # amp: bf16 -> float32
         fake_logits = functional_call(discriminator, (params, buffers), (fake, y)).float()
         return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
                 + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
 
-    @in_precision
+    @in_compute_modes
     def d_fooled_loss(params, buffers, fake, y):
         logits = functional_call(discriminator, (params, buffers), (fake, y)).float()
         return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
