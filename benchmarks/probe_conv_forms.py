@@ -19,9 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from pathlib import Path
-
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +35,6 @@ LAYERS = [("G1 convT 110->128 1->7", True, 110, 128, 7, 1, 0, 1),
           ("D1 conv 2->64 28->14", False, 2, 64, 4, 2, 1, 28),
           ("D2 conv 64->128 14->7", False, 64, 128, 4, 2, 1, 14),
           ("D3 conv 128->1 7->1", False, 128, 1, 7, 1, 0, 7)]
-
-
-def conv(transposed: bool, x, w, stride: int, padding: int, groups: int = 1):
-    op = F.conv_transpose2d if transposed else F.conv2d
-    return op(x, w, stride=stride, padding=padding, groups=groups)
 
 
 def im2col_conv(x, w, size: int, stride: int, padding: int):
@@ -80,11 +74,11 @@ def forms(layer, k: int, batch: int, dtype: torch.dtype, blocks: list[int]):
         return t.requires_grad_(True)
     grouped_w = (k * cin, cout, size, size) if transposed else (k * cout, cin, size, size)
     out = {
-        "one model": (lambda x, w: conv(transposed, x, w, stride, padding),
+        "one model": (lambda x, w: fu._convolution(transposed, x, w, stride, padding),
                       make(k * batch, cin, hin, hin), make(*weight_shape)),
-        "grouped (vmap)": (lambda x, w: conv(transposed, x, w, stride, padding, k),
+        "grouped (vmap)": (lambda x, w: fu._convolution(transposed, x, w, stride, padding, k),
                            make(batch, k * cin, hin, hin), make(*grouped_w)),
-        "grouped channels_last": (lambda x, w: conv(transposed, x, w, stride, padding, k),
+        "grouped channels_last": (lambda x, w: fu._convolution(transposed, x, w, stride, padding, k),
                                   make(batch, k * cin, hin, hin, channels_last=True),
                                   make(*grouped_w, channels_last=True)),
     }
@@ -92,7 +86,8 @@ def forms(layer, k: int, batch: int, dtype: torch.dtype, blocks: list[int]):
     im2col = im2col_conv_transpose if transposed else im2col_conv
     out["im2col bmm"] = (lambda x, w: im2col(x, w, size, stride, padding), make(k, batch, cin, hin, hin),
                          make(*per_client_w))
-    out["loop"] = (lambda x, w: torch.stack([conv(transposed, x[c], w[c], stride, padding) for c in range(k)]),
+    out["loop"] = (lambda x, w: torch.stack([fu._convolution(transposed, x[c], w[c], stride, padding)
+                                             for c in range(k)]),
                    make(k, batch, cin, hin, hin), make(*per_client_w))
     for block in (b for b in blocks if 1 < b <= k):
         out[f"block {block}"] = (lambda x, w, block=block: fu.block_diagonal_convolution(
