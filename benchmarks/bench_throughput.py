@@ -5,7 +5,7 @@ per step, K clients x batch images):
   loop     - the reference per-client loop of tests/reference_loop.py (nn.Module + torch.optim.Adam)
   engine   - fedgan_utils.train_clients, as the notebooks use it (all K clients stacked, one vmap'd model;
              on a GPU each step replayed from a CUDA graph)
-  ceiling  - the same engine with one model given all K x batch images per step
+  ceiling  - the same engine with one model given all K x batch images per step (plain cuDNN convolutions)
   eager    - on a GPU, also the engine without CUDA graphs (--no-cuda-graphs makes it the engine)
 and prints images/s with the ratios engine/loop and engine/ceiling, and the kernels each launches per step
 (aten operations that compute, views and bare allocations left out: on a GPU each is at least one kernel
@@ -104,7 +104,8 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
     torch.manual_seed(0)
     models = tuple(m.to(device) for m in fu.build_models(config))
     plan = make_plan(config, k, args.batch, args.steps, len(labels))
-    ceiling_config = dataclasses.replace(config, num_clients=1, batch_size=k * args.batch)
+    ceiling_config = dataclasses.replace(config, num_clients=1, batch_size=k * args.batch, conv_form="grouped",
+                                         wide_conv_form="grouped")  # one model: groups=1, plain convolutions
     one_model = make_plan(ceiling_config, 1, k * args.batch, args.steps, len(labels))
     contenders = {"engine": (time_engine, config, plan), "loop": (time_loop, config, plan),
                   "ceiling": (time_engine, ceiling_config, one_model)}
@@ -113,7 +114,7 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
     graphs = device.type == "cuda" and config.cuda_graphs
     if graphs:  # what the graphs bring: the engine as it steps without them
         contenders["eager"] = (time_engine, dataclasses.replace(config, cuda_graphs=False), plan)
-    for form in args.compare_forms:  # the engine with other forms of the thin convolutions
+    for form in args.compare_forms:  # the engine with other forms of the convolutions
         contenders[f"form {form}"] = (time_engine, dataclasses.replace(config, **conv_options(form)), plan)
     for timer, cfg, p in contenders.values():  # warm-up: allocator, cuDNN autotuning, caches
         timer(cfg, *models, images, labels, first_steps(p, 2))
@@ -138,9 +139,12 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
 
 
 def conv_options(form: str) -> dict:
-    """"block:5" -> conv_form "block" with 5 clients a block; "loop" -> conv_form "loop"."""
-    name, _, block = form.partition(":")
-    return {"conv_form": name, **({"conv_block_clients": int(block)} if block else {})}
+    """"block:5" -> conv_form "block" with 5 clients a block; "loop" -> conv_form "loop"; "auto+triton" ->
+    conv_form "auto", wide_conv_form "triton" (without "+", the engine's wide_conv_form)."""
+    thin, _, wide = form.partition("+")
+    name, _, block = thin.partition(":")
+    return {"conv_form": name, **({"conv_block_clients": int(block)} if block else {}),
+            **({"wide_conv_form": wide} if wide else {})}
 
 
 def cell(value: float | None, spec: str) -> str:
@@ -173,9 +177,14 @@ def main() -> None:
                         help="engine and ceiling: the form of the thin convolutions under vmap (FedConfig.conv_form)")
     parser.add_argument("--block-clients", type=int, default=fu.FedConfig.conv_block_clients,
                         help="clients per block-diagonal convolution with --conv-form block")
+    parser.add_argument("--wide-conv-form", default="auto", choices=fu.WIDE_CONV_FORMS,
+                        help="engine: the form of the other convolutions under vmap (FedConfig.wide_conv_form)")
     parser.add_argument("--compare-forms", default="",
                         help="comma-separated other conv forms for the engine, timed alongside: grouped, loop, "
-                             "block:N (N clients a block); printed below the table")
+                             "block:N (N clients a block), triton, each with +WIDE for a wide_conv_form (e.g. "
+                             "auto+triton); printed below the table")
+    parser.add_argument("--triton-tiles", type=Path, default=None,
+                        help="a JSON file of tile shapes for the Triton kernels (probe_conv_forms.py --sweep-tiles)")
     parser.add_argument("--nondeterministic", dest="deterministic", action="store_false",
                         help="engine and ceiling with deterministic=False: cuDNN autotuned, not reproducible")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -186,7 +195,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     args = parser.parse_args()
     args.conv = {"conv_form": args.conv_form, "conv_block_clients": args.block_clients,
-                 "deterministic": args.deterministic}
+                 "wide_conv_form": args.wide_conv_form, "deterministic": args.deterministic}
+    if args.triton_tiles:
+        fu.TRITON_TILES.update({kernel: tuple(tiles) for kernel, tiles in json.loads(args.triton_tiles.read_text())
+                                .items()})
     args.compare_forms = [form for form in args.compare_forms.split(",") if form]
     for form in args.compare_forms:  # a wrong one fails here, not after the first timings
         fu.FedConfig(**conv_options(form))
@@ -203,6 +215,7 @@ def main() -> None:
           f"{report['torch']} | batch {args.batch} a client | ngf=ndf={args.ngf} | "
           f"engine client_map={args.client_map}, "
           f"conv_form={args.conv_form}{f' ({args.block_clients} clients a block)' if args.conv_form == 'block' else ''}"
+          f", wide_conv_form={args.wide_conv_form}{f', Triton tiles {fu.TRITON_TILES}' if args.triton_tiles else ''}"
           f"{', amp (bf16)' if args.amp else ''}{', CUDA graphs' if gpu and args.cuda_graphs else ''}"
           f"{'' if args.deterministic else ', cuDNN autotuned (deterministic=False)'} | "
           f"{args.steps} steps, best of {args.repeats}")

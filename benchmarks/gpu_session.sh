@@ -6,11 +6,12 @@
 #   mkdir -p .carry/MNIST && cp ../shared/data/MNIST/*.gz .carry/MNIST/     # the machine gets the repo, not ../shared
 #   FEDGAN_DATA=.carry/MNIST bash benchmarks/gpu_session.sh
 #
-# On a CPU (to try the script) every step runs at a small size. Steps: the throughput benchmark (K = 1, 10, 100
-# and a full-preset round, the engine's other convolution forms alongside), the engine-vs-reference and CUDA-graph
-# tests on the GPU, same seed twice (check_determinism), the benchmark with cuDNN autotuned, amp's throughput,
-# the convolution forms' probe at K=10, memory at K = 100/200 and 1,000, amp's quality check. Prints a line per
-# step; about 6 minutes on an H200.
+# On a CPU (to try the script) every step runs at a small size. Steps on a GPU: the tests there (Triton kernels,
+# engine vs reference, CUDA graphs, determinism, checkpoints), the convolution forms' probe at K = 10 and 100 with
+# the Triton kernels' tile sweep, the throughput benchmark (K = 1, 10, 100 and a full-preset round, the Triton
+# forms alongside, with the swept tiles), amp's throughput, same seed twice (check_determinism), the benchmark
+# with cuDNN autotuned. Memory (bench_memory.py) and amp's quality (check_amp.py), measured in earlier sessions,
+# run on the CPU only. Prints a line per step; about 7 minutes on an H200.
 set -u
 OUT=${OUT:-gpu-out}
 PYTHON=${PYTHON:-python3}
@@ -37,25 +38,27 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output
 }
 
 "$PYTHON" -c "import fedgan_utils as fu, json; print(json.dumps(fu.env_report(), indent=1))" > "$LOGS/env.txt" 2>&1
+"$PYTHON" -c "import triton; print('triton', triton.__version__)" >> "$LOGS/env.txt" 2>&1
 if [ "$GPU" = 1 ]; then
   nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1
-  # the engine as the notebooks run it (deterministic cuDNN), the other forms of the thin convolutions alongside
-  step throughput 150 "$PYTHON" benchmarks/bench_throughput.py --steps 20 --repeats 2 \
-    --compare-forms grouped,block:2,block:5 --json "$LOGS/throughput.json" ||
-    step throughput_grouped 150 "$PYTHON" benchmarks/bench_throughput.py --steps 20 --repeats 2 --conv-form grouped \
-      --json "$LOGS/throughput.json"  # vmap's own convolutions, should the other forms fail
   # -o addopts="": pytest.ini's nbval options (nbval is not on the GPU machine, and the notebooks are not run there)
-  step tests_cuda 90 env FEDGAN_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:warnings -p no:cacheprovider \
-    -o addopts="" tests/test_engine.py tests/test_models.py tests/test_federation.py tests/test_checkpoints.py
+  step tests_cuda 120 env FEDGAN_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:warnings -p no:cacheprovider \
+    -o addopts="" tests/test_conv_kernels.py tests/test_engine.py tests/test_models.py tests/test_federation.py \
+    tests/test_checkpoints.py
+  # each layer's forms, the Triton kernels' tile shapes swept for the wide layers; the fastest go to the benchmarks
+  step conv_forms 150 "$PYTHON" benchmarks/probe_conv_forms.py --ks 10,100 --layers G2,G3,D1,D2 \
+    --forms "one model,grouped (vmap),block,triton" --blocks 10 --json "$LOGS/conv_forms.json" \
+    --sweep-tiles "$LOGS/triton_tiles.json"
+  TILES=()
+  [ -f "$LOGS/triton_tiles.json" ] && TILES=(--triton-tiles "$LOGS/triton_tiles.json")
+  # the engine as the notebooks run it (deterministic cuDNN), the Triton forms alongside
+  step throughput 170 "$PYTHON" benchmarks/bench_throughput.py --steps 20 --repeats 2 "${TILES[@]}" \
+    --compare-forms auto+triton,triton+triton --json "$LOGS/throughput.json"
+  step throughput_amp 70 "$PYTHON" benchmarks/bench_throughput.py --ks 10,100 --steps 20 --repeats 2 --amp \
+    --no-loop "${TILES[@]}" --compare-forms auto+triton,triton+triton --json "$LOGS/throughput_amp.json"
   step determinism 60 "$PYTHON" benchmarks/check_determinism.py --json "$LOGS/determinism.json"
-  step throughput_autotuned 130 "$PYTHON" benchmarks/bench_throughput.py --steps 20 --repeats 2 --nondeterministic \
-    --compare-forms block:10 --json "$LOGS/throughput_autotuned.json"
-  step throughput_amp 50 "$PYTHON" benchmarks/bench_throughput.py --ks 10,100 --steps 20 --repeats 2 --amp \
-    --no-loop --json "$LOGS/throughput_amp.json"  # the loop is float32 either way: its figures are the run above
-  step conv_forms 100 "$PYTHON" benchmarks/probe_conv_forms.py --ks 10 --layers G2,G3,D1,D2 \
-    --forms "one model,grouped (vmap),block" --blocks 2,5,10 --json "$LOGS/conv_forms.json"
-  step memory 60 "$PYTHON" benchmarks/bench_memory.py --local-steps 8 --json "$LOGS/memory.json"
-  step amp_quality 90 "$PYTHON" benchmarks/check_amp.py --preset full --rounds 6 --json "$LOGS/amp_quality.json"
+  step throughput_autotuned 70 "$PYTHON" benchmarks/bench_throughput.py --ks 10,100 --steps 20 --repeats 2 \
+    --nondeterministic --no-loop "${TILES[@]}" --compare-forms auto+triton --json "$LOGS/throughput_autotuned.json"
 else
   step throughput 300 "$PYTHON" benchmarks/bench_throughput.py --ks 1,2 --steps 2 --repeats 1 --ngf 16 \
     --client-map vmap --compare-forms grouped,block:2 --json "$LOGS/throughput.json"
@@ -68,8 +71,8 @@ else
     --json "$LOGS/determinism.json"
 fi
 
-for log in tests_cuda tests_cpu throughput throughput_grouped determinism throughput_autotuned throughput_amp memory \
-  conv_forms amp_quality; do
+for log in tests_cuda tests_cpu conv_forms throughput throughput_amp determinism throughput_autotuned memory \
+  amp_quality; do
   [ -f "$LOGS/$log.txt" ] && { echo "== $log"; tail -n 30 "$LOGS/$log.txt"; }
 done
 tar -czf "$OUT/gpu-session.tar.gz" -C "$LOGS" . && rm -r "$LOGS"

@@ -6,13 +6,17 @@ alternatives the speed issue asks about: the grouped convolution in channels_las
 multiply (bmm) with each client's weights for the layers that are matrix products in disguise (G's first layer
 on a 1x1 input, D's last layer over the whole 7x7 map); for every layer the convolution as a bmm of each
 client's weights with the unfolded image patches ("im2col bmm": unfold, bmm; for a transposed convolution bmm,
-fold); K plain convolutions one after another ("loop"); and the engine's block-diagonal convolutions over b
-clients a group ("block b", fedgan_utils.block_diagonal_convolution, b times the arithmetic in K/b groups). Each
-form's forward and backward (input and weight gradients) is captured in a CUDA graph and replayed, so launches do
-not hide the kernels' own time.
+fold); K plain convolutions one after another ("loop"); the engine's block-diagonal convolutions over b
+clients a group ("block b", fedgan_utils.block_diagonal_convolution, b times the arithmetic in K/b groups); and
+the module's Triton kernels ("triton", fedgan_utils.TritonClientConvolution). Each form's forward and backward
+(input and weight gradients) is captured in a CUDA graph and replayed, so launches do not hide the kernels' own
+time. --sweep-tiles times the Triton form with other tile shapes, one kernel at a time (the other two as in
+fedgan_utils.TRITON_TILES), and writes the fastest of each kernel (summed over the layers, K and dtypes timed) to
+a JSON file that bench_throughput.py --triton-tiles reads.
 
     python benchmarks/probe_conv_forms.py --ks 10,100 --json forms.json      # needs a CUDA GPU
     python benchmarks/probe_conv_forms.py --layers G3,D1 --forms "one model,block" --blocks 5,10
+    python benchmarks/probe_conv_forms.py --ks 100 --layers G2,D2 --forms "one model" --sweep-tiles tiles.json
 """
 from __future__ import annotations
 
@@ -60,7 +64,10 @@ def im2col_conv_transpose(x, w, size: int, stride: int, padding: int):
 
 
 DEVICE = "cuda"
-FORMS = ("one model", "grouped (vmap)", "grouped channels_last", "im2col bmm", "loop", "bmm", "block")
+FORMS = ("one model", "grouped (vmap)", "grouped channels_last", "im2col bmm", "loop", "bmm", "block", "triton")
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried for each kernel by --sweep-tiles
+CANDIDATE_TILES = [(128, 64, 32, 4, 3), (64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3),
+                   (128, 64, 64, 4, 2), (64, 64, 64, 4, 3), (128, 128, 64, 8, 2), (256, 64, 32, 8, 3)]
 
 
 def forms(layer, k: int, batch: int, dtype: torch.dtype, blocks: list[int]):
@@ -92,6 +99,9 @@ def forms(layer, k: int, batch: int, dtype: torch.dtype, blocks: list[int]):
     for block in (b for b in blocks if 1 < b <= k):
         out[f"block {block}"] = (lambda x, w, block=block: fu.block_diagonal_convolution(
             transposed, x, w, stride, padding, block), make(k, batch, cin, hin, hin), make(*per_client_w))
+    if fu.triton_can_convolve(transposed, (batch, cin, hin, hin), weight_shape, stride, padding, torch.device(DEVICE)):
+        out["triton"] = (lambda x, w: fu.TritonClientConvolution.apply(x, w, transposed, stride, padding),
+                         make(k, batch, cin, hin, hin), make(*per_client_w))
     if transposed and hin == 1:  # (K, B, cin) @ (K, cin, cout*size*size): a 1x1 input spread over the kernel
         out["bmm"] = (lambda x, w: torch.bmm(x, w), make(k, batch, cin), make(k, cin, cout * size * size))
     if not transposed and size == hin and padding == 0:  # the kernel covers the whole map: (K, B, cin*H*W) @ w
@@ -125,6 +135,37 @@ def replay_ms(fn, x, w, iterations: int = 10, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def sweep_tiles(layers, ks: list[int], batch: int, path: Path) -> None:
+    """Time the Triton form of the wide layers with each candidate tile shape for each kernel; write the fastest
+    to `path`."""
+    default = dict(fu.TRITON_TILES)
+    totals = {}
+    for kernel in default:
+        for tiles in CANDIDATE_TILES:
+            fu.TRITON_TILES.update(default, **{kernel: tiles})
+            for k in ks:
+                for dtype in (torch.float32, torch.bfloat16):
+                    for layer in (layer for layer in layers if min(layer[2:4]) > fu.ClientConvolutions.THIN):
+                        form = forms(layer, k, batch, dtype, []).get("triton")
+                        if form is None:
+                            continue
+                        try:
+                            ms = replay_ms(*form)
+                        except Exception as error:  # e.g. more shared memory than the GPU has: not a candidate
+                            print(f"tiles {kernel} {tiles}: failed ({type(error).__name__}: {error})"[:300])
+                            ms = float("inf")
+                        totals[kernel, tiles] = totals.get((kernel, tiles), 0.0) + ms
+                        print(f"tiles {kernel:<12} {str(tiles):<22} K={k:<4} {str(dtype).removeprefix('torch.'):<9} "
+                              f"{layer[0]:<24} {ms:.3f} ms")
+    fu.TRITON_TILES.update(default)
+    best = {kernel: min((tiles for (name, tiles) in totals if name == kernel), key=lambda t: totals[kernel, t])
+            for kernel in default}
+    for kernel, tiles in best.items():
+        print(f"fastest {kernel}: {tiles} ({totals[kernel, tiles]:.3f} ms over the cases, "
+              f"{totals.get((kernel, default[kernel]), float('nan')):.3f} with the default {default[kernel]})")
+    path.write_text(json.dumps(best, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ks", default="10,100", help="comma-separated client counts")
@@ -135,6 +176,8 @@ def main() -> None:
                         "('one model' always: the ratios are to it)")
     parser.add_argument("--blocks", default="2,5,10,25,50,100", help="clients a group for the block forms")
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
+    parser.add_argument("--sweep-tiles", type=Path, default=None,
+                        help="also time the Triton form's candidate tiles; write the fastest to this JSON file")
     args = parser.parse_args()
     layers = [layer for layer in LAYERS if layer[0].split()[0] in args.layers.split(",")]
     wanted = set(args.forms.split(",")) | {"one model"}
@@ -157,6 +200,8 @@ def main() -> None:
                          timed.items()]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    if args.sweep_tiles:
+        sweep_tiles(layers, [int(k) for k in args.ks.split(",")], args.batch, args.sweep_tiles)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,14 @@ if not os.environ.get("FEDGAN_DATA") and (REPO.parent / "shared" / "data" / "MNI
 # the metric classifier and staged datasets are cached; keep a test session's cache to itself
 os.environ.setdefault("FEDGAN_CACHE", tempfile.mkdtemp(prefix="fedgan-test-cache-"))
 
-import fedgan_utils as fu  # noqa: E402
-
 # $FEDGAN_TEST_DEVICE=cuda runs the tiny federations on a GPU (benchmarks/gpu_session.sh); equivalence with the
 # reference loop is then checked in full float32, TF32 off
 TEST_DEVICE = os.environ.get("FEDGAN_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":  # the Triton convolution kernels then run on Triton's interpreter, set before they are made
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fedgan_utils as fu  # noqa: E402
+
 if TEST_DEVICE.startswith("cuda"):
     import torch
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
