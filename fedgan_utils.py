@@ -178,7 +178,6 @@ BN_POLICIES = ("average", "local")
 OPTIMIZER_STATES = ("reset", "keep")
 CLIENT_MAPS = ("auto", "vmap", "loop")
 CONV_FORMS = ("auto", "grouped", "block", "loop", "triton")
-WIDE_CONV_FORMS = ("auto", "grouped", "triton")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "damped", "fedadagrad", "fedadam", "fedyogi", "median",
               "trimmed_mean", "krum")
 SELECTIONS = ("uniform", "proportional", "power_of_choice")
@@ -295,7 +294,6 @@ class FedConfig:
     amp: bool = False  # local training's convolutions in bfloat16, the rest float32 (speed; changes results slightly)
     cuda_graphs: bool = True  # on a CUDA GPU, replay each local step from a CUDA graph (same result, fewer launches)
     conv_form: str = "auto"  # under vmap, the thin convolutions (<= 4 channels a side): CONV_FORMS, ClientConvolutions
-    wide_conv_form: str = "auto"  # under vmap, the other convolutions: WIDE_CONV_FORMS ("triton": CUDA GPUs only)
     conv_block_clients: int = 10  # conv_form="block": clients per block-diagonal convolution ("auto" picks its own)
     deterministic: bool = True  # GPU: cuDNN's deterministic algorithms (same seed, same result); False: autotuned
     # server rule (see the Aggregation section)
@@ -439,8 +437,7 @@ class FedConfig:
 
 
 CHOICES.update(dataset=tuple(sorted(DATASETS)), partition=PARTITIONS, bn_policy=BN_POLICIES,
-               optimizer_state=OPTIMIZER_STATES, client_map=CLIENT_MAPS, conv_form=CONV_FORMS,
-               wide_conv_form=WIDE_CONV_FORMS, strategy=STRATEGIES,
+               optimizer_state=OPTIMIZER_STATES, client_map=CLIENT_MAPS, conv_form=CONV_FORMS, strategy=STRATEGIES,
                selection=SELECTIONS, sync_networks=SYNC_NETWORKS, sync_mode=SYNC_MODES, staleness=STALENESS_RULES,
                threshold_rule=THRESHOLD_RULES, threshold_action=THRESHOLD_ACTIONS,
                straggler_policy=STRAGGLER_POLICIES, step_normalisation=STEP_NORMALISATIONS, compression=COMPRESSIONS,
@@ -1896,49 +1893,48 @@ def _pair(value: Any) -> tuple:
 
 
 class ClientConvolutions(TorchFunctionMode):
-    """FedConfig.conv_form and wide_conv_form: the forms K clients' convolutions take under vmap.
+    """FedConfig.conv_form: the form K clients' thin convolutions take under vmap.
 
-    vmap runs K clients' convolution as one grouped convolution (groups=K), for which cuDNN's deterministic
-    heuristics pick slow algorithms when a group has 1 or 2 channels on a side, as D's first and G's last layer
-    have: 4-6x one model's time for the same images on an H200 (benchmarks/RESULTS.md). Those layers (at most THIN
-    channels on a side) are computed here as `form`: "block": block-diagonal convolutions over `block` clients at
-    a time (block_diagonal_convolution), "loop": K plain convolutions, "triton": TritonClientConvolution; the
-    wider ones as `wide_form` ("triton" or "grouped"). "grouped" leaves a convolution to vmap, as does "triton"
-    where the kernels cannot take it (triton_can_convolve). The same result up to rounding.
+    vmap runs K clients' convolution as one grouped convolution (groups=K), for which cuDNN picks slow algorithms
+    when a group has 1 or 2 channels on a side, as D's first and G's last layer have: 4-6x one model's time for
+    the same images on an H200 (benchmarks/RESULTS.md). Those layers (at most THIN channels on a side) are
+    computed here as "triton": TritonClientConvolution (where triton_can_convolve, else as "grouped"), "block":
+    block-diagonal convolutions over `block` clients at a time (block_diagonal_convolution), or "loop": K plain
+    convolutions; "grouped" leaves them to vmap. The same result up to rounding. The wider layers stay vmap's:
+    cuDNN's grouped convolutions were faster there than every other form measured, the Triton kernels included.
     Enter it inside the function vmap maps, with nothing but vmap's batched tensors reaching the convolutions.
     """
 
     THIN = 4
 
-    def __init__(self, form: str, block: int, wide_form: str = "grouped"):
+    def __init__(self, form: str, block: int):
         super().__init__()
-        self.form, self.block, self.wide_form = form, block, wide_form
+        self.form, self.block = form, block
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in (F.conv2d, F.conv_transpose2d):
             plain = _plain_convolution_args(func, *args, **kwargs)
-            if plain is not None:
+            if plain is not None and min(plain[1].shape[:2]) <= self.THIN:
                 x, weight, stride, padding = plain
                 transposed = func is F.conv_transpose2d
-                form = self.form if min(weight.shape[:2]) <= self.THIN else self.wide_form
-                if form == "triton" and not triton_can_convolve(transposed, x.shape, weight.shape, stride, padding,
+                if self.form != "triton" or triton_can_convolve(transposed, x.shape, weight.shape, stride, padding,
                                                                 x.device):
-                    form = "grouped"
-                if form != "grouped":
-                    return _ClientConvolution.apply(x, weight, transposed, stride, padding, form, self.block)
+                    return _ClientConvolution.apply(x, weight, transposed, stride, padding, self.form, self.block)
         return func(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------
 # Local training engine: Triton kernels for K clients' convolutions
 # ----------------------------------------------------------------------------
-# vmap makes K clients' convolution one grouped convolution (groups=K), which cuDNN runs at about half the speed
-# of one model's convolution over the same images, even for the 64 <-> 128-channel layers (benchmarks/RESULTS.md).
-# These kernels compute it as K implicit matrix products, one client per slice of the grid, with each client's
-# weights: no im2col buffer, no block-diagonal zeros. Three kernels serve a convolution and a transposed one (the
-# input gradient of a convolution): the forward, the input gradient and the weight gradient. Tensors are each
-# client's contiguous NCHW: x (K, B, Cin, H, W), weight (K, Cout, Cin, kh, kw), output (K, B, Cout, H', W').
+# vmap makes K clients' convolution one grouped convolution (groups=K), which cuDNN runs at 4-6x one model's time
+# over the same images where a client has 1 or 2 channels on a side (D's first layer, G's last). These kernels
+# compute it as K implicit matrix products, one client per slice of the grid, with each client's weights: no im2col
+# buffer, no block-diagonal zeros. Three kernels serve a convolution and a transposed one (the input gradient of a
+# convolution): the forward, the input gradient and the weight gradient. Tensors are each client's contiguous
+# NCHW: x (K, B, Cin, H, W), weight (K, Cout, Cin, kh, kw), output (K, B, Cout, H', W'). On an H200 they took those
+# thin layers to about 2x one model in float32 and 0.8-1.2x in bfloat16; for the 64 <-> 128-channel layers they
+# were slower than cuDNN's grouped convolutions (2.8-3.4x one model against 1.7-2.2x), so those stay cuDNN's.
 
 def _triton_jit(fn):
     return triton.jit(fn) if triton is not None else fn
@@ -2069,10 +2065,21 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
 
 
-def _launch(kernel, name: str, grid_of, *args, stride: int, padding: int, size: tuple[int, int], dtype):
+def _tiles(name: str, rows: int, columns: int, depth: int) -> tuple[int, int, int, int, int]:
+    """TRITON_TILES[name], each block cut to its dimension of the product (a power of two, at least tl.dot's 16):
+    a thin layer's 1 or 2 channels fill no 64-wide tile."""
     block_m, block_n, block_k, warps, stages = TRITON_TILES[name]
-    kernel[grid_of(block_m, block_n, block_k)](*args, stride, padding, *size, block_m, block_n, block_k,
-                                              _dot_precision(dtype), num_warps=warps, num_stages=stages)
+
+    def fit(block: int, size: int) -> int:
+        return min(block, max(16, triton.next_power_of_2(size)))
+    return fit(block_m, rows), fit(block_n, columns), fit(block_k, depth), warps, stages
+
+
+def _launch(kernel, tiles: tuple[int, int, int, int, int], grid: tuple[int, int, int], *args, stride: int,
+            padding: int, size: tuple[int, int], dtype: torch.dtype) -> None:
+    block_m, block_n, block_k, warps, stages = tiles
+    kernel[grid](*args, stride, padding, *size, block_m, block_n, block_k, _dot_precision(dtype), num_warps=warps,
+                 num_stages=stages)
 
 
 def triton_conv_forward(x: Tensor, weight: Tensor, stride: int, padding: int) -> Tensor:
@@ -2081,8 +2088,9 @@ def triton_conv_forward(x: Tensor, weight: Tensor, stride: int, padding: int) ->
     cout, _, kh, kw = weight.shape[1:]
     out_h, out_w = (height + 2 * padding - kh) // stride + 1, (width + 2 * padding - kw) // stride + 1
     y = x.new_empty(clients, batch, cout, out_h, out_w)
-    _launch(_conv_forward_kernel, "forward",
-            lambda bm, bn, bk: (triton.cdiv(batch * out_h * out_w, bm), triton.cdiv(cout, bn), clients),
+    rows = batch * out_h * out_w
+    tiles = _tiles("forward", rows, cout, cin * kh * kw)
+    _launch(_conv_forward_kernel, tiles, (triton.cdiv(rows, tiles[0]), triton.cdiv(cout, tiles[1]), clients),
             x, weight, y, batch, cin, height, width, cout, out_h, out_w,
             stride=stride, padding=padding, size=(kh, kw), dtype=x.dtype)
     return y
@@ -2096,9 +2104,10 @@ def triton_conv_input_grad(grad: Tensor, weight: Tensor, stride: int, padding: i
     cin, kh, kw = weight.shape[2:]
     height, width = input_size
     gx = grad.new_empty(clients, batch, cin, height, width)
-    _launch(_conv_input_grad_kernel, "input_grad",
-            lambda bm, bn, bk: (triton.cdiv(batch * (height // stride) * (width // stride), bm),
-                                triton.cdiv(cin, bn), clients * stride * stride),
+    rows = batch * (height // stride) * (width // stride)  # of one phase
+    tiles = _tiles("input_grad", rows, cin, cout * (kh // stride) * (kw // stride))
+    _launch(_conv_input_grad_kernel, tiles,
+            (triton.cdiv(rows, tiles[0]), triton.cdiv(cin, tiles[1]), clients * stride * stride),
             grad, weight, gx, batch, cin, height, width, cout, out_h, out_w,
             stride=stride, padding=padding, size=(kh, kw), dtype=grad.dtype)
     return gx
@@ -2117,14 +2126,15 @@ def triton_conv_weight_grad(x: Tensor, grad: Tensor, stride: int, padding: int,
     clients, batch, cin, height, width = x.shape
     cout, out_h, out_w = grad.shape[2:]
     kh, kw = kernel_size
-    block_m, block_n, block_k = TRITON_TILES["weight_grad"][:3]
-    tiles = clients * triton.cdiv(cout, block_m) * triton.cdiv(cin * kh * kw, block_n)
     length = batch * out_h * out_w
-    splits = max(1, min(triton.cdiv(2 * _processors(x.device), tiles), length // (8 * block_k)))
+    tiles = _tiles("weight_grad", cout, cin * kh * kw, length)
+    block_m, block_n, block_k = tiles[:3]
+    programs = triton.cdiv(cout, block_m) * triton.cdiv(cin * kh * kw, block_n)  # a client's
+    splits = max(1, min(triton.cdiv(2 * _processors(x.device), clients * programs), length // (8 * block_k)))
     chunk = triton.cdiv(triton.cdiv(length, splits), block_k) * block_k
     splits = triton.cdiv(length, chunk)
     partial = x.new_empty(clients, splits, cout, cin * kh * kw, dtype=torch.float32)
-    _launch(_conv_weight_grad_kernel, "weight_grad", lambda bm, bn, bk: (tiles // clients, splits, clients),
+    _launch(_conv_weight_grad_kernel, tiles, (programs, splits, clients),
             x, grad, partial, batch, cin, height, width, cout, out_h, out_w, chunk,
             stride=stride, padding=padding, size=(kh, kw), dtype=x.dtype)
     return partial.sum(1).to(x.dtype).view(clients, cout, cin, kh, kw)
@@ -2186,23 +2196,24 @@ AUTO_BLOCK_CLIENTS = 10  # conv_form="auto": up to this many clients (float32) i
 
 def _client_convolutions(config: FedConfig, looped: bool, clients: int,
                          device: torch.device) -> contextlib.AbstractContextManager:
-    """The forms of the convolutions under vmap. "auto" is what the benchmark measured fastest on an H200
-    (benchmarks/RESULTS.md). Thin ones: with cuDNN's deterministic heuristics, all clients in one block-diagonal
-    convolution at 10 clients in float32 (+12% over grouped); vmap's grouped convolutions at 100 clients, in
-    bfloat16, when cuDNN is autotuned (deterministic=False: there grouped was 9% faster at 10 clients) and for one
-    client. Wide ones: vmap's grouped convolutions."""
-    form, block, wide_form = config.conv_form, config.conv_block_clients, config.wide_conv_form
+    """The form of the thin convolutions under vmap. "auto" is what the benchmark measured fastest on an H200
+    (benchmarks/RESULTS.md): on a CUDA GPU with Triton, the Triton kernels from 2 clients on (float32 and bfloat16,
+    10 and 100 clients); without Triton, with cuDNN's deterministic heuristics, all clients in one block-diagonal
+    convolution at up to 10 clients in float32; vmap's grouped convolutions otherwise and for one client (a plain
+    convolution then). "triton" off a GPU computes as "grouped"."""
+    form, block = config.conv_form, config.conv_block_clients
     if form == "auto":
         blocked = config.deterministic and not config.amp and 2 <= clients <= AUTO_BLOCK_CLIENTS
-        form, block = ("block", clients) if blocked else ("grouped", 1)
-    if wide_form == "auto":
-        wide_form = "grouped"
-    if "triton" in (form, wide_form) and triton is None and device.type == "cuda":
-        raise RuntimeError("conv_form / wide_conv_form 'triton' needs the triton package, which this torch lacks: "
-                           "pip install triton, or choose another form")
-    if looped or form == wide_form == "grouped":
+        if clients >= 2 and device.type == "cuda" and triton is not None:
+            form = "triton"
+        else:
+            form, block = ("block", clients) if blocked else ("grouped", 1)
+    if form == "triton" and triton is None and device.type == "cuda":
+        raise RuntimeError("conv_form='triton' needs the triton package, which this torch lacks: pip install triton, "
+                           "or choose another conv_form")
+    if looped or form == "grouped":
         return contextlib.nullcontext()
-    return ClientConvolutions(form, block, wide_form)
+    return ClientConvolutions(form, block)
 
 
 @contextlib.contextmanager

@@ -104,8 +104,8 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
     torch.manual_seed(0)
     models = tuple(m.to(device) for m in fu.build_models(config))
     plan = make_plan(config, k, args.batch, args.steps, len(labels))
-    ceiling_config = dataclasses.replace(config, num_clients=1, batch_size=k * args.batch, conv_form="grouped",
-                                         wide_conv_form="grouped")  # one model: groups=1, plain convolutions
+    ceiling_config = dataclasses.replace(config, num_clients=1, batch_size=k * args.batch,
+                                         conv_form="grouped")  # one model: groups=1, cuDNN's plain convolutions
     one_model = make_plan(ceiling_config, 1, k * args.batch, args.steps, len(labels))
     contenders = {"engine": (time_engine, config, plan), "loop": (time_loop, config, plan),
                   "ceiling": (time_engine, ceiling_config, one_model)}
@@ -139,12 +139,9 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
 
 
 def conv_options(form: str) -> dict:
-    """"block:5" -> conv_form "block" with 5 clients a block; "loop" -> conv_form "loop"; "auto+triton" ->
-    conv_form "auto", wide_conv_form "triton" (without "+", the engine's wide_conv_form)."""
-    thin, _, wide = form.partition("+")
-    name, _, block = thin.partition(":")
-    return {"conv_form": name, **({"conv_block_clients": int(block)} if block else {}),
-            **({"wide_conv_form": wide} if wide else {})}
+    """"block:5" -> conv_form "block" with 5 clients a block; "loop" -> conv_form "loop"."""
+    name, _, block = form.partition(":")
+    return {"conv_form": name, **({"conv_block_clients": int(block)} if block else {})}
 
 
 def cell(value: float | None, spec: str) -> str:
@@ -177,12 +174,9 @@ def main() -> None:
                         help="engine and ceiling: the form of the thin convolutions under vmap (FedConfig.conv_form)")
     parser.add_argument("--block-clients", type=int, default=fu.FedConfig.conv_block_clients,
                         help="clients per block-diagonal convolution with --conv-form block")
-    parser.add_argument("--wide-conv-form", default="auto", choices=fu.WIDE_CONV_FORMS,
-                        help="engine: the form of the other convolutions under vmap (FedConfig.wide_conv_form)")
     parser.add_argument("--compare-forms", default="",
                         help="comma-separated other conv forms for the engine, timed alongside: grouped, loop, "
-                             "block:N (N clients a block), triton, each with +WIDE for a wide_conv_form (e.g. "
-                             "auto+triton); printed below the table")
+                             "block:N (N clients a block), triton; printed below the table")
     parser.add_argument("--triton-tiles", type=Path, default=None,
                         help="a JSON file of tile shapes for the Triton kernels (probe_conv_forms.py --sweep-tiles)")
     parser.add_argument("--nondeterministic", dest="deterministic", action="store_false",
@@ -195,7 +189,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     args = parser.parse_args()
     args.conv = {"conv_form": args.conv_form, "conv_block_clients": args.block_clients,
-                 "wide_conv_form": args.wide_conv_form, "deterministic": args.deterministic}
+                 "deterministic": args.deterministic}
     if args.triton_tiles:
         fu.TRITON_TILES.update({kernel: tuple(tiles) for kernel, tiles in json.loads(args.triton_tiles.read_text())
                                 .items()})
@@ -215,7 +209,7 @@ def main() -> None:
           f"{report['torch']} | batch {args.batch} a client | ngf=ndf={args.ngf} | "
           f"engine client_map={args.client_map}, "
           f"conv_form={args.conv_form}{f' ({args.block_clients} clients a block)' if args.conv_form == 'block' else ''}"
-          f", wide_conv_form={args.wide_conv_form}{f', Triton tiles {fu.TRITON_TILES}' if args.triton_tiles else ''}"
+          f"{f', Triton tiles {fu.TRITON_TILES}' if args.triton_tiles else ''}"
           f"{', amp (bf16)' if args.amp else ''}{', CUDA graphs' if gpu and args.cuda_graphs else ''}"
           f"{'' if args.deterministic else ', cuDNN autotuned (deterministic=False)'} | "
           f"{args.steps} steps, best of {args.repeats}")

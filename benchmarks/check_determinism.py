@@ -1,8 +1,8 @@
 """Same seed, same device, same result? One round of local training run twice per setting, compared bit for bit.
 
 For FedConfig.deterministic True (cuDNN's deterministic algorithms, the default) and False (cuDNN autotuned), and
-for the convolutions' forms "grouped", "block" (the thin ones) and, on a GPU with Triton, "triton" (all of them,
-TritonClientConvolution): trains K clients from the same seed twice and prints
+for the thin convolutions' forms "grouped", "block" and, on a GPU with Triton, "triton" (TritonClientConvolution):
+trains K clients from the same seed twice and prints
 whether every parameter and buffer came out equal, and the largest difference. On a CPU everything is equal;
 on a GPU, autotuned cuDNN may pick algorithms that add in a different order each run.
 
@@ -55,8 +55,7 @@ def main() -> None:
     for deterministic in (True, False):
         for form in forms:
             setting = dataclasses.replace(config, deterministic=deterministic, conv_form=form,
-                                          conv_block_clients=args.clients,
-                                          wide_conv_form="triton" if form == "triton" else "grouped")
+                                          conv_block_clients=args.clients)
             first, second = (train_once(setting, images, labels, plan) for _ in range(2))
             rows.append({"device": str(device), "deterministic": deterministic, "conv_form": form,
                          "equal": torch.equal(first, second), "max_diff": (first - second).abs().max().item()})

@@ -7,11 +7,11 @@
 #   FEDGAN_DATA=.carry/MNIST bash benchmarks/gpu_session.sh
 #
 # On a CPU (to try the script) every step runs at a small size. Steps on a GPU: the tests there (Triton kernels,
-# engine vs reference, CUDA graphs, determinism, checkpoints), the convolution forms' probe at K = 10 and 100 with
-# the Triton kernels' tile sweep, the throughput benchmark (K = 1, 10, 100 and a full-preset round, the Triton
-# forms alongside, with the swept tiles), amp's throughput, same seed twice (check_determinism), the benchmark
-# with cuDNN autotuned. Memory (bench_memory.py) and amp's quality (check_amp.py), measured in earlier sessions,
-# run on the CPU only. Prints a line per step; about 7 minutes on an H200.
+# engine vs reference, CUDA graphs, determinism, checkpoints), the throughput benchmark (K = 1, 10, 100 and a
+# full-preset round, the thin layers' other forms alongside), amp's throughput, the benchmark with cuDNN
+# autotuned, same seed twice (check_determinism), the convolution forms' probe at K = 10 and 100, the Triton
+# kernels' tile sweep. Memory (bench_memory.py) and amp's quality (check_amp.py), measured in earlier sessions,
+# run on the CPU only. Prints a line per step; about 6 minutes on an H200.
 set -u
 OUT=${OUT:-gpu-out}
 PYTHON=${PYTHON:-python3}
@@ -45,20 +45,20 @@ if [ "$GPU" = 1 ]; then
   step tests_cuda 120 env FEDGAN_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:warnings -p no:cacheprovider \
     -o addopts="" tests/test_conv_kernels.py tests/test_engine.py tests/test_models.py tests/test_federation.py \
     tests/test_checkpoints.py
-  # each layer's forms, the Triton kernels' tile shapes swept for the wide layers; the fastest go to the benchmarks
-  step conv_forms 150 "$PYTHON" benchmarks/probe_conv_forms.py --ks 10,100 --layers G2,G3,D1,D2 \
-    --forms "one model,grouped (vmap),block,triton" --blocks 10 --json "$LOGS/conv_forms.json" \
+  # the engine as the notebooks run it (deterministic cuDNN, the thin layers in the Triton kernels), the thin
+  # layers' other forms alongside
+  step throughput 150 "$PYTHON" benchmarks/bench_throughput.py --steps 20 --repeats 2 \
+    --compare-forms grouped,block:10 --json "$LOGS/throughput.json"
+  step throughput_amp 60 "$PYTHON" benchmarks/bench_throughput.py --ks 10,100 --steps 20 --repeats 2 --amp \
+    --no-loop --compare-forms grouped --json "$LOGS/throughput_amp.json"  # the loop is float32: its figures are above
+  step throughput_autotuned 60 "$PYTHON" benchmarks/bench_throughput.py --ks 10,100 --steps 20 --repeats 2 \
+    --nondeterministic --no-loop --compare-forms grouped --json "$LOGS/throughput_autotuned.json"
+  step determinism 40 "$PYTHON" benchmarks/check_determinism.py --json "$LOGS/determinism.json"
+  # each layer's forms; the Triton kernels' tile shapes swept on the thin layers
+  step conv_forms 100 "$PYTHON" benchmarks/probe_conv_forms.py --ks 10,100 --layers G3,D1 \
+    --forms "one model,grouped (vmap),block,triton" --blocks 10 --json "$LOGS/conv_forms.json"
+  step tile_sweep 150 "$PYTHON" benchmarks/probe_conv_forms.py --ks 10,100 --layers G3,D1 --forms "one model" \
     --sweep-tiles "$LOGS/triton_tiles.json"
-  TILES=()
-  [ -f "$LOGS/triton_tiles.json" ] && TILES=(--triton-tiles "$LOGS/triton_tiles.json")
-  # the engine as the notebooks run it (deterministic cuDNN), the Triton forms alongside
-  step throughput 170 "$PYTHON" benchmarks/bench_throughput.py --steps 20 --repeats 2 "${TILES[@]}" \
-    --compare-forms auto+triton,triton+triton --json "$LOGS/throughput.json"
-  step throughput_amp 70 "$PYTHON" benchmarks/bench_throughput.py --ks 10,100 --steps 20 --repeats 2 --amp \
-    --no-loop "${TILES[@]}" --compare-forms auto+triton,triton+triton --json "$LOGS/throughput_amp.json"
-  step determinism 60 "$PYTHON" benchmarks/check_determinism.py --json "$LOGS/determinism.json"
-  step throughput_autotuned 70 "$PYTHON" benchmarks/bench_throughput.py --ks 10,100 --steps 20 --repeats 2 \
-    --nondeterministic --no-loop "${TILES[@]}" --compare-forms auto+triton --json "$LOGS/throughput_autotuned.json"
 else
   step throughput 300 "$PYTHON" benchmarks/bench_throughput.py --ks 1,2 --steps 2 --repeats 1 --ngf 16 \
     --client-map vmap --compare-forms grouped,block:2 --json "$LOGS/throughput.json"
@@ -71,8 +71,8 @@ else
     --json "$LOGS/determinism.json"
 fi
 
-for log in tests_cuda tests_cpu conv_forms throughput throughput_amp determinism throughput_autotuned memory \
-  amp_quality; do
+for log in tests_cuda tests_cpu throughput throughput_amp throughput_autotuned determinism memory amp_quality \
+  conv_forms tile_sweep; do
   [ -f "$LOGS/$log.txt" ] && { echo "== $log"; tail -n 30 "$LOGS/$log.txt"; }
 done
 tar -czf "$OUT/gpu-session.tar.gz" -C "$LOGS" . && rm -r "$LOGS"

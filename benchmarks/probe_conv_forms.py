@@ -16,7 +16,7 @@ a JSON file that bench_throughput.py --triton-tiles reads.
 
     python benchmarks/probe_conv_forms.py --ks 10,100 --json forms.json      # needs a CUDA GPU
     python benchmarks/probe_conv_forms.py --layers G3,D1 --forms "one model,block" --blocks 5,10
-    python benchmarks/probe_conv_forms.py --ks 100 --layers G2,D2 --forms "one model" --sweep-tiles tiles.json
+    python benchmarks/probe_conv_forms.py --ks 10,100 --layers G3,D1 --forms "one model" --sweep-tiles tiles.json
 """
 from __future__ import annotations
 
@@ -136,8 +136,8 @@ def replay_ms(fn, x, w, iterations: int = 10, repeats: int = 5) -> float:
 
 
 def sweep_tiles(layers, ks: list[int], batch: int, path: Path) -> None:
-    """Time the Triton form of the wide layers with each candidate tile shape for each kernel; write the fastest
-    to `path`."""
+    """Time the Triton form of the layers with each candidate tile shape for each kernel; write the fastest to
+    `path`."""
     default = dict(fu.TRITON_TILES)
     totals = {}
     for kernel in default:
@@ -145,7 +145,7 @@ def sweep_tiles(layers, ks: list[int], batch: int, path: Path) -> None:
             fu.TRITON_TILES.update(default, **{kernel: tiles})
             for k in ks:
                 for dtype in (torch.float32, torch.bfloat16):
-                    for layer in (layer for layer in layers if min(layer[2:4]) > fu.ClientConvolutions.THIN):
+                    for layer in layers:
                         form = forms(layer, k, batch, dtype, []).get("triton")
                         if form is None:
                             continue

@@ -70,35 +70,43 @@ def test_triton_kernels_take_only_the_convolutions_they_were_written_for(transpo
                                   torch.device(TEST_DEVICE)) is takes
 
 
-@pytest.mark.parametrize("conv_form,wide_conv_form", [("auto", "triton"), ("triton", "triton")])
-def test_triton_forms_train_the_clients_as_vmaps_grouped_convolutions_and_repeat_exactly(mnist_small, tiny_config,
-                                                                                          conv_form, wide_conv_form):
+def test_triton_form_trains_the_clients_as_vmaps_grouped_convolutions_and_repeats_exactly(mnist_small, tiny_config):
+    """conv_form="triton": D's first and G's last layer in the kernels (no grouped convolution of theirs left),
+    the wider layers still vmap's."""
     device = torch.device(TEST_DEVICE)
     images, labels = (t.to(device) for t in mnist_small)
     # the interpreter takes a tenth of a second a kernel; on a GPU, enough steps for a CUDA graph of them
     clients, steps = (2, 1) if fu.TRITON_INTERPRETED else (5, fu.CudaGraphStep.MIN_CALLS + 1)
     config = tiny_config(num_clients=clients, client_map="vmap", local_steps=steps, batch_size=4)
-    grouped = train_tiny(dataclasses.replace(config, conv_form="grouped", wide_conv_form="grouped"), images, labels)
-    config = dataclasses.replace(config, conv_form=conv_form, wide_conv_form=wide_conv_form)
+    grouped = train_tiny(dataclasses.replace(config, conv_form="grouped"), images, labels)
+    config = dataclasses.replace(config, conv_form="triton")
     with ConvolutionGroups() as seen:
         result = train_tiny(config, images, labels)
-    # (transposed, input channels) of the convolutions run as vmap's grouped (or block-diagonal) convolutions
-    wide = {(False, 8 * clients), (True, 16 * clients)}  # D2 8->16, G2 16->8
-    thin = {(False, 2 * clients), (True, 8 * clients)}  # D1 2->8, G3 8->1
-    assert wide.isdisjoint(seen.groups) if wide_conv_form == "triton" else wide <= seen.groups.keys()
-    assert thin.isdisjoint(seen.groups) if conv_form == "triton" else thin <= seen.groups.keys()
+    # (transposed, input channels) of the convolutions run as vmap's grouped convolutions
+    assert {(False, 2 * clients), (True, 8 * clients)}.isdisjoint(seen.groups)  # D1 2->8, G3 8->1
+    assert seen.groups[False, 8 * clients] == seen.groups[True, 16 * clients] == {clients}  # D2 8->16, G2 16->8
     torch.testing.assert_close(result.d_loss, grouped.d_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(result.g_loss, grouped.g_loss, atol=1e-5, rtol=1e-5)
     assert_states_close(result.g_state, grouped.g_state)
     assert_states_close(result.d_state, grouped.d_state)
     again = train_tiny(config, images, labels)  # same seed, same result, bit for bit
-    for key, value in result.d_state.items():
-        assert torch.equal(again.d_state[key], value), key
-    for key, value in result.g_state.items():
-        assert torch.equal(again.g_state[key], value), key
+    for key, value in {**result.g_state, **result.d_state}.items():
+        assert torch.equal({**again.g_state, **again.d_state}[key], value), key
 
 
-def test_triton_forms_on_a_gpu_without_triton_say_what_is_missing(tiny_config, monkeypatch):
+@pytest.mark.parametrize("clients,device,with_triton,form", [
+    (5, "cuda", True, "triton"), (100, "cuda", True, "triton"),  # measured faster at 10 and 100 clients
+    (1, "cuda", True, None),  # one client: vmap's convolution is a plain one
+    (5, "cuda", False, "block"), (5, "cpu", True, "block")])  # no Triton, or no GPU: as before Triton
+def test_auto_conv_form_takes_the_triton_kernels_on_a_gpu_with_triton(tiny_config, monkeypatch, clients, device,
+                                                                      with_triton, form):
+    if not with_triton:
+        monkeypatch.setattr(fu, "triton", None)
+    mode = fu._client_convolutions(tiny_config(num_clients=clients), False, clients, torch.device(device))
+    assert getattr(mode, "form", None) == form
+
+
+def test_triton_form_on_a_gpu_without_triton_says_what_is_missing(tiny_config, monkeypatch):
     monkeypatch.setattr(fu, "triton", None)
     with pytest.raises(RuntimeError, match="needs the triton package"):
-        fu._client_convolutions(tiny_config(wide_conv_form="triton"), False, 5, torch.device("cuda"))
+        fu._client_convolutions(tiny_config(conv_form="triton"), False, 5, torch.device("cuda"))
