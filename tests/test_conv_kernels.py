@@ -94,16 +94,19 @@ def test_triton_form_trains_the_clients_as_vmaps_grouped_convolutions_and_repeat
         assert torch.equal({**again.g_state, **again.d_state}[key], value), key
 
 
-@pytest.mark.parametrize("clients,device,with_triton,form", [
-    (5, "cuda", True, "triton"), (100, "cuda", True, "triton"),  # measured faster at 10 and 100 clients
-    (1, "cuda", True, None),  # one client: vmap's convolution is a plain one
-    (5, "cuda", False, "block"), (5, "cpu", True, "block")])  # no Triton, or no GPU: as before Triton
+@pytest.mark.parametrize("clients,device,with_triton,overrides,form", [
+    (5, "cuda", True, {}, "triton"), (100, "cuda", True, {}, "triton"),  # measured faster at 10 and 100 clients
+    (100, "cuda", True, {"amp": True}, "triton"),
+    (5, "cuda", True, {"deterministic": False}, None),  # autotuned cuDNN: vmap's grouped convolutions were faster
+    (1, "cuda", True, {}, None),  # one client: vmap's convolution is a plain one
+    (5, "cuda", False, {}, "block"), (5, "cpu", True, {}, "block")])  # no Triton, or no GPU: as without Triton
 def test_auto_conv_form_takes_the_triton_kernels_on_a_gpu_with_triton(tiny_config, monkeypatch, clients, device,
-                                                                      with_triton, form):
+                                                                      with_triton, overrides, form):
     if not with_triton:
         monkeypatch.setattr(fu, "triton", None)
-    mode = fu._client_convolutions(tiny_config(num_clients=clients), False, clients, torch.device(device))
-    assert getattr(mode, "form", None) == form
+    config = tiny_config(num_clients=clients, **overrides)
+    mode = fu._client_convolutions(config, False, clients, torch.device(device))
+    assert getattr(mode, "form", None) == form  # None: no mode, vmap's own convolutions
 
 
 def test_triton_form_on_a_gpu_without_triton_says_what_is_missing(tiny_config, monkeypatch):

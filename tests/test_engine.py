@@ -127,7 +127,7 @@ def test_map_clients_skips_clients_that_finished_their_steps():
 
 def train_tiny(config, images, labels):
     torch.manual_seed(0)
-    generator, discriminator = fu.build_models(config)
+    generator, discriminator = (m.to(images.device) for m in fu.build_models(config))
     plan = fu.plan_round(config, fu.partition(labels.cpu().numpy(), config.num_clients, seed=config.seed), 1)
     count = config.num_clients
     return fu.train_clients(generator, discriminator, fu.broadcast(generator.state_dict(), count),
