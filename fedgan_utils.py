@@ -1933,8 +1933,8 @@ class ClientConvolutions(TorchFunctionMode):
 # buffer, no block-diagonal zeros. Three kernels serve a convolution and a transposed one (the input gradient of a
 # convolution): the forward, the input gradient and the weight gradient. Tensors are each client's contiguous
 # NCHW: x (K, B, Cin, H, W), weight (K, Cout, Cin, kh, kw), output (K, B, Cout, H', W'). On an H200 they took those
-# thin layers to about 2x one model in float32 and 0.8-1.2x in bfloat16; for the 64 <-> 128-channel layers they
-# were slower than cuDNN's grouped convolutions (2.8-3.4x one model against 1.7-2.2x), so those stay cuDNN's.
+# thin layers to 1.5-2x one model in float32 and 0.6-0.8x in bfloat16; for the 64 <-> 128-channel layers they were
+# slower than cuDNN's grouped convolutions (2.8-3.4x one model against 1.7-2.2x), so those stay cuDNN's.
 
 def _triton_jit(fn):
     return triton.jit(fn) if triton is not None else fn
@@ -2113,7 +2113,7 @@ def triton_conv_input_grad(grad: Tensor, weight: Tensor, stride: int, padding: i
     return gx
 
 
-def _processors(device: torch.device) -> int:
+def _processors(device: torch.device) -> int:  # off a GPU (Triton's interpreter) any small number does
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
