@@ -9,7 +9,8 @@ per step, K clients x batch images):
   eager    - on a GPU, also the engine without CUDA graphs (--no-cuda-graphs makes it the engine)
 and prints images/s with the ratios engine/loop and engine/ceiling, and the kernels each launches per step
 (aten operations that compute, views and bare allocations left out: on a GPU each is at least one kernel
-launch, and launches are what bound a small GAN's step there; on a CPU the count still shows it).
+launch, and launches are what bound a small GAN's step there; on a CPU the count still shows it; the engine's
+Triton kernels are not aten operations and go uncounted).
 
     python benchmarks/bench_throughput.py                 # K = 1, 10, 100 on a GPU; 1, 4, 10 on a CPU
     python benchmarks/bench_throughput.py --ks 10 --steps 5 --json results.json
