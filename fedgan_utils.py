@@ -1936,6 +1936,7 @@ class ClientConvolutions(TorchFunctionMode):
 # thin layers to 1.5-2x one model in float32 and 0.6-0.8x in bfloat16; for the 64 <-> 128-channel layers they were
 # slower than cuDNN's grouped convolutions (2.8-3.4x one model against 1.7-2.2x), so those stay cuDNN's.
 
+
 def _triton_jit(fn):
     return triton.jit(fn) if triton is not None else fn
 
