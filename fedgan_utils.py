@@ -2141,6 +2141,11 @@ def triton_conv_weight_grad(x: Tensor, grad: Tensor, stride: int, padding: int,
     return partial.sum(1).to(x.dtype).view(clients, cout, cin, kh, kw)
 
 
+def _transposed_output_size(size: Sequence[int], kernel: Sequence[int], stride: int, padding: int) -> tuple[int, int]:
+    """(H', W') of a transposed convolution of an (H, W) input: the input size of the convolution it inverts."""
+    return tuple((side - 1) * stride - 2 * padding + k for side, k in zip(size, kernel))
+
+
 def triton_can_convolve(transposed: bool, x_size: Sequence[int], weight_size: Sequence[int], stride: Any,
                         padding: Any, device: torch.device) -> bool:
     """Whether the kernels take this convolution (one client's sizes: x (B, C, H, W), weight): Triton present, a
@@ -2151,9 +2156,7 @@ def triton_can_convolve(transposed: bool, x_size: Sequence[int], weight_size: Se
     (s, s2), (p, p2), (kh, kw) = _pair(stride), _pair(padding), weight_size[2:]
     if s != s2 or p != p2:
         return False
-    height, width = x_size[-2:]
-    if transposed:
-        height, width = (height - 1) * s - 2 * p + kh, (width - 1) * s - 2 * p + kw
+    height, width = _transposed_output_size(x_size[-2:], (kh, kw), s, p) if transposed else x_size[-2:]
     return all(v % s == 0 for v in (kh, kw, height, width))
 
 
@@ -2164,8 +2167,7 @@ class TritonClientConvolution(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, transposed, stride, padding):
         if transposed:  # the input gradient of the convolution from the output's size to x's: weight (Cin, Cout)
-            kh, kw = weight.shape[-2:]
-            size = ((x.shape[-2] - 1) * stride - 2 * padding + kh, (x.shape[-1] - 1) * stride - 2 * padding + kw)
+            size = _transposed_output_size(x.shape[-2:], weight.shape[-2:], stride, padding)
             return triton_conv_input_grad(x, weight, stride, padding, size)
         return triton_conv_forward(x, weight, stride, padding)
 
