@@ -176,7 +176,7 @@ DATASETS: dict[str, DatasetInfo] = {
 PARTITIONS = ("iid", "dirichlet", "shards", "classes", "quantity")
 BN_POLICIES = ("average", "local")
 OPTIMIZER_STATES = ("reset", "keep")
-CLIENT_MAPS = ("auto", "vmap", "loop")
+CLIENT_MAPS = ("auto", "vmap", "loop", "streams")
 CONV_FORMS = ("auto", "grouped", "block", "loop", "triton")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "damped", "fedadagrad", "fedadam", "fedyogi", "median",
               "trimmed_mean", "krum")
@@ -290,7 +290,8 @@ class FedConfig:
     local_steps: int | None = None  # if set, a fixed number of local steps instead of local_epochs
     bn_policy: str = "average"  # BatchNorm under aggregation: "average" (FedAvg) or "local" (FedBN)
     optimizer_state: str = "reset"  # client Adam state each round: "reset" or "keep" (per client)
-    client_map: str = "auto"  # clients as one batch: "vmap", "loop" (map_clients), "auto" (vmap on GPU, loop on CPU)
+    client_map: str = "auto"  # clients as one batch: "vmap", "loop" (map_clients), "streams" (the loop, clients
+    # side by side on CUDA streams), "auto" (vmap on GPU, loop on CPU)
     amp: bool = False  # local training's convolutions in bfloat16, the rest float32 (speed; changes results slightly)
     cuda_graphs: bool = True  # on a CUDA GPU, replay each local step from a CUDA graph (same result, fewer launches)
     conv_form: str = "auto"  # under vmap, the thin convolutions (<= 4 channels a side): CONV_FORMS, ClientConvolutions
@@ -1629,17 +1630,36 @@ def _unbind_clients(tree: Any) -> list[Any]:
     return [dict(zip(keys, values)) for values in zip(*(tree[k].unbind(0) for k in keys))]
 
 
-def map_clients(fn, active: Sequence[bool] | None = None):
+CLIENT_STREAMS = 8  # client_map="streams": CUDA streams the clients share (CUDA_DEVICE_MAX_CONNECTIONS' default)
+
+
+def map_clients(fn, active: Sequence[bool] | None = None, streams: Sequence[torch.cuda.Stream] | None = None):
     """vmap's contract (fn of one client's slices; results stacked on dim 0) as a loop over the clients.
 
     On a CPU, vmap's grouped convolutions are slower than K plain ones (benchmarks/RESULTS.md), so there the
     engine maps with this; unbind keeps autograd to one stack per parameter. Clients not `active` (done
     with their local steps) are not computed: their rows are zeros, which the engine masks anyway.
+    With `streams` (client_map="streams"), client k runs on streams[k % len(streams)], forked from and joined back
+    to the current stream: each client is one model's plain kernels, and the GPU (or a CUDA graph of the step) may
+    run different clients' kernels at once. Autograd runs each backward on its forward's stream; the kernels and
+    so the results are the loop's.
     """
     def mapped(*args):
         per_client = [_unbind_clients(a) for a in args]
-        outputs = [fn(*client_args) if active is None or active[row] else None
-                   for row, client_args in enumerate(zip(*per_client))]
+        origin = torch.cuda.current_stream() if streams else None
+        outputs = []
+        for row, client_args in enumerate(zip(*per_client)):
+            if active is not None and not active[row]:
+                outputs.append(None)
+            elif streams:
+                stream = streams[row % len(streams)]
+                stream.wait_stream(origin)  # the client's inputs are ready
+                with torch.cuda.stream(stream):
+                    outputs.append(fn(*client_args))
+            else:
+                outputs.append(fn(*client_args))
+        for stream in streams or ():
+            origin.wait_stream(stream)
         template = next(o for o in outputs if o is not None)
         return torch.stack([torch.zeros_like(template) if o is None else o for o in outputs])
     return mapped
@@ -1655,7 +1675,8 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     `generator`/`discriminator` only lend their structure; `g_state`/`d_state` hold each client's
     copy stacked on dim 0. Losses stay on the device until the round ends (no per-step sync).
     `client_map` (default: config.client_map): "vmap" (all clients in one batched call), "loop"
-    (map_clients), "auto" (vmap on accelerators, loop on the CPU). Both compute the same thing.
+    (map_clients), "streams" (the loop with the clients on CUDA streams; the loop off a GPU), "auto" (vmap on
+    accelerators, loop on the CPU). All compute the same thing.
     `prox_mu` > 0 adds FedProx's (mu/2)|w - w_start|^2 to both networks' losses (as mu (w - w_start) to the
     gradients), w_start being the state each client started the round from. `train_generator=False` trains
     only the discriminators (the generators only make the fakes), as DP-FedAvg-GAN's clients do.
@@ -1668,7 +1689,9 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     client_map = config.client_map if client_map is None else client_map
     _require(client_map in CLIENT_MAPS, "client_map", client_map, f"one of {list(CLIENT_MAPS)}")
     device = images.device
-    looped = client_map == "loop" or (client_map == "auto" and device.type == "cpu")
+    looped = client_map in ("loop", "streams") or (client_map == "auto" and device.type == "cpu")
+    streams = ([torch.cuda.Stream(device) for _ in range(min(len(plan.client_ids), CLIENT_STREAMS))]
+               if client_map == "streams" and device.type == "cuda" else None)
     _require(_is_number(prox_mu) and prox_mu >= 0, "prox_mu", prox_mu, "a number >= 0")
     g_flat, d_flat = FlatParams(generator, g_state), FlatParams(discriminator, d_state)
     g_params, d_params = g_flat.params, d_flat.params
@@ -1720,7 +1743,7 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
         y = labels[idx]  # (K, B)
 
         def batched(fn):
-            return map_clients(fn, on_steps) if looped else vmap(fn)
+            return map_clients(fn, on_steps, streams) if looped else vmap(fn)
         with torch.set_grad_enabled(train_generator):
             fake = batched(g_forward)(g_params, g_buffers, z, y)  # (K, B, C, H, W)
 

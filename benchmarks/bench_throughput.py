@@ -7,7 +7,9 @@ per step, K clients x batch images):
              on a GPU each step replayed from a CUDA graph)
   ceiling  - the same engine with one model given all K x batch images per step (plain cuDNN convolutions)
   eager    - on a GPU, also the engine without CUDA graphs (--no-cuda-graphs makes it the engine)
-and prints images/s with the ratios engine/loop and engine/ceiling, and the kernels each launches per step
+and, when asked, the engine with other forms of the thin convolutions (--compare-forms) or other client maps
+(--compare-maps, e.g. "streams": the clients as one model each, side by side on CUDA streams). It prints
+images/s with the ratios engine/loop and engine/ceiling, and the kernels each launches per step
 (aten operations that compute, views and bare allocations left out: on a GPU each is at least one kernel
 launch, and launches are what bound a small GAN's step there; on a CPU the count still shows it; the engine's
 Triton kernels are not aten operations and go uncounted).
@@ -117,6 +119,8 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
         contenders["eager"] = (time_engine, dataclasses.replace(config, cuda_graphs=False), plan)
     for form in args.compare_forms:  # the engine with other forms of the convolutions
         contenders[f"form {form}"] = (time_engine, dataclasses.replace(config, **conv_options(form)), plan)
+    for client_map in args.compare_maps:  # the engine with other client maps
+        contenders[f"map {client_map}"] = (time_engine, dataclasses.replace(config, client_map=client_map), plan)
     for timer, cfg, p in contenders.values():  # warm-up: allocator, cuDNN autotuning, caches
         timer(cfg, *models, images, labels, first_steps(p, 2))
     best = {name: float("inf") for name in contenders}
@@ -136,6 +140,7 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
             "engine_img_s": work / best["engine"], "ceiling_img_s": work / best["ceiling"], "peak_mem_mb": peak,
             "eager_img_s": work / best["eager"] if graphs else None,
             "forms_img_s": {form: work / best[f"form {form}"] for form in args.compare_forms} or None,
+            "maps_img_s": {m: work / best[f"map {m}"] for m in args.compare_maps} or None,
             **{f"{name}_kernels_step": kernels.get(name) for name in ("loop", "engine", "ceiling")}}
 
 
@@ -178,6 +183,11 @@ def main() -> None:
     parser.add_argument("--compare-forms", default="",
                         help="comma-separated other conv forms for the engine, timed alongside: grouped, loop, "
                              "block:N (N clients a block), triton; printed below the table")
+    parser.add_argument("--compare-maps", default="",
+                        help="comma-separated other client maps for the engine (FedConfig.client_map), timed "
+                             "alongside: vmap, loop, streams; printed below the table")
+    parser.add_argument("--client-streams", type=int, default=fu.CLIENT_STREAMS,
+                        help="CUDA streams the clients share with client_map streams (fedgan_utils.CLIENT_STREAMS)")
     parser.add_argument("--triton-tiles", type=Path, default=None,
                         help="a JSON file of tile shapes for the Triton kernels (probe_conv_forms.py --sweep-tiles)")
     parser.add_argument("--nondeterministic", dest="deterministic", action="store_false",
@@ -195,8 +205,12 @@ def main() -> None:
         fu.TRITON_TILES.update({kernel: tuple(tiles) for kernel, tiles in json.loads(args.triton_tiles.read_text())
                                 .items()})
     args.compare_forms = [form for form in args.compare_forms.split(",") if form]
+    fu.CLIENT_STREAMS = args.client_streams
+    args.compare_maps = [client_map for client_map in args.compare_maps.split(",") if client_map]
     for form in args.compare_forms:  # a wrong one fails here, not after the first timings
         fu.FedConfig(**conv_options(form))
+    for client_map in args.compare_maps:
+        fu.FedConfig(client_map=client_map)
     device = fu.pick_device(args.device)
     gpu = device.type == "cuda"
     ks = [int(k) for k in (args.ks or ("1,10,100" if gpu else "1,4,10")).split(",")]
@@ -209,6 +223,7 @@ def main() -> None:
     print(f"device {device} ({report['gpu'] or 'CPU, ' + str(report['cpu_threads']) + ' threads'}) | torch "
           f"{report['torch']} | batch {args.batch} a client | ngf=ndf={args.ngf} | "
           f"engine client_map={args.client_map}, "
+          f"{f'{args.client_streams} streams, ' if 'streams' in (args.client_map, *args.compare_maps) else ''}"
           f"conv_form={args.conv_form}{f' ({args.block_clients} clients a block)' if args.conv_form == 'block' else ''}"
           f"{f', Triton tiles {fu.TRITON_TILES}' if args.triton_tiles else ''}"
           f"{', amp (bf16)' if args.amp else ''}{', CUDA graphs' if gpu and args.cuda_graphs else ''}"
@@ -228,9 +243,12 @@ def main() -> None:
               f"{cell(row['loop_kernels_step'], ',.0f'):>18} {row['engine_kernels_step']:>7,.0f} "
               f"{row['ceiling_kernels_step']:>8,.0f} {cell(row['eager_img_s'], ',.0f'):>24}")
     for row in rows:
-        for form, img_s in (row["forms_img_s"] or {}).items():
-            print(f"K={row['K']}: the engine with conv_form {form}: {img_s:,.0f} img/s, "
-                  f"{img_s / row['engine_img_s']:.2f}x the engine, {img_s / row['ceiling_img_s']:.2f}x the ceiling")
+        variants = {**{f"conv_form {form}": v for form, v in (row["forms_img_s"] or {}).items()},
+                    **{f"client_map {m}": v for m, v in (row["maps_img_s"] or {}).items()}}
+        for variant, img_s in variants.items():
+            print(f"K={row['K']}: the engine with {variant}: {img_s:,.0f} img/s, "
+                  f"{img_s / row['engine_img_s']:.2f}x the engine, {img_s / row['ceiling_img_s']:.2f}x the ceiling"
+                  + (f", {img_s / row['loop_img_s']:.2f}x the loop" if row["loop_img_s"] else ""))
     if args.full_round or gpu:
         print(f"one full-preset round (10 clients, one local epoch over 60,000 images): "
               f"{full_round_seconds(device, images, labels, args):.2f} s")

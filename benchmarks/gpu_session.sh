@@ -7,8 +7,9 @@
 #   FEDGAN_DATA=.carry/MNIST bash benchmarks/gpu_session.sh
 #
 # On a CPU (to try the script) every step runs at a small size. Steps on a GPU: the tests there (Triton kernels,
-# engine vs reference, CUDA graphs, determinism, checkpoints), the throughput benchmark (K = 1, 10, 100 and a
-# full-preset round, the thin layers' other forms alongside), amp's throughput, the benchmark with cuDNN
+# engine vs reference, CUDA graphs, determinism, checkpoints, the clients on streams), the throughput benchmark
+# (K = 1, 10, 100 and a full-preset round, the thin layers' other forms and the clients on 8 CUDA streams
+# alongside), the clients on 16 streams, amp's throughput, the benchmark with cuDNN
 # autotuned, same seed twice (check_determinism), the convolution forms' probe at K = 10 and 100, the Triton
 # kernels' tile sweep. Memory (bench_memory.py) and amp's quality (check_amp.py), measured in earlier sessions,
 # run on the CPU only. Prints a line per step; about 6 minutes on an H200.
@@ -46,9 +47,11 @@ if [ "$GPU" = 1 ]; then
     -o addopts="" tests/test_conv_kernels.py tests/test_engine.py tests/test_models.py tests/test_federation.py \
     tests/test_checkpoints.py
   # the engine as the notebooks run it (deterministic cuDNN, the thin layers in the Triton kernels), the thin
-  # layers' other forms alongside
-  step throughput 150 "$PYTHON" benchmarks/bench_throughput.py --steps 20 --repeats 2 \
-    --compare-forms grouped,block:10 --json "$LOGS/throughput.json"
+  # layers' other forms and the clients on CUDA streams alongside
+  step throughput 180 "$PYTHON" benchmarks/bench_throughput.py --steps 20 --repeats 2 \
+    --compare-forms grouped,block:10 --compare-maps streams --json "$LOGS/throughput.json"
+  step streams_16 60 "$PYTHON" benchmarks/bench_throughput.py --ks 10,100 --steps 20 --repeats 2 --no-loop \
+    --compare-maps streams --client-streams 16 --json "$LOGS/streams_16.json"
   step throughput_amp 60 "$PYTHON" benchmarks/bench_throughput.py --ks 10,100 --steps 20 --repeats 2 --amp \
     --no-loop --compare-forms grouped --json "$LOGS/throughput_amp.json"  # the loop is float32: its figures are above
   step throughput_autotuned 60 "$PYTHON" benchmarks/bench_throughput.py --ks 10,100 --steps 20 --repeats 2 \
@@ -61,7 +64,7 @@ if [ "$GPU" = 1 ]; then
     --sweep-tiles "$LOGS/triton_tiles.json"
 else
   step throughput 300 "$PYTHON" benchmarks/bench_throughput.py --ks 1,2 --steps 2 --repeats 1 --ngf 16 \
-    --client-map vmap --compare-forms grouped,block:2 --json "$LOGS/throughput.json"
+    --client-map vmap --compare-forms grouped,block:2 --compare-maps streams --json "$LOGS/throughput.json"
   step tests_cpu 300 "$PYTHON" -m pytest -q -p no:warnings -p no:cacheprovider tests/test_engine.py
   step memory 300 "$PYTHON" benchmarks/bench_memory.py --cases 20:1.0,200:0.1 --ngf 16 --json "$LOGS/memory.json"
   step throughput_amp 300 "$PYTHON" benchmarks/bench_throughput.py --ks 2 --steps 2 --repeats 1 --ngf 16 --amp \
@@ -71,7 +74,7 @@ else
     --json "$LOGS/determinism.json"
 fi
 
-for log in tests_cuda tests_cpu throughput throughput_amp throughput_autotuned determinism memory amp_quality \
+for log in tests_cuda tests_cpu throughput streams_16 throughput_amp throughput_autotuned determinism memory amp_quality \
   conv_forms tile_sweep; do
   [ -f "$LOGS/$log.txt" ] && { echo "== $log"; tail -n 30 "$LOGS/$log.txt"; }
 done

@@ -27,11 +27,12 @@ def test_benchmark_prints_ratios_and_writes_json_rows(tmp_path):
     assert [int(line.split()[0]) for line in table] == [1, 2]
     assert [set(r) for r in rows] == [{"K", "batch", "device", "conv_form", "conv_block_clients", "deterministic",
                                        "loop_img_s", "engine_img_s", "ceiling_img_s", "peak_mem_mb", "eager_img_s",
-                                       "forms_img_s", "loop_kernels_step", "engine_kernels_step",
+                                       "forms_img_s", "maps_img_s", "loop_kernels_step", "engine_kernels_step",
                                        "ceiling_kernels_step"}] * 2
     for row, line in zip(rows, table):
         assert row["device"] == "cpu" and row["batch"] == 8 and row["peak_mem_mb"] is row["eager_img_s"] is None
-        assert row["conv_form"] == "auto" and row["deterministic"] is True and row["forms_img_s"] is None
+        assert row["conv_form"] == "auto" and row["deterministic"] is True
+        assert row["forms_img_s"] is row["maps_img_s"] is None
         assert min(row["loop_img_s"], row["engine_img_s"], row["ceiling_img_s"]) > 0
         ratio = float(line.split()[4])  # the printed engine/loop is the ratio of the written figures
         assert abs(ratio - row["engine_img_s"] / row["loop_img_s"]) < 0.006
@@ -53,15 +54,19 @@ def test_without_the_loop_the_benchmark_times_the_engine_alone(tmp_path):
     assert line.split()[1] == "-" and line.split()[4] == "-"  # no loop figure, no engine/loop ratio
 
 
-def test_other_conv_forms_are_timed_alongside_the_engine_and_compared_to_it(tmp_path):
-    result, rows = run_benchmark(tmp_path, "--client-map", "vmap", "--compare-forms", "loop,block:2")
-    lines = [line for line in result.stdout.splitlines() if "the engine with conv_form" in line]
-    assert len(lines) == 4  # two forms at K = 1 and 2
+def test_other_conv_forms_and_client_maps_are_timed_alongside_the_engine_and_compared_to_it(tmp_path):
+    result, rows = run_benchmark(tmp_path, "--client-map", "vmap", "--compare-forms", "loop,block:2",
+                                 "--compare-maps", "streams")
+    lines = [line for line in result.stdout.splitlines() if line.startswith("K=") and "the engine with" in line]
+    assert len(lines) == 6  # two forms and a client map at K = 1 and 2
     for row in rows:
         assert set(row["forms_img_s"]) == {"loop", "block:2"} and min(row["forms_img_s"].values()) > 0
+        assert set(row["maps_img_s"]) == {"streams"} and row["maps_img_s"]["streams"] > 0
         assert row["loop_img_s"] != row["forms_img_s"]["loop"]  # the reference loop is timed apart from the form
         line = next(line for line in lines if line.startswith(f"K={row['K']}: the engine with conv_form block:2:"))
         assert line.split("img/s, ")[1].startswith(f"{row['forms_img_s']['block:2'] / row['engine_img_s']:.2f}x")
+        line = next(line for line in lines if line.startswith(f"K={row['K']}: the engine with client_map streams:"))
+        assert line.endswith(f"{row['maps_img_s']['streams'] / row['loop_img_s']:.2f}x the loop")
 
 
 def test_determinism_check_trains_each_setting_twice_and_finds_a_cpu_run_reproducible(tmp_path):

@@ -21,7 +21,7 @@ import fedgan_utils as fu
     ("partition", "random", "['iid', 'dirichlet', 'shards', 'classes', 'quantity']"),
     ("bn_policy", "sync", "['average', 'local']"),
     ("optimizer_state", "warm", "['reset', 'keep']"),
-    ("client_map", "pmap", "['auto', 'vmap', 'loop']"),
+    ("client_map", "pmap", "['auto', 'vmap', 'loop', 'streams']"),
     ("strategy", "fedsgd", "'fedavgm', 'damped', 'fedadagrad'"),
     ("server_lr", 0, "None (the rule's default) or a number > 0"),
     ("server_momentum", 1.0, "[0, 1)"),

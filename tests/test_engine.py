@@ -22,7 +22,7 @@ def assert_states_close(actual, expected, atol=2e-5):
         torch.testing.assert_close(actual[key], expected[key], atol=atol, rtol=1e-4, msg=key)
 
 
-@pytest.mark.parametrize("client_map", ["vmap", "loop"])
+@pytest.mark.parametrize("client_map", ["vmap", "loop", "streams"])
 @pytest.mark.parametrize("scheme,kw", [("iid", {}), ("quantity", {"sigma": 1.0, "min_size": 20})])
 def test_engine_matches_the_per_client_reference_loop_over_two_rounds(mnist_small, tiny_config, scheme, kw,
                                                                        client_map):
@@ -163,6 +163,20 @@ def test_cuda_graphs_replay_the_eager_steps_with_a_fraction_of_the_dispatches(mn
         assert dispatched[True] < 0.5 * dispatched[False], dispatched
     else:
         assert dispatched[True] == dispatched[False]
+
+
+@pytest.mark.parametrize("streams", [2, 8])  # 2: clients share streams; 8: one each
+def test_streams_run_the_loops_computation_bit_for_bit(mnist_small, tiny_config, monkeypatch, streams):
+    """client_map="streams": the loop's clients side by side on CUDA streams, replayed from a CUDA graph after the
+    warm-up steps; off a GPU it is the loop."""
+    images, labels = (t.to(TEST_DEVICE) for t in mnist_small)
+    monkeypatch.setattr(fu, "CLIENT_STREAMS", streams)
+    config = tiny_config(num_clients=4, local_steps=8)  # 8 steps: 2 eager, a capture and replays on a GPU
+    looped = train_tiny(dataclasses.replace(config, client_map="loop"), images, labels)
+    streamed = train_tiny(dataclasses.replace(config, client_map="streams"), images, labels)
+    assert torch.equal(streamed.d_loss, looped.d_loss) and torch.equal(streamed.g_loss, looped.g_loss)
+    for key, value in {**looped.g_state, **looped.d_state}.items():
+        assert torch.equal({**streamed.g_state, **streamed.d_state}[key], value), key
 
 
 def test_amp_trains_both_client_maps_alike_in_bfloat16_and_keeps_float32_state(mnist_small, tiny_config):
