@@ -2106,11 +2106,22 @@ def _launch(kernel, tiles: tuple[int, int, int, int, int], grid: tuple[int, int,
                  num_stages=stages)
 
 
+def _conv_output_size(size: Sequence[int], kernel: Sequence[int], stride: int, padding: int) -> tuple[int, ...]:
+    """(H', W') of a convolution of an (H, W) input (any number of sides)."""
+    return tuple((side + 2 * padding - k) // stride + 1 for side, k in zip(size, kernel))
+
+
+def _transposed_output_size(size: Sequence[int], kernel: Sequence[int], stride: int, padding: int) -> tuple[int, ...]:
+    """(H', W') of a transposed convolution of an (H, W) input (any number of sides): the input size of the
+    convolution it inverts."""
+    return tuple((side - 1) * stride - 2 * padding + k for side, k in zip(size, kernel))
+
+
 def triton_conv_forward(x: Tensor, weight: Tensor, stride: int, padding: int) -> Tensor:
     """K clients' convolutions: x (K, B, Cin, H, W), weight (K, Cout, Cin, kh, kw) -> (K, B, Cout, H', W')."""
     clients, batch, cin, height, width = x.shape
     cout, _, kh, kw = weight.shape[1:]
-    out_h, out_w = (height + 2 * padding - kh) // stride + 1, (width + 2 * padding - kw) // stride + 1
+    out_h, out_w = _conv_output_size((height, width), (kh, kw), stride, padding)
     y = x.new_empty(clients, batch, cout, out_h, out_w)
     rows = batch * out_h * out_w
     tiles = _tiles("forward", rows, cout, cin * kh * kw)
@@ -2162,11 +2173,6 @@ def triton_conv_weight_grad(x: Tensor, grad: Tensor, stride: int, padding: int,
             x, grad, partial, batch, cin, height, width, cout, out_h, out_w, chunk,
             stride=stride, padding=padding, size=(kh, kw), dtype=x.dtype)
     return partial.sum(1).to(x.dtype).view(clients, cout, cin, kh, kw)
-
-
-def _transposed_output_size(size: Sequence[int], kernel: Sequence[int], stride: int, padding: int) -> tuple[int, int]:
-    """(H', W') of a transposed convolution of an (H, W) input: the input size of the convolution it inverts."""
-    return tuple((side - 1) * stride - 2 * padding + k for side, k in zip(size, kernel))
 
 
 def triton_can_convolve(transposed: bool, x_size: Sequence[int], weight_size: Sequence[int], stride: Any,

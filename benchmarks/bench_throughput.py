@@ -117,10 +117,8 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
     graphs = device.type == "cuda" and config.cuda_graphs
     if graphs:  # what the graphs bring: the engine as it steps without them
         contenders["eager"] = (time_engine, dataclasses.replace(config, cuda_graphs=False), plan)
-    for form in args.compare_forms:  # the engine with other forms of the convolutions
-        contenders[f"form {form}"] = (time_engine, dataclasses.replace(config, **conv_options(form)), plan)
-    for client_map in args.compare_maps:  # the engine with other client maps
-        contenders[f"map {client_map}"] = (time_engine, dataclasses.replace(config, client_map=client_map), plan)
+    for variant, overrides in args.variants.items():  # the engine with other conv forms or client maps
+        contenders[variant] = (time_engine, dataclasses.replace(config, **overrides), plan)
     for timer, cfg, p in contenders.values():  # warm-up: allocator, cuDNN autotuning, caches
         timer(cfg, *models, images, labels, first_steps(p, 2))
     best = {name: float("inf") for name in contenders}
@@ -139,8 +137,8 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
             "loop_img_s": work / best["loop"] if args.loop else None,
             "engine_img_s": work / best["engine"], "ceiling_img_s": work / best["ceiling"], "peak_mem_mb": peak,
             "eager_img_s": work / best["eager"] if graphs else None,
-            "forms_img_s": {form: work / best[f"form {form}"] for form in args.compare_forms} or None,
-            "maps_img_s": {m: work / best[f"map {m}"] for m in args.compare_maps} or None,
+            "forms_img_s": {form: work / best[f"conv_form {form}"] for form in args.compare_forms} or None,
+            "maps_img_s": {m: work / best[f"client_map {m}"] for m in args.compare_maps} or None,
             **{f"{name}_kernels_step": kernels.get(name) for name in ("loop", "engine", "ceiling")}}
 
 
@@ -207,10 +205,10 @@ def main() -> None:
     args.compare_forms = [form for form in args.compare_forms.split(",") if form]
     fu.CLIENT_STREAMS = args.client_streams
     args.compare_maps = [client_map for client_map in args.compare_maps.split(",") if client_map]
-    for form in args.compare_forms:  # a wrong one fails here, not after the first timings
-        fu.FedConfig(**conv_options(form))
-    for client_map in args.compare_maps:
-        fu.FedConfig(client_map=client_map)
+    args.variants = {**{f"conv_form {form}": conv_options(form) for form in args.compare_forms},
+                     **{f"client_map {m}": {"client_map": m} for m in args.compare_maps}}
+    for overrides in args.variants.values():  # a wrong one fails here, not after the first timings
+        fu.FedConfig(**overrides)
     device = fu.pick_device(args.device)
     gpu = device.type == "cuda"
     ks = [int(k) for k in (args.ks or ("1,10,100" if gpu else "1,4,10")).split(",")]
@@ -243,9 +241,9 @@ def main() -> None:
               f"{cell(row['loop_kernels_step'], ',.0f'):>18} {row['engine_kernels_step']:>7,.0f} "
               f"{row['ceiling_kernels_step']:>8,.0f} {cell(row['eager_img_s'], ',.0f'):>24}")
     for row in rows:
-        variants = {**{f"conv_form {form}": v for form, v in (row["forms_img_s"] or {}).items()},
+        measured = {**{f"conv_form {form}": v for form, v in (row["forms_img_s"] or {}).items()},
                     **{f"client_map {m}": v for m, v in (row["maps_img_s"] or {}).items()}}
-        for variant, img_s in variants.items():
+        for variant, img_s in measured.items():
             print(f"K={row['K']}: the engine with {variant}: {img_s:,.0f} img/s, "
                   f"{img_s / row['engine_img_s']:.2f}x the engine, {img_s / row['ceiling_img_s']:.2f}x the ceiling"
                   + (f", {img_s / row['loop_img_s']:.2f}x the loop" if row["loop_img_s"] else ""))

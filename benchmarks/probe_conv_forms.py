@@ -48,7 +48,7 @@ def im2col_conv(x, w, size: int, stride: int, padding: int):
     patches, positions = cols.shape[1:]
     cols = cols.view(k, b, patches, positions).transpose(1, 2).reshape(k, patches, b * positions)
     out = torch.bmm(w.flatten(2), cols)  # (K, cout, B*L)
-    side = (height + 2 * padding - size) // stride + 1
+    side, = fu._conv_output_size((height,), (size,), stride, padding)
     return out.view(k, -1, b, side, side).transpose(1, 2)  # (K, B, cout, H', W')
 
 
@@ -58,7 +58,7 @@ def im2col_conv_transpose(x, w, size: int, stride: int, padding: int):
     inputs = x.transpose(1, 2).reshape(k, cin, b * height * height)  # (K, cin, B*H*W)
     cols = torch.bmm(w.flatten(2).transpose(1, 2), inputs)  # (K, cout*k*k, B*H*W)
     cols = cols.view(k, -1, b, height * height).transpose(1, 2).flatten(0, 1)  # (K*B, cout*k*k, H*W)
-    side = (height - 1) * stride - 2 * padding + size
+    side, = fu._transposed_output_size((height,), (size,), stride, padding)
     out = F.fold(cols, side, size, padding=padding, stride=stride)  # (K*B, cout, H', W')
     return out.view(k, b, *out.shape[1:])
 
