@@ -3335,6 +3335,14 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
 # ----------------------------------------------------------------------------
 
 
+def _integer_rounds(ax) -> None:
+    """Label an x axis of rounds with whole numbers (matplotlib's default ticks fall at 2.5, 7.5, ...)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _finish(fig, save_to: str | os.PathLike | None):
     if save_to is not None:
         Path(save_to).parent.mkdir(parents=True, exist_ok=True)
@@ -3412,7 +3420,7 @@ def plot_losses(history: Sequence[Mapping[str, Any]], *, ax=None, save_to: str |
             ax.scatter([r["round"]] * len(r[f"{key}_clients"]), r[f"{key}_clients"], s=6, color=color, alpha=0.3)
         ax.plot(rounds, [r[key] for r in history], color=color, lw=2, marker="o",
                 label=f"{'discriminator' if key == 'd_loss' else 'generator'} (mean of clients)")
-    ax.set_xlabel("round")
+    _integer_rounds(ax)
     ax.set_ylabel("loss (BCE)")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -3491,7 +3499,7 @@ def plot_metrics(history: Sequence[Mapping[str, Any]], reference: Mapping[str, A
             ax.axhline(reference[key], ls="--", color="gray",
                        label="real train vs test" if key == "fid" else "real test images")
         ax.set_title(title)
-        ax.set_xlabel("round")
+        _integer_rounds(ax)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -3511,7 +3519,10 @@ def plot_metric_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], met
         ax.plot([r[x] for r in evaluated], [r["metrics"][metric] for r in evaluated], marker="o", ms=3, label=label)
     if reference is not None:
         ax.axhline(reference, ls="--", color="gray", label="reference")
-    ax.set_xlabel({"images_total": "images seen", "bytes_total": "bytes sent"}.get(x, x))
+    if x == "round":
+        _integer_rounds(ax)
+    else:
+        ax.set_xlabel({"images_total": "images seen", "bytes_total": "bytes sent"}.get(x, x))
     ax.set_ylabel(metric)
     ax.set_title(title)
     ax.grid(alpha=0.3)

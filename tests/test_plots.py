@@ -92,3 +92,14 @@ def test_round_grids_are_saved_as_pngs_and_a_gif(finished, tmp_path):
     assert [p.name for p in paths] == ["grid_round_0000.png", "grid_round_0001.png", "grid_round_0002.png"]
     gif = Image.open(fu.save_grid_gif(finished.grid_snapshots, tmp_path / "rounds.gif"))
     assert gif.n_frames == 3 and gif.size == Image.open(paths[0]).size
+
+
+def test_round_axes_are_ticked_at_whole_rounds():
+    history = [{"round": r, "d_loss": 1.0, "g_loss": 1.0, "d_loss_clients": [1.0], "g_loss_clients": [1.0],
+                "images_total": 100 * r, "metrics": {"fid": 10.0, "cond_acc": 0.9, "is": 9.0}} for r in range(1, 21)]
+    axes = [fu.plot_losses(history).axes[0], *fu.plot_metrics(history).axes,
+            fu.plot_metric_curves({"run": history}, x="round").axes[0]]
+    for ax in axes:
+        ticks = ax.get_xticks()
+        assert ax.get_xlabel() == "round" and len(ticks) >= 3
+        assert all(float(t).is_integer() for t in ticks), ticks
