@@ -3506,6 +3506,30 @@ def plot_metrics(history: Sequence[Mapping[str, Any]], reference: Mapping[str, A
     return _finish(fig, save_to)
 
 
+def plot_per_class_accuracy(per_class_acc: Sequence[float], reference: Sequence[float] | None = None, *,
+                            class_names: Sequence[str] = tuple("0123456789"), title: str = "",
+                            save_to: str | os.PathLike | None = None):
+    """Bars: how often a generated image of each requested label is classified as that label; ticks: real images."""
+    import matplotlib.pyplot as plt
+
+    if len(per_class_acc) != len(class_names) or (reference is not None and len(reference) != len(class_names)):
+        raise ValueError(f"per_class_acc and reference need one value per class ({len(class_names)}); got "
+                         f"{len(per_class_acc)} and {None if reference is None else len(reference)}")
+    fig, ax = plt.subplots(figsize=(7, 3))
+    bars = ax.bar(range(len(class_names)), per_class_acc, label="generated")
+    ax.bar_label(bars, fmt="%.2f", label_type="center", color="white", fontsize=8)
+    if reference is not None:
+        ax.plot(range(len(class_names)), reference, "k_", markersize=20, label="real test images")
+    ax.set_xticks(range(len(class_names)))
+    ax.set_xticklabels(class_names)
+    ax.set_xlabel("requested label")
+    ax.set_ylabel("classified as requested")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)  # beside the bars, never over them
+    return _finish(fig, save_to)
+
+
 def plot_metric_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], metric: str = "fid", *,
                        x: str = "images_total", reference: float | None = None, title: str = "", ax=None,
                        save_to: str | os.PathLike | None = None):

@@ -103,3 +103,15 @@ def test_round_axes_are_ticked_at_whole_rounds():
         ticks = ax.get_xticks()
         assert ax.get_xlabel() == "round" and len(ticks) >= 3
         assert all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_per_class_accuracy_draws_a_bar_per_label_and_the_real_images_marks(tmp_path):
+    generated, real = [0.5 + 0.05 * i for i in range(10)], [0.99] * 10
+    fig = fu.plot_per_class_accuracy(generated, real, save_to=tmp_path / "per_class.png")
+    ax = fig.axes[0]
+    assert [bar.get_height() for bar in ax.patches] == generated
+    assert list(ax.get_lines()[0].get_ydata()) == real
+    assert [t.get_text() for t in ax.get_xticklabels()] == list("0123456789")
+    assert (tmp_path / "per_class.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match=r"one value per class \(10\); got 9 and None"):
+        fu.plot_per_class_accuracy(generated[:9])
