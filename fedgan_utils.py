@@ -2545,13 +2545,32 @@ def inception_fid(real_images: Tensor, fake_images: Tensor, device: str | torch.
     return float(metric.compute())
 
 
+# what a centralized run shares with the federation it is compared with: data, model, optimisation, compute, scoring
+CENTRALIZED_FIELDS = ("dataset", "data_root", "batch_size", "lr_g", "lr_d", "betas", "z_dim", "embed_dim", "ngf",
+                      "ndf", "seed", "device", "amp", "cuda_graphs", "client_map", "conv_form", "conv_block_clients",
+                      "deterministic", "eval_samples", "classifier_epochs", "classifier_subset", "out_dir",
+                      "checkpoint_dir")
+
+
+def centralized_config(config: FedConfig, steps: int) -> FedConfig:
+    """The centralized counterpart of a federated config: one client, rounds of `steps` steps, nothing federated.
+
+    Only CENTRALIZED_FIELDS are taken over; every federated knob (server rule, FedProx, compression, attacks,
+    DP, stragglers, asynchrony) is at its default, so one client's "aggregation" is its own model. The client
+    keeps its Adam state from round to round, so the rounds are one continuous training run.
+    """
+    return FedConfig(**{name: getattr(config, name) for name in CENTRALIZED_FIELDS}, num_clients=1,
+                     local_steps=steps, optimizer_state="keep", eval_every=None, rounds=10 ** 6, checkpoint_every=0,
+                     run_name=f"{config.run_name}-central")
+
+
 def centralized_baseline(federation: "Federation", *, chunks_per_epoch: int = 10,
                          log: bool = True) -> list[dict[str, Any]]:
     """The federated model against one client holding all its data, trained by the same code.
 
-    The centralized run takes rounds of 1/`chunks_per_epoch` epoch and is scored when it has seen as
-    many images as the federation, and when it has trained as long (wall time, evaluation excluded).
-    Returns table rows: federated, centralized at equal images, centralized at equal wall time.
+    The centralized run (centralized_config: plain training, Adam never reset) is scored after chunks of
+    1/`chunks_per_epoch` epoch: when it has seen as many images as the federation, and when it has trained as long
+    (wall time, evaluation excluded). Returns table rows: federated, centralized at equal images, at equal wall time.
     """
     if not federation.history:
         raise ValueError("run the federation first: its history is empty")
@@ -2559,10 +2578,7 @@ def centralized_baseline(federation: "Federation", *, chunks_per_epoch: int = 10
     fed_images = federation.history[-1]["images_total"]
     fed_seconds = sum(r["seconds"] for r in federation.history)
     steps = max(1, math.ceil(len(federation.labels) / config.batch_size / chunks_per_epoch))
-    central_config = dataclasses.replace(
-        config, num_clients=1, partition="iid", client_fraction=1.0, local_steps=steps, eval_every=None,
-        rounds=10 ** 6, checkpoint_every=0, run_name=f"{config.run_name}-central")
-    central = Federation(central_config, data=(federation.images, federation.labels), log=False)
+    central = Federation(centralized_config(config, steps), data=(federation.images, federation.labels), log=False)
     if federation.evaluator is None:
         federation.evaluate()  # builds the classifier and the real reference that both runs are scored with
     rows = [{"model": f"federated (K={config.num_clients})", "images": fed_images, "seconds": fed_seconds,

@@ -1,4 +1,6 @@
 """Metrics: FID/KID/IS against torchmetrics, known cases on real MNIST, and the Evaluator's references."""
+import dataclasses
+
 import pytest
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -166,3 +168,18 @@ def test_centralized_baseline_scores_equal_images_and_equal_time(mnist_small, ti
     table = fu.format_table(rows)
     assert table.splitlines()[0].split() == ["model", "images", "seconds", "fid", "kid", "is", "cond_acc"]
     assert len(table.splitlines()) == 2 + len(rows)
+
+
+def test_centralized_run_is_plain_training_of_the_same_model(mnist_small, tiny_config):
+    federated = tiny_config(strategy="fedavgm", server_momentum=0.5, prox_mu=0.1, compression="int8",
+                            partition="dirichlet", alpha=0.1, attack="sign_flip", attack_fraction=0.34,
+                            client_fraction=0.5, lr_g=1e-3, ngf=16, seed=7)
+    central = fu.centralized_config(federated, steps=4)
+    defaults = fu.FedConfig()
+    assert (central.num_clients, central.local_steps, central.optimizer_state) == (1, 4, "keep")
+    assert all(getattr(central, name) == getattr(federated, name) for name in fu.CENTRALIZED_FIELDS)
+    for name in ("strategy", "prox_mu", "compression", "partition", "attack", "attack_fraction", "client_fraction"):
+        assert getattr(central, name) == getattr(defaults, name), name
+    # Adam runs on across the chunks: after 3 rounds of 4 steps the client's optimizer has taken 12 steps
+    run = fu.Federation(dataclasses.replace(central, rounds=3), data=mnist_small, log=False).run(progress=False)
+    assert float(run.client_store[0]["g_opt"]["step"]) == 12 and float(run.client_store[0]["d_opt"]["step"]) == 12
