@@ -100,6 +100,11 @@ def first_steps(plan: fu.RoundPlan, count: int) -> fu.RoundPlan:
                         plan.batch_indices[:, :count], plan.noise_seed)
 
 
+def variant_label(option: str, value: str) -> str:
+    """A variant of the engine as timed and printed: ("conv_form", "block:2") -> "conv_form block:2"."""
+    return f"{option} {value}"
+
+
 def measure(k: int, args, device: torch.device, images, labels) -> dict:
     config = fu.FedConfig(num_clients=max(k, 1), batch_size=args.batch, ngf=args.ngf, ndf=args.ngf, device=str(device),
                           eval_every=None, client_map=args.client_map, amp=args.amp, cuda_graphs=args.cuda_graphs,
@@ -137,8 +142,8 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
             "loop_img_s": work / best["loop"] if args.loop else None,
             "engine_img_s": work / best["engine"], "ceiling_img_s": work / best["ceiling"], "peak_mem_mb": peak,
             "eager_img_s": work / best["eager"] if graphs else None,
-            "forms_img_s": {form: work / best[f"conv_form {form}"] for form in args.compare_forms} or None,
-            "maps_img_s": {m: work / best[f"client_map {m}"] for m in args.compare_maps} or None,
+            "forms_img_s": {f: work / best[variant_label("conv_form", f)] for f in args.compare_forms} or None,
+            "maps_img_s": {m: work / best[variant_label("client_map", m)] for m in args.compare_maps} or None,
             **{f"{name}_kernels_step": kernels.get(name) for name in ("loop", "engine", "ceiling")}}
 
 
@@ -205,8 +210,8 @@ def main() -> None:
     args.compare_forms = [form for form in args.compare_forms.split(",") if form]
     fu.CLIENT_STREAMS = args.client_streams
     args.compare_maps = [client_map for client_map in args.compare_maps.split(",") if client_map]
-    args.variants = {**{f"conv_form {form}": conv_options(form) for form in args.compare_forms},
-                     **{f"client_map {m}": {"client_map": m} for m in args.compare_maps}}
+    args.variants = {**{variant_label("conv_form", form): conv_options(form) for form in args.compare_forms},
+                     **{variant_label("client_map", m): {"client_map": m} for m in args.compare_maps}}
     for overrides in args.variants.values():  # a wrong one fails here, not after the first timings
         fu.FedConfig(**overrides)
     device = fu.pick_device(args.device)
@@ -241,8 +246,8 @@ def main() -> None:
               f"{cell(row['loop_kernels_step'], ',.0f'):>18} {row['engine_kernels_step']:>7,.0f} "
               f"{row['ceiling_kernels_step']:>8,.0f} {cell(row['eager_img_s'], ',.0f'):>24}")
     for row in rows:
-        measured = {**{f"conv_form {form}": v for form, v in (row["forms_img_s"] or {}).items()},
-                    **{f"client_map {m}": v for m, v in (row["maps_img_s"] or {}).items()}}
+        measured = {**{variant_label("conv_form", form): v for form, v in (row["forms_img_s"] or {}).items()},
+                    **{variant_label("client_map", m): v for m, v in (row["maps_img_s"] or {}).items()}}
         for variant, img_s in measured.items():
             print(f"K={row['K']}: the engine with {variant}: {img_s:,.0f} img/s, "
                   f"{img_s / row['engine_img_s']:.2f}x the engine, {img_s / row['ceiling_img_s']:.2f}x the ceiling"
