@@ -3185,18 +3185,18 @@ def describe_partition(config: FedConfig) -> str:
 
 
 def run_ablation(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], *,
-                 data: tuple[Tensor, Tensor] | None = None, log: bool = True
+                 data: tuple[Tensor, Tensor] | None = None, evaluator: Evaluator | None = None, log: bool = True
                  ) -> tuple[list[dict[str, Any]], dict[str, Federation]]:
     """One federation per cell, each `base` with the cell's overrides, on the same data, seed and metric classifier.
 
-    A cell's "strategy" may be a Strategy object instead of a name. Returns a table row a cell (the cell's
+    A cell's "strategy" may be a Strategy object instead of a name. The metric classifier is `evaluator`'s when
+    given (to score on the scale of an earlier grid), else the first cell's. Returns a table row a cell (the cell's
     overrides; final metrics; images seen; training seconds, evaluation excluded; simulated time;
     megabytes sent; epsilon of a DP run) and the federations, for curves and sample grids.
     """
     data = data if data is not None else load_dataset(base.dataset, base.data_root)
     rows: list[dict[str, Any]] = []
     runs: dict[str, Federation] = {}
-    evaluator = None
     for name, overrides in cells.items():
         overrides = dict(overrides)
         rule = overrides.pop("strategy") if isinstance(overrides.get("strategy"), Strategy) else None
@@ -3228,6 +3228,42 @@ def run_ablation(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], *,
             print(f"{name:34s} FID {row['fid']:7.1f} | cond_acc {row['cond_acc']:.3f} | {row['seconds']:5.0f} s | "
                   f"{row['MB']:8,.0f} MB", flush=True)
     return rows, runs
+
+
+def run_seeds(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], *,
+              data: tuple[Tensor, Tensor] | None = None, evaluator: Evaluator | None = None,
+              known: Mapping[str, Mapping[str, Any]] | None = None, log: bool = True
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each cell of a grid again at every seed, so that a difference between cells can be held against the spread
+    of one cell over seeds (the seed draws the partition, the initial models, the batches and the noise).
+
+    `known` maps cell names to rows already run at `base.seed` (the grid's), reused rather than run again; pass the
+    grid's `evaluator` with them so every seed is scored by the same classifier. Returns a row a cell and seed
+    (with "seed") and a summary a cell: "fid@s" and "cond_acc@s" for each seed s, then the mean and the standard
+    deviation over seeds of each ("fid_mean", "fid_sd", ...).
+    """
+    seeds = [int(s) for s in seeds]
+    _require(len(seeds) >= 2 and len(set(seeds)) == len(seeds) and all(s >= 0 for s in seeds), "seeds", seeds,
+             "two or more distinct integers >= 0")
+    known = dict(known or {})
+    _require(not known or evaluator is not None, "evaluator", evaluator,
+             "the grid's Evaluator when known rows are reused (else the seeds are scored by another classifier)")
+    todo = {f"{name} | seed {seed}": {**overrides, "seed": seed}
+            for name, overrides in cells.items() for seed in seeds if not (seed == base.seed and name in known)}
+    new_rows, _ = run_ablation(base, todo, data=data, evaluator=evaluator, log=log)
+    found = iter(new_rows)
+    rows, summary = [], []
+    for name in cells:
+        by_seed = {seed: ({**known[name], "cell": f"{name} | seed {seed}", "seed": seed}
+                          if seed == base.seed and name in known else next(found)) for seed in seeds}
+        rows += by_seed.values()
+        line: dict[str, Any] = {"cell": name, "seeds": len(seeds)}
+        for metric in ("fid", "cond_acc"):
+            values = np.array([by_seed[seed][metric] for seed in seeds], dtype=float)
+            line.update({f"{metric}@{seed}": float(v) for seed, v in zip(seeds, values)})
+            line.update({f"{metric}_mean": float(values.mean()), f"{metric}_sd": float(values.std(ddof=1))})
+        summary.append(line)
+    return rows, summary
 
 
 # ----------------------------------------------------------------------------
@@ -3584,6 +3620,31 @@ def plot_lines(rows: Sequence[Mapping[str, Any]], x: str, y: str, group: str, *,
     ax.set_ylabel(y)
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(ax.figure, save_to)
+
+
+def plot_seed_spread(summary: Sequence[Mapping[str, Any]], metric: str = "fid", *, title: str = "", ax=None,
+                     save_to: str | os.PathLike | None = None):
+    """One row a cell of `run_seeds`' summary: a dot a seed, a bar at the mean (is a gap between cells more than
+    the spread of one cell?)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 0.45 * len(summary) + 1.2))
+    prefix = f"{metric}@"
+    for row_index, line in enumerate(summary):
+        values = [v for k, v in line.items() if k.startswith(prefix)]
+        ax.scatter(values, [row_index] * len(values), color="tab:blue", alpha=0.7, zorder=3,
+                   label="one seed" if row_index == 0 else None)
+        ax.plot([line[f"{metric}_mean"]] * 2, [row_index - 0.3, row_index + 0.3], color="black",
+                label="mean" if row_index == 0 else None)
+    ax.set_yticks(range(len(summary)))
+    ax.set_yticklabels([line["cell"] for line in summary])
+    ax.invert_yaxis()  # the first cell on top, as in the table
+    ax.set_xlabel(metric)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=8)
     return _finish(ax.figure, save_to)
 

@@ -115,3 +115,15 @@ def test_per_class_accuracy_draws_a_bar_per_label_and_the_real_images_marks(tmp_
     assert (tmp_path / "per_class.png").stat().st_size > 1000
     with pytest.raises(ValueError, match=r"one value per class \(10\); got 9 and None"):
         fu.plot_per_class_accuracy(generated[:9])
+
+
+def test_seed_spread_puts_a_dot_a_seed_and_the_mean_on_each_cells_row(tmp_path):
+    summary = [{"cell": "a", "fid@0": 10.0, "fid@1": 14.0, "fid_mean": 12.0},
+               {"cell": "b", "fid@0": 30.0, "fid@1": 20.0, "fid_mean": 25.0}]
+    fig = fu.plot_seed_spread(summary, "fid", save_to=tmp_path / "seeds.png")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
+    dots = [collection.get_offsets().tolist() for collection in ax.collections]
+    assert dots == [[[10.0, 0.0], [14.0, 0.0]], [[30.0, 1.0], [20.0, 1.0]]]
+    assert [list(line.get_xdata()) for line in ax.get_lines()] == [[12.0, 12.0], [25.0, 25.0]]
+    assert (tmp_path / "seeds.png").stat().st_size > 1000

@@ -284,3 +284,28 @@ def test_run_ablation_gives_a_row_a_cell_and_keeps_going_past_a_diverged_cell(mn
     assert "stopped" not in rows[0] and rows[2]["stopped"].startswith("round 2: the discriminator loss")
     assert runs["plain"].evaluator is runs["custom rule"].evaluator  # one metric classifier for the grid
     assert runs["plain"].run_dir.name == "grid-plain" and runs["custom rule"].run_dir.name == "grid-custom-rule"
+
+
+def test_run_seeds_reuses_the_grids_rows_reruns_the_rest_on_its_classifier_and_summarises(mnist_small, tiny_config):
+    base = tiny_config(rounds=2, eval_samples=50, classifier_epochs=1, classifier_subset=500, run_name="seeds")
+    cells = {"plain": {}, "skewed": {"partition": "dirichlet", "alpha": 0.5}}
+    grid_rows, grid_runs = fu.run_ablation(base, cells, data=mnist_small, log=False)
+    evaluator = grid_runs["plain"].evaluator
+    rows, summary = fu.run_seeds(base, cells, (0, 1), data=mnist_small, evaluator=evaluator,
+                                 known={"plain": grid_rows[0]}, log=False)
+    assert [(r["cell"], r["seed"]) for r in rows] == [("plain | seed 0", 0), ("plain | seed 1", 1),
+                                                      ("skewed | seed 0", 0), ("skewed | seed 1", 1)]
+    assert rows[0]["fid"] == grid_rows[0]["fid"]  # reused
+    assert rows[2]["fid"] == grid_rows[1]["fid"] and rows[2]["cond_acc"] == grid_rows[1]["cond_acc"]  # rerun, same
+    assert rows[1]["fid"] != rows[0]["fid"]  # another seed, another run
+    assert [s["cell"] for s in summary] == list(cells) and summary[0]["seeds"] == 2
+    for line, pair in zip(summary, (rows[:2], rows[2:])):
+        fids = np.array([r["fid"] for r in pair])
+        assert line["fid@0"] == fids[0] and line["fid@1"] == fids[1]
+        assert math.isclose(line["fid_mean"], fids.mean())
+        assert math.isclose(line["fid_sd"], abs(fids[1] - fids[0]) / 2 ** 0.5)  # sample sd of two values
+        assert math.isclose(line["cond_acc_mean"], (pair[0]["cond_acc"] + pair[1]["cond_acc"]) / 2)
+    with pytest.raises(ValueError, match="seeds"):
+        fu.run_seeds(base, cells, (0,), data=mnist_small, evaluator=evaluator)
+    with pytest.raises(ValueError, match="evaluator"):
+        fu.run_seeds(base, cells, (0, 1), data=mnist_small, known={"plain": grid_rows[0]})
