@@ -3242,20 +3242,27 @@ def run_seeds(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], seeds: Se
     (with "seed") and a summary a cell: "fid@s" and "cond_acc@s" for each seed s, then the mean and the standard
     deviation over seeds of each ("fid_mean", "fid_sd", ...).
     """
-    seeds = [int(s) for s in seeds]
-    _require(len(seeds) >= 2 and len(set(seeds)) == len(seeds) and all(s >= 0 for s in seeds), "seeds", seeds,
-             "two or more distinct integers >= 0")
+    seeds = list(seeds)
+    _require(len(seeds) >= 2 and len(set(seeds)) == len(seeds) and all(map(_non_negative_int, seeds)), "seeds",
+             seeds, "two or more distinct integers >= 0")
     known = dict(known or {})
     _require(not known or evaluator is not None, "evaluator", evaluator,
              "the grid's Evaluator when known rows are reused (else the seeds are scored by another classifier)")
-    todo = {f"{name} | seed {seed}": {**overrides, "seed": seed}
-            for name, overrides in cells.items() for seed in seeds if not (seed == base.seed and name in known)}
+
+    def reused(name: str, seed: int) -> bool:
+        return seed == base.seed and name in known
+
+    def label(name: str, seed: int) -> str:
+        return f"{name} | seed {seed}"
+
+    todo = {label(name, seed): {**overrides, "seed": seed}
+            for name, overrides in cells.items() for seed in seeds if not reused(name, seed)}
     new_rows, _ = run_ablation(base, todo, data=data, evaluator=evaluator, log=log)
     found = iter(new_rows)
     rows, summary = [], []
     for name in cells:
-        by_seed = {seed: ({**known[name], "cell": f"{name} | seed {seed}", "seed": seed}
-                          if seed == base.seed and name in known else next(found)) for seed in seeds}
+        by_seed = {seed: ({**known[name], "cell": label(name, seed), "seed": seed}
+                          if reused(name, seed) else next(found)) for seed in seeds}
         rows += by_seed.values()
         line: dict[str, Any] = {"cell": name, "seeds": len(seeds)}
         for metric in ("fid", "cond_acc"):
