@@ -1,0 +1,77 @@
+"""Cells of the custom sync study at a preset of your choice, outside the notebook: on a CPU the `full` preset takes
+about 25 minutes a cell, too long for the notebook's whole grid, so this runs the few cells a question needs.
+
+Every cell is the preset's federation (10 IID clients, 20 rounds of one local epoch, FedAvg at `full`) with the
+cell's overrides, from one seed, on the same data, scored by one metric classifier (the notebooks' own, cached),
+and prints the real-data reference, then a line a cell. `--json` writes the rows and each cell's metric curve.
+
+    python benchmarks/study_cells.py --cells "Adam kept / iid" "FedAvg / dir0.1" --json cells.json
+    python benchmarks/study_cells.py --list
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import fedgan_utils as fu  # noqa: E402
+
+def study_cells(base: fu.FedConfig) -> dict[str, dict]:
+    """The cells by the custom sync notebook's names, as overrides of `base`."""
+    dirichlet = dict(partition="dirichlet", alpha=0.1)
+    momentum = dict(strategy="fedavgm", server_momentum=0.5)
+    return {
+        "FedAvg / iid": {},
+        "FedAvg / dir0.1": dirichlet,
+        "FedAvgM / iid": momentum,
+        "FedAvgM / dir0.1": {**momentum, **dirichlet},
+        "Adam kept / iid": dict(optimizer_state="keep"),  # each client's Adam moments carried from round to round
+        "half, uniform / iid": dict(client_fraction=0.5, rounds=2 * base.rounds),  # the same images in all
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="full", help="smoke, cpu or full (default full)")
+    parser.add_argument("--cells", nargs="+", default=["FedAvg / iid"], help="cell names, each quoted (see --list)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows and metric curves to this file")
+    parser.add_argument("--list", action="store_true", help="print the cells and their overrides, then stop")
+    args = parser.parse_args()
+    device = fu.pick_device(args.device)
+    with tempfile.TemporaryDirectory() as scratch:
+        base = fu.preset(args.preset, seed=args.seed, device=str(device), checkpoint_every=0,
+                         checkpoint_dir=scratch, out_dir=scratch, run_name="study")
+        cells = study_cells(base)
+        if args.list:
+            for name, overrides in cells.items():
+                print(f"{name:22s} {overrides}")
+            return
+        unknown = [name for name in args.cells if name not in cells]
+        if unknown:
+            parser.error(f"--cells {unknown} not known; cells: {list(cells)}")
+        print(f"preset {args.preset} | seed {args.seed} | device {device} | torch {fu.env_report()['torch']}",
+              flush=True)
+        rows, runs = fu.run_ablation(base, {name: cells[name] for name in args.cells})
+    reference = next(iter(runs.values())).evaluator.reference
+    print("real data: " + " | ".join(f"{key} {reference[key]:.4g}" for key in
+                                     ("fid", "kid", "is", "cond_acc", "classifier_test_accuracy") if key in reference))
+    curves = {name: [{"round": record["round"], **{k: record["metrics"][k] for k in ("fid", "cond_acc", "is")}}
+                     for record in run.history if record.get("metrics")] for name, run in runs.items()}
+    for name, curve in curves.items():
+        print(f"{name}: FID by round " + ", ".join(f"{point['round']}: {point['fid']:.1f}" for point in curve))
+    if args.json:
+        args.json.write_text(json.dumps({"preset": args.preset, "seed": args.seed, "device": str(device),
+                                         "reference": {k: v for k, v in reference.items() if k != "per_class_acc"},
+                                         "rows": rows, "curves": curves}, indent=1))
+        print(f"rows and curves written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
