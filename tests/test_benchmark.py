@@ -1,5 +1,5 @@
 """The benchmarks run at a small size: bench_throughput prints its table with ratios and writes its rows;
-check_determinism compares two same-seed runs."""
+check_determinism compares two same-seed runs; study_cells runs named cells of the sync study."""
 import json
 import subprocess
 import sys
@@ -80,3 +80,22 @@ def test_determinism_check_trains_each_setting_twice_and_finds_a_cpu_run_reprodu
                                                                    for f in ("grouped", "block")}
     assert all(r["equal"] and r["max_diff"] == 0 for r in rows)
     assert sum("equal: True" in line for line in result.stdout.splitlines()) == 4
+
+
+def test_study_cells_runs_the_named_cells_scored_by_one_classifier_and_refuses_unknown_names(tmp_path):
+    out = tmp_path / "cells.json"
+    study = [sys.executable, "benchmarks/study_cells.py", "--preset", "smoke", "--device", "cpu"]
+    result = subprocess.run([*study, "--cells", "FedAvg / iid", "half, uniform / iid", "--json", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(out.read_text())
+    full, half = found["rows"]
+    assert (full["cell"], full["clients"], half["cell"], half["clients"]) == ("FedAvg / iid", "4/4",
+                                                                            "half, uniform / iid", "2/4")
+    assert half["images"] == full["images"] > 0  # half the clients for twice the rounds: the same images
+    assert [point["round"] for point in found["curves"]["half, uniform / iid"]][-1] == 4
+    assert found["curves"]["FedAvg / iid"][-1]["fid"] == full["fid"]
+    assert 0.5 < found["reference"]["classifier_test_accuracy"] <= 1
+    assert f"cond_acc {found['reference']['cond_acc']:.4g}" in result.stdout
+    wrong = subprocess.run([*study, "--cells", "FedAvg / IID"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "['FedAvg / IID'] not known" in wrong.stderr and "'FedAvg / iid'" in wrong.stderr
