@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO))
 
 import fedgan_utils as fu  # noqa: E402
 
+
 def study_cells(base: fu.FedConfig) -> dict[str, dict]:
     """The cells by the custom sync notebook's names, as overrides of `base`."""
     dirichlet = dict(partition="dirichlet", alpha=0.1)
