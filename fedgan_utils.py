@@ -291,7 +291,7 @@ class FedConfig:
     bn_policy: str = "average"  # BatchNorm under aggregation: "average" (FedAvg) or "local" (FedBN)
     optimizer_state: str = "reset"  # client Adam state each round: "reset" or "keep" (per client)
     client_map: str = "auto"  # clients as one batch: "vmap", "loop" (map_clients), "streams" (the loop, clients
-    # side by side on CUDA streams), "auto" (vmap on GPU, loop on CPU)
+    # side by side on CUDA streams), "auto" (loop on CPU; on GPU vmap, a single client streams: resolved_client_map)
     amp: bool = False  # local training's convolutions in bfloat16, the rest float32 (speed; changes results slightly)
     cuda_graphs: bool = True  # on a CUDA GPU, replay each local step from a CUDA graph (same result, fewer launches)
     conv_form: str = "auto"  # under vmap, the thin convolutions (<= 4 channels a side): CONV_FORMS, ClientConvolutions
@@ -1665,6 +1665,17 @@ def map_clients(fn, active: Sequence[bool] | None = None, streams: Sequence[torc
     return mapped
 
 
+def resolved_client_map(client_map: str, device: torch.device, num_clients: int) -> str:
+    """What "auto" runs, as benchmarks/RESULTS.md measured it: on a CPU the loop (vmap's grouped convolutions are
+    slower there than K plain ones); on a GPU vmap, except for a single client (the centralized baseline), which
+    runs as one plain model on a stream: in a CUDA graph on an H200 that was 1.38x vmap's form of it."""
+    if client_map != "auto":
+        return client_map
+    if device.type == "cpu":
+        return "loop"
+    return "streams" if num_clients == 1 and device.type == "cuda" else "vmap"
+
+
 def train_clients(generator: Generator, discriminator: Discriminator, g_state: Mapping[str, Tensor],
                   d_state: Mapping[str, Tensor], images: Tensor, labels: Tensor, plan: RoundPlan,
                   config: FedConfig, g_opt: dict[str, Any] | None = None,
@@ -1675,8 +1686,8 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     `generator`/`discriminator` only lend their structure; `g_state`/`d_state` hold each client's
     copy stacked on dim 0. Losses stay on the device until the round ends (no per-step sync).
     `client_map` (default: config.client_map): "vmap" (all clients in one batched call), "loop"
-    (map_clients), "streams" (the loop with the clients on CUDA streams; the loop off a GPU), "auto" (vmap on
-    accelerators, loop on the CPU). All compute the same thing.
+    (map_clients), "streams" (the loop with the clients on CUDA streams; the loop off a GPU), "auto"
+    (resolved_client_map). All compute the same thing.
     `prox_mu` > 0 adds FedProx's (mu/2)|w - w_start|^2 to both networks' losses (as mu (w - w_start) to the
     gradients), w_start being the state each client started the round from. `train_generator=False` trains
     only the discriminators (the generators only make the fakes), as DP-FedAvg-GAN's clients do.
@@ -1689,7 +1700,8 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     client_map = config.client_map if client_map is None else client_map
     _require(client_map in CLIENT_MAPS, "client_map", client_map, f"one of {list(CLIENT_MAPS)}")
     device = images.device
-    looped = client_map in ("loop", "streams") or (client_map == "auto" and device.type == "cpu")
+    client_map = resolved_client_map(client_map, device, len(plan.client_ids))
+    looped = client_map != "vmap"
     streams = ([torch.cuda.Stream(device) for _ in range(min(len(plan.client_ids), CLIENT_STREAMS))]
                if client_map == "streams" and device.type == "cuda" else None)
     _require(_is_number(prox_mu) and prox_mu >= 0, "prox_mu", prox_mu, "a number >= 0")
@@ -2521,6 +2533,28 @@ def evaluate(generator: Generator, classifier: Classifier, real_images: Tensor, 
     return Evaluator(classifier, real_images, real_labels, n=n, seed=seed)(generator)
 
 
+def training_images(config: FedConfig, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The images a federation of `config` trains on: all, or `train_subset` of them drawn by the seed."""
+    if config.train_subset is not None and config.train_subset < len(labels):
+        keep = np.sort(np.random.default_rng(config.seed).choice(len(labels), config.train_subset, replace=False))
+        images, labels = images[keep], labels[keep]
+    return images, labels
+
+
+def make_evaluator(config: FedConfig, train_images: Tensor, device: str | torch.device | None = None, *,
+                   log: bool = True) -> Evaluator:
+    """The Evaluator a Federation of `config` scores with: its metric classifier (trained once, then cached), the
+    real reference, and the classifier's test accuracy in `reference`."""
+    classifier, accuracy = train_classifier(
+        config.dataset, device, epochs=config.classifier_epochs, seed=config.seed,
+        train_subset=config.classifier_subset, data_root=config.data_root, log=log)
+    test_images, test_labels = load_dataset(config.dataset, config.data_root, train=False)
+    evaluator = Evaluator(classifier, test_images, test_labels, n=config.eval_samples, seed=config.seed,
+                          train_images=train_images)
+    evaluator.reference["classifier_test_accuracy"] = accuracy
+    return evaluator
+
+
 def inception_fid(real_images: Tensor, fake_images: Tensor, device: str | torch.device = "cpu",
                   batch_size: int = 200) -> float | None:
     """The standard FID in Inception-v3 features, when torch-fidelity and its weights can be had.
@@ -2643,11 +2677,8 @@ class Federation:
         if config.amp and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] < 8:
             _warn(f"amp=True on a {torch.cuda.get_device_name(self.device)}: GPUs before Ampere (e.g. Kaggle's T4 "
                   "and P100) have no bfloat16 tensor cores, so amp is likely slower than float32 there")
-        images, labels = data if data is not None else load_dataset(config.dataset, config.data_root)
-        if config.train_subset is not None and config.train_subset < len(labels):
-            keep = np.sort(np.random.default_rng(config.seed).choice(len(labels), config.train_subset,
-                                                                      replace=False))
-            images, labels = images[keep], labels[keep]
+        images, labels = training_images(config, *(data if data is not None else
+                                                    load_dataset(config.dataset, config.data_root)))
         self.images, self.labels = images.to(self.device), labels.to(self.device)  # uint8 and int64, resident
         self.parts = partition(labels, config.num_clients, config.partition, seed=config.seed,
                                **config.partition_kwargs())
@@ -3104,14 +3135,7 @@ class Federation:
     def evaluate(self) -> dict[str, Any]:
         """Metrics of the global generator against the real test set (see Evaluator; its `reference` too)."""
         if self.evaluator is None:
-            config = self.config
-            classifier, accuracy = train_classifier(
-                config.dataset, self.device, epochs=config.classifier_epochs, seed=config.seed,
-                train_subset=config.classifier_subset, data_root=config.data_root, log=self.log)
-            test_images, test_labels = load_dataset(config.dataset, config.data_root, train=False)
-            self.evaluator = Evaluator(classifier, test_images, test_labels, n=config.eval_samples,
-                                       seed=config.seed, train_images=self.images)
-            self.evaluator.reference["classifier_test_accuracy"] = accuracy
+            self.evaluator = make_evaluator(self.config, self.images, self.device, log=self.log)
         return self.evaluator(self.generator)
 
     def run(self, rounds: int | None = None, progress: bool = True) -> "Federation":

@@ -13,9 +13,16 @@
 # same seed twice (check_determinism), the convolution forms' probe at K = 10 and 100, the Triton
 # kernels' tile sweep. Memory (bench_memory.py) and amp's quality (check_amp.py), measured in earlier sessions,
 # run on the CPU only. Prints a line per step; about 6 minutes on an H200.
+#
+# SKIP="throughput_amp conv_forms tile_sweep" leaves those steps out (what an earlier session measured at unchanged code).
+# STUDY_SEEDS="0 1 2" ends with the sync study's cells at the full preset (study_cells.py) from those seeds, one
+# cell after another with all its seeds, in the time left; its JSON is rewritten after every run, so a cell cut
+# off by the budget loses only itself.
 set -u
 OUT=${OUT:-gpu-out}
 PYTHON=${PYTHON:-python3}
+SKIP=" ${SKIP:-} "
+STUDY_SEEDS=${STUDY_SEEDS:-}
 export FEDGAN_DATA=${FEDGAN_DATA:-.carry/MNIST} MPLBACKEND=Agg
 LOGS="$OUT/logs"
 mkdir -p "$LOGS"
@@ -27,6 +34,10 @@ BUDGET=${BUDGET:-500}  # seconds for the whole script (a device call may run 600
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output, say how it ended
   local name=$1 limit=$2 start=$SECONDS
   shift 2
+  if [[ "$SKIP" == *" $name "* ]]; then
+    echo "$name: skipped (SKIP)" | tee -a "$LOGS/summary.txt"
+    return 0
+  fi
   if [ $((BUDGET - SECONDS)) -lt "$limit" ]; then limit=$((BUDGET - SECONDS)); fi
   if [ "$limit" -lt 20 ]; then
     echo "$name: skipped, the budget of $BUDGET s is spent" | tee -a "$LOGS/summary.txt"
@@ -76,8 +87,17 @@ else
     --json "$LOGS/determinism.json"
 fi
 
+if [ -n "$STUDY_SEEDS" ]; then  # the cells of the README's full-preset table, in order of what they tell
+  cells=("FedAvg / iid" "half, uniform / iid")
+  [ "$GPU" = 1 ] && cells+=("half epoch / iid")  # a cell of presets in epochs: the CPU's smoke counts steps
+  cells+=("FedAvg / dir0.1" "FedAvgM / dir0.1" "FedAvgM / iid" "Adam kept / iid")
+  # shellcheck disable=SC2086  # the seeds are words
+  step study "$BUDGET" "$PYTHON" benchmarks/study_cells.py --preset "$([ "$GPU" = 1 ] && echo full || echo smoke)" \
+    --seeds $STUDY_SEEDS --json "$LOGS/study.json" --cells "${cells[@]}"
+fi
+
 for log in tests_cuda tests_cpu throughput streams_16 throughput_amp throughput_autotuned determinism memory amp_quality \
-  conv_forms tile_sweep; do
+  conv_forms tile_sweep study; do
   [ -f "$LOGS/$log.txt" ] && { echo "== $log"; tail -n 30 "$LOGS/$log.txt"; }
 done
 tar -czf "$OUT/gpu-session.tar.gz" -C "$LOGS" . && rm -r "$LOGS"

@@ -82,20 +82,28 @@ def test_determinism_check_trains_each_setting_twice_and_finds_a_cpu_run_reprodu
     assert sum("equal: True" in line for line in result.stdout.splitlines()) == 4
 
 
-def test_study_cells_runs_the_named_cells_scored_by_one_classifier_and_refuses_unknown_names(tmp_path):
+def test_study_cells_runs_the_named_cells_from_each_seed_scored_by_one_classifier_and_refuses_bad_names(tmp_path):
     out = tmp_path / "cells.json"
     study = [sys.executable, "benchmarks/study_cells.py", "--preset", "smoke", "--device", "cpu"]
-    result = subprocess.run([*study, "--cells", "FedAvg / iid", "half, uniform / iid", "--json", str(out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([*study, "--cells", "FedAvg / iid", "half, uniform / iid", "--seeds", "0", "1",
+                             "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     found = json.loads(out.read_text())
-    full, half = found["rows"]
-    assert (full["cell"], full["clients"], half["cell"], half["clients"]) == ("FedAvg / iid", "4/4",
-                                                                            "half, uniform / iid", "2/4")
+    assert [(row["cell"], row["seed"]) for row in found["rows"]] == [
+        ("FedAvg / iid", 0), ("FedAvg / iid", 1), ("half, uniform / iid", 0), ("half, uniform / iid", 1)]
+    full, full_1, half, _ = found["rows"]
+    assert (full["clients"], half["clients"]) == ("4/4", "2/4")
     assert half["images"] == full["images"] > 0  # half the clients for twice the rounds: the same images
-    assert [point["round"] for point in found["curves"]["half, uniform / iid"]][-1] == 4
-    assert found["curves"]["FedAvg / iid"][-1]["fid"] == full["fid"]
+    assert full_1["fid"] != full["fid"]  # another seed, another run
+    assert [point["round"] for point in found["curves"]["half, uniform / iid"]["0"]][-1] == 4
+    assert found["curves"]["FedAvg / iid"]["1"][-1]["fid"] == full_1["fid"]
     assert 0.5 < found["reference"]["classifier_test_accuracy"] <= 1
     assert f"cond_acc {found['reference']['cond_acc']:.4g}" in result.stdout
+    listed = subprocess.run([*study, "--preset", "cpu", "--list"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60).stdout
+    half_epoch = next(line for line in listed.splitlines() if line.startswith("half epoch / iid"))
+    assert "'local_epochs': 0.5" in half_epoch and "'rounds': 16" in half_epoch  # cpu: 8 rounds of one epoch
     wrong = subprocess.run([*study, "--cells", "FedAvg / IID"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "['FedAvg / IID'] not known" in wrong.stderr and "'FedAvg / iid'" in wrong.stderr
+    twice = subprocess.run([*study, "--seeds", "1", "1"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert twice.returncode == 2 and "--seeds [1, 1]: distinct integers >= 0 allowed" in twice.stderr
