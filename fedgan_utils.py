@@ -1693,7 +1693,7 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     only the discriminators (the generators only make the fakes), as DP-FedAvg-GAN's clients do.
     `config.amp` runs the convolutions in bfloat16 (BFloat16Compute); parameters, gradients and Adam stay float32.
     On a CUDA GPU (`config.cuda_graphs`), the steps every client takes are replayed from a CUDA graph
-    (CudaGraphStep); the steps of the clients with more data after them run eagerly.
+    (CudaGraphStep), and under vmap the steps after the shortest client is done from a second one.
     `config.conv_form` picks how vmap computes the thin convolutions (ClientConvolutions); `config.deterministic`
     how cuDNN picks its algorithms (_cudnn_algorithms).
     """
@@ -1775,26 +1775,52 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
         d_loss_sum.add_(d_loss)
         g_loss_sum.add_(g_loss)
 
+    def put_back(saved: Sequence[Tensor], now: Sequence[Tensor], active: Tensor) -> None:
+        """The rows of the clients not `active` [K] in `now` set back to `saved`."""
+        with torch.no_grad():
+            for before, after in zip(saved, now):
+                after.copy_(torch.where(active.view(-1, *([1] * (after.dim() - 1))), after, before))
+
+    buffers = [*g_buffers.values(), *d_buffers.values()]
+
+    def step_of_some_looped(idx: Tensor, z: Tensor, active: Tensor, on_steps: list[bool]) -> None:
+        """A step after the shortest client is done, the loop skipping the finished clients (`on_steps`, known on
+        the host); their running statistics are put back."""
+        saved = [b.clone() for b in buffers]
+        d_loss, g_loss = local_step(idx, z, on_steps)
+        put_back(saved, buffers, active)
+        d_loss_sum.add_(torch.where(active, d_loss, 0.0))
+        g_loss_sum.add_(torch.where(active, g_loss, 0.0))
+
+    def step_of_some(idx: Tensor, z: Tensor, active: Tensor) -> None:
+        """A step after the shortest client is done, vmapped: every client computes (the batch is one call), then
+        the finished ones (`active` False) get back their parameters, Adam state and running statistics and count
+        no loss. The mask is a tensor, so the step has no host sync and replays from a CUDA graph like
+        step_of_all: with unequal clients (label skew) most of a round is these steps."""
+        kept = [g_flat.flat, d_flat.flat, *g_opt.values(), *d_opt.values(), *buffers]
+        saved = [t.clone() for t in kept]
+        d_loss, g_loss = local_step(idx, z, None)
+        put_back(saved, kept, active)
+        d_loss_sum.add_(torch.where(active, d_loss, 0.0))
+        g_loss_sum.add_(torch.where(active, g_loss, 0.0))
+
     steps_of_all = int(plan.steps.min())  # the steps every client takes; after them, the finished ones sit out
-    if config.cuda_graphs and device.type == "cuda" and steps_of_all >= CudaGraphStep.MIN_CALLS:
-        step_of_all = CudaGraphStep(step_of_all)
+    graphs = config.cuda_graphs and device.type == "cuda"
+    pool = torch.cuda.graph_pool_handle() if graphs else None  # one memory pool: the two graphs run one after the other
+    if graphs and steps_of_all >= CudaGraphStep.MIN_CALLS:
+        step_of_all = CudaGraphStep(step_of_all, pool)
+    if graphs and not looped and max_steps - steps_of_all >= CudaGraphStep.MIN_CALLS:
+        step_of_some = CudaGraphStep(step_of_some, pool)
     with _cudnn_algorithms(config.deterministic):  # the backward passes too: autograd.grad runs inside the steps
         for step in range(max_steps):
             idx = batch_indices[:, step]  # (K, B)
             z = torch.randn((num_clients, batch, generator.z_dim), generator=noise_gen, device=device)
             if step < steps_of_all:
                 step_of_all(idx, z)
-                continue
-            active = step < steps  # (K,) clients still training
-            saved_buffers = {k: v.clone() for k, v in {**g_buffers, **d_buffers}.items()}
-            on_steps = (step < plan.steps).tolist()  # known on the host: no device sync
-            d_loss, g_loss = local_step(idx, z, on_steps)
-            with torch.no_grad():  # finished clients: undo the running-statistics updates of this step, count no loss
-                for name, buffer in {**g_buffers, **d_buffers}.items():
-                    keep = active.view(-1, *([1] * (buffer.dim() - 1)))
-                    buffer.copy_(torch.where(keep, buffer, saved_buffers[name]))
-            d_loss_sum += torch.where(active, d_loss, torch.zeros_like(d_loss_sum))
-            g_loss_sum += torch.where(active, g_loss, torch.zeros_like(g_loss_sum))
+            elif looped:
+                step_of_some_looped(idx, z, step < steps, (step < plan.steps).tolist())
+            else:
+                step_of_some(idx, z, step < steps)  # (K,) clients still training
 
     def final_state(net: FlatParams, buffers: Mapping[str, Tensor], state: Mapping[str, Tensor]):
         values = {**{n: v.detach().contiguous() for n, v in net.split(net.flat).items()}, **buffers}
@@ -1819,8 +1845,9 @@ class CudaGraphStep:
     WARMUP = 2
     MIN_CALLS = WARMUP + 4  # fewer steps: too few replays for a capture (a guess; not measured)
 
-    def __init__(self, body):
-        self.body = body
+    def __init__(self, body, pool: tuple[int, int] | None = None):
+        """`pool`: a memory pool shared with graphs replayed before or after this one, never in between."""
+        self.body, self.pool = body, pool
         self.calls = 0
         self.inputs: list[Tensor] | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -1839,7 +1866,7 @@ class CudaGraphStep:
         else:
             if self.graph is None:
                 self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
+                with torch.cuda.graph(self.graph, pool=self.pool):
                     self.body(*self.inputs)
             self.graph.replay()
         self.calls += 1
