@@ -1775,32 +1775,22 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
         d_loss_sum.add_(d_loss)
         g_loss_sum.add_(g_loss)
 
-    def put_back(saved: Sequence[Tensor], now: Sequence[Tensor], active: Tensor) -> None:
-        """The rows of the clients not `active` [K] in `now` set back to `saved`."""
-        with torch.no_grad():
-            for before, after in zip(saved, now):
-                after.copy_(torch.where(active.view(-1, *([1] * (after.dim() - 1))), after, before))
+    # After the shortest client is done, the finished ones sit out. The loop skips them (`on_steps`, known on the
+    # host), so only their running statistics need putting back; vmap computes every client, so they also get
+    # back their parameters and Adam state.
+    kept = [*g_buffers.values(), *d_buffers.values()]
+    if not looped:
+        kept += [g_flat.flat, d_flat.flat, *g_opt.values(), *d_opt.values()]
 
-    buffers = [*g_buffers.values(), *d_buffers.values()]
-
-    def step_of_some_looped(idx: Tensor, z: Tensor, active: Tensor, on_steps: list[bool]) -> None:
-        """A step after the shortest client is done, the loop skipping the finished clients (`on_steps`, known on
-        the host); their running statistics are put back."""
-        saved = [b.clone() for b in buffers]
-        d_loss, g_loss = local_step(idx, z, on_steps)
-        put_back(saved, buffers, active)
-        d_loss_sum.add_(torch.where(active, d_loss, 0.0))
-        g_loss_sum.add_(torch.where(active, g_loss, 0.0))
-
-    def step_of_some(idx: Tensor, z: Tensor, active: Tensor) -> None:
-        """A step after the shortest client is done, vmapped: every client computes (the batch is one call), then
-        the finished ones (`active` False) get back their parameters, Adam state and running statistics and count
-        no loss. The mask is a tensor, so the step has no host sync and replays from a CUDA graph like
-        step_of_all: with unequal clients (label skew) most of a round is these steps."""
-        kept = [g_flat.flat, d_flat.flat, *g_opt.values(), *d_opt.values(), *buffers]
+    def step_of_some(idx: Tensor, z: Tensor, active: Tensor, on_steps: list[bool] | None = None) -> None:
+        """A step after the shortest client is done: clients not `active` [K] get back what `kept` held before it
+        and count no loss. Under vmap (`on_steps` None) the mask is only a tensor, so the step has no host sync and
+        replays from a CUDA graph like step_of_all: with unequal clients (label skew) most of a round is these."""
         saved = [t.clone() for t in kept]
-        d_loss, g_loss = local_step(idx, z, None)
-        put_back(saved, kept, active)
+        d_loss, g_loss = local_step(idx, z, on_steps)
+        with torch.no_grad():
+            for before, after in zip(saved, kept):
+                after.copy_(torch.where(active.view(-1, *([1] * (after.dim() - 1))), after, before))
         d_loss_sum.add_(torch.where(active, d_loss, 0.0))
         g_loss_sum.add_(torch.where(active, g_loss, 0.0))
 
@@ -1818,9 +1808,9 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
             if step < steps_of_all:
                 step_of_all(idx, z)
             elif looped:
-                step_of_some_looped(idx, z, step < steps, (step < plan.steps).tolist())
+                step_of_some(idx, z, step < steps, (step < plan.steps).tolist())  # (K,) clients still training
             else:
-                step_of_some(idx, z, step < steps)  # (K,) clients still training
+                step_of_some(idx, z, step < steps)
 
     def final_state(net: FlatParams, buffers: Mapping[str, Tensor], state: Mapping[str, Tensor]):
         values = {**{n: v.detach().contiguous() for n, v in net.split(net.flat).items()}, **buffers}

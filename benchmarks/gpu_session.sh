@@ -14,7 +14,8 @@
 # kernels' tile sweep. Memory (bench_memory.py) and amp's quality (check_amp.py), measured in earlier sessions,
 # run on the CPU only. Prints a line per step; about 6 minutes on an H200.
 #
-# SKIP="throughput_amp conv_forms tile_sweep" leaves those steps out (what an earlier session measured at unchanged code).
+# SKIP="throughput_amp conv_forms tile_sweep" leaves those steps out (what an earlier session measured at
+# unchanged code).
 # STUDY_SEEDS="0 1 2" ends with the sync study's cells at the full preset (study_cells.py) from those seeds, one
 # cell after another with all its seeds, in the time left; its JSON is rewritten after every run, so a cell cut
 # off by the budget loses only itself.
@@ -96,8 +97,8 @@ if [ -n "$STUDY_SEEDS" ]; then  # the cells of the README's full-preset table, i
     --seeds $STUDY_SEEDS --json "$LOGS/study.json" --cells "${cells[@]}"
 fi
 
-for log in tests_cuda tests_cpu throughput streams_16 throughput_amp throughput_autotuned determinism memory amp_quality \
-  conv_forms tile_sweep study; do
+for log in tests_cuda tests_cpu throughput streams_16 throughput_amp throughput_autotuned determinism memory \
+  amp_quality conv_forms tile_sweep study; do
   [ -f "$LOGS/$log.txt" ] && { echo "== $log"; tail -n 30 "$LOGS/$log.txt"; }
 done
 tar -czf "$OUT/gpu-session.tar.gz" -C "$LOGS" . && rm -r "$LOGS"
