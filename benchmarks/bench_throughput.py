@@ -4,7 +4,8 @@ In one process, on the same data and model, for each K it times local training (
 per step, K clients x batch images):
   loop     - the reference per-client loop of tests/reference_loop.py (nn.Module + torch.optim.Adam)
   engine   - fedgan_utils.train_clients, as the notebooks use it (all K clients stacked, one vmap'd model;
-             on a GPU each step replayed from a CUDA graph)
+             on a GPU each step replayed from a CUDA graph), in a round after the first: its LocalTrainer kept
+  first round - the same in a federation's first round (a new LocalTrainer, the graphs captured in the round)
   ceiling  - the same engine with one model given all K x batch images per step (plain cuDNN convolutions)
   eager    - on a GPU, also the engine without CUDA graphs (--no-cuda-graphs makes it the engine)
 and, when asked, the engine with other forms of the thin convolutions (--compare-forms) or other client maps
@@ -58,6 +59,20 @@ def time_engine(config, generator, discriminator, images, labels, plan) -> float
     start = time.perf_counter()
     result = fu.train_clients(generator, discriminator, g_state, d_state, images, labels, plan, config)
     result.d_loss.tolist()  # the one host sync of a round
+    synchronize(images.device)
+    return time.perf_counter() - start
+
+
+def time_first_round(config, generator, discriminator, images, labels, plan) -> float:
+    """The engine as in a federation's first round: a new LocalTrainer, its CUDA graphs captured in the round (a
+    warm-up call before the timed ones keeps train_clients' trainer, and the later rounds replay its graphs)."""
+    count = len(plan.client_ids)
+    g_state, d_state = fu.broadcast(generator.state_dict(), count), fu.broadcast(discriminator.state_dict(), count)
+    synchronize(images.device)
+    start = time.perf_counter()
+    trainer = fu.LocalTrainer(generator, discriminator, g_state, d_state, images, labels, plan.batch_indices.shape[2],
+                              config, fu.resolved_client_map(config.client_map, images.device, count), 0.0, True)
+    trainer(g_state, d_state, plan).d_loss.tolist()
     synchronize(images.device)
     return time.perf_counter() - start
 
@@ -116,7 +131,7 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
                                          conv_form="grouped")  # one model: groups=1, cuDNN's plain convolutions
     one_model = make_plan(ceiling_config, 1, k * args.batch, args.steps, len(labels))
     contenders = {"engine": (time_engine, config, plan), "loop": (time_loop, config, plan),
-                  "ceiling": (time_engine, ceiling_config, one_model)}
+                  "ceiling": (time_engine, ceiling_config, one_model), "first round": (time_first_round, config, plan)}
     if not args.loop:  # a variant of the engine measured after the loop was: the loop's figures are the same
         del contenders["loop"]
     graphs = device.type == "cuda" and config.cuda_graphs
@@ -124,6 +139,8 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
         contenders["eager"] = (time_engine, dataclasses.replace(config, cuda_graphs=False), plan)
     for variant, overrides in args.variants.items():  # the engine with other conv forms or client maps
         contenders[variant] = (time_engine, dataclasses.replace(config, **overrides), plan)
+    fu.clear_local_trainers()  # the last K's
+    fu.LOCAL_TRAINERS_KEPT = 2 * len(contenders)  # each contender's trainer, and the kernel counts' ones
     for timer, cfg, p in contenders.values():  # warm-up: allocator, cuDNN autotuning, caches
         timer(cfg, *models, images, labels, first_steps(p, 2))
     best = {name: float("inf") for name in contenders}
@@ -133,7 +150,9 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
     kernels = {name: kernels_per_step(timer, cfg, *models, images, labels, first_steps(p, 10))
                for name, (timer, cfg, p) in contenders.items() if name in ("loop", "engine", "ceiling")}
     peak = None
-    if device.type == "cuda":  # the engine's own peak, in a run of its own
+    if device.type == "cuda":  # the engine's own peak, in a run of its own, the other contenders' trainers let go
+        fu.clear_local_trainers()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         time_engine(config, *models, images, labels, plan)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -141,7 +160,7 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
     return {"K": k, "batch": args.batch, "device": str(device), **args.conv,
             "loop_img_s": work / best["loop"] if args.loop else None,
             "engine_img_s": work / best["engine"], "ceiling_img_s": work / best["ceiling"], "peak_mem_mb": peak,
-            "eager_img_s": work / best["eager"] if graphs else None,
+            "eager_img_s": work / best["eager"] if graphs else None, "first_round_img_s": work / best["first round"],
             "forms_img_s": {f: work / best[variant_label("conv_form", f)] for f in args.compare_forms} or None,
             "maps_img_s": {m: work / best[variant_label("client_map", m)] for m in args.compare_maps} or None,
             **{f"{name}_kernels_step": kernels.get(name) for name in ("loop", "engine", "ceiling")}}
@@ -158,16 +177,19 @@ def cell(value: float | None, spec: str) -> str:
 
 
 def full_round(device: torch.device, images, labels, args, **split) -> str:
-    """Seconds for one full-preset round, 10 clients, one local epoch over all their images (IID, or `split`), and
-    the clients' fewest and most local steps: unequal clients keep the stacked step going for the largest."""
+    """Seconds for a full-preset round, 10 clients, one local epoch over all their images (IID, or `split`): the
+    second round (the first's trainer and CUDA graphs kept) and the first; and the clients' fewest and most local
+    steps: unequal clients keep the stacked step going for the largest."""
     with tempfile.TemporaryDirectory() as scratch:
         config = fu.preset("full", device=str(device), eval_every=None, checkpoint_every=0, rounds=10 ** 6,
                            checkpoint_dir=scratch, out_dir=scratch, amp=args.amp, cuda_graphs=args.cuda_graphs,
                            **args.conv, **split)
         federation = fu.Federation(config, data=(images, labels), log=False)
         steps = [fu.local_steps_for(len(part), config) for part in federation.parts]
-        federation.run_round()  # warm-up
-        return f"{federation.run_round()['seconds']:.2f} s (local steps {min(steps)} to {max(steps)})"
+        fu.clear_local_trainers()
+        first = federation.run_round()["seconds"]
+        return (f"{federation.run_round()['seconds']:.2f} s (the first round {first:.2f} s; local steps {min(steps)} "
+                f"to {max(steps)})")
 
 
 def main() -> None:
@@ -248,6 +270,9 @@ def main() -> None:
               f"{cell(row['loop_kernels_step'], ',.0f'):>18} {row['engine_kernels_step']:>7,.0f} "
               f"{row['ceiling_kernels_step']:>8,.0f} {cell(row['eager_img_s'], ',.0f'):>24}")
     for row in rows:
+        print(f"K={row['K']}: the engine's first round (a new trainer: state set up, CUDA graphs captured in the "
+              f"round): {row['first_round_img_s']:,.0f} img/s, {row['first_round_img_s'] / row['engine_img_s']:.2f}x "
+              f"the engine in a later round")
         measured = {**{variant_label("conv_form", form): v for form, v in (row["forms_img_s"] or {}).items()},
                     **{variant_label("client_map", m): v for m, v in (row["maps_img_s"] or {}).items()}}
         for variant, img_s in measured.items():

@@ -9,16 +9,18 @@
 # On a CPU (to try the script) every step runs at a small size. Steps on a GPU: the tests there (Triton kernels,
 # engine vs reference, CUDA graphs, determinism, checkpoints, the clients on streams), the throughput benchmark
 # (K = 1, 10, 100 and a full-preset round, the thin layers' other forms and the clients on 8 CUDA streams
-# alongside), the benchmark with cuDNN autotuned (with the loop), the clients on 16 streams, amp's throughput,
-# same seed twice (check_determinism), the convolution forms' probe at K = 10 and 100, the Triton
-# kernels' tile sweep. Memory (bench_memory.py) and amp's quality (check_amp.py), measured in earlier sessions,
-# run on the CPU only. Prints a line per step; about 6 minutes on an H200.
+# alongside; K = 10 for 94 steps, a full-preset round's length), the benchmark with cuDNN autotuned (with the
+# loop), the clients on 16 streams, amp's throughput,
+# same seed twice (check_determinism), memory at K = 100 and 1,000 at 10% (bench_memory), the convolution
+# forms' probe at K = 10 and 100, the Triton kernels' tile sweep. amp's quality (check_amp.py), measured in
+# earlier sessions, runs on the CPU only. Prints a line per step; about 6 minutes on an H200.
 #
 # SKIP="throughput_amp conv_forms tile_sweep" leaves those steps out (what an earlier session measured at
 # unchanged code).
 # STUDY_SEEDS="0 1 2" ends with the sync study's cells at the full preset (study_cells.py) from those seeds, one
 # cell after another with all its seeds, in the time left; its JSON is rewritten after every run, so a cell cut
-# off by the budget loses only itself.
+# off by the budget loses only itself. STUDY_CELLS="FedAvg / dir0.1;FedAvgM / dir0.1" picks the cells (default:
+# the README table's).
 set -u
 OUT=${OUT:-gpu-out}
 PYTHON=${PYTHON:-python3}
@@ -62,6 +64,9 @@ if [ "$GPU" = 1 ]; then
   # layers' other forms and the clients on CUDA streams alongside
   step throughput 180 "$PYTHON" benchmarks/bench_throughput.py --steps 20 --repeats 2 \
     --compare-forms grouped,block:10 --compare-maps streams --json "$LOGS/throughput.json"
+  # K=10 at the length of a full-preset round (94 local steps: one epoch over 6,000 images), best of 3
+  step throughput_epoch 90 "$PYTHON" benchmarks/bench_throughput.py --ks 10 --steps 94 --repeats 3 \
+    --json "$LOGS/throughput_epoch.json"
   # cuDNN autotuned ("auto": vmap's grouped convolutions), with the loop at K=10, where the 12x-the-loop target is
   # nearest (the loop at K=100 would take most of the step's time and no target asks for it)
   step throughput_autotuned 90 "$PYTHON" benchmarks/bench_throughput.py --ks 10 --steps 20 --repeats 2 \
@@ -71,6 +76,9 @@ if [ "$GPU" = 1 ]; then
   step throughput_amp 60 "$PYTHON" benchmarks/bench_throughput.py --ks 10,100 --steps 20 --repeats 2 --amp \
     --no-loop --compare-forms grouped --json "$LOGS/throughput_amp.json"  # the loop is float32: its figures are above
   step determinism 40 "$PYTHON" benchmarks/check_determinism.py --json "$LOGS/determinism.json"
+  # two rounds of 8 local steps, the trainer (its state and CUDA graphs) kept from the first round to the second
+  step memory 90 "$PYTHON" benchmarks/bench_memory.py --local-steps 8 --cases 100:1.0,1000:0.1 \
+    --json "$LOGS/memory.json"
   # each layer's forms; the Triton kernels' tile shapes swept on the thin layers
   step conv_forms 100 "$PYTHON" benchmarks/probe_conv_forms.py --ks 10,100 --layers G3,D1 \
     --forms "one model,grouped (vmap),block,triton" --blocks 10 --json "$LOGS/conv_forms.json"
@@ -89,15 +97,19 @@ else
 fi
 
 if [ -n "$STUDY_SEEDS" ]; then  # the cells of the README's full-preset table, in order of what they tell
-  cells=("FedAvg / iid" "half, uniform / iid")
-  [ "$GPU" = 1 ] && cells+=("half epoch / iid")  # a cell of presets in epochs: the CPU's smoke counts steps
-  cells+=("FedAvg / dir0.1" "FedAvgM / dir0.1" "FedAvgM / iid" "Adam kept / iid")
+  if [ -n "${STUDY_CELLS:-}" ]; then
+    IFS=';' read -r -a cells <<< "$STUDY_CELLS"
+  else
+    cells=("FedAvg / iid" "half, uniform / iid")
+    [ "$GPU" = 1 ] && cells+=("half epoch / iid")  # a cell of presets in epochs: the CPU's smoke counts steps
+    cells+=("FedAvg / dir0.1" "FedAvgM / dir0.1" "FedAvgM / iid" "Adam kept / iid")
+  fi
   # shellcheck disable=SC2086  # the seeds are words
   step study "$BUDGET" "$PYTHON" benchmarks/study_cells.py --preset "$([ "$GPU" = 1 ] && echo full || echo smoke)" \
     --seeds $STUDY_SEEDS --json "$LOGS/study.json" --cells "${cells[@]}"
 fi
 
-for log in tests_cuda tests_cpu throughput streams_16 throughput_amp throughput_autotuned determinism memory \
+for log in tests_cuda tests_cpu throughput throughput_epoch streams_16 throughput_amp throughput_autotuned determinism memory \
   amp_quality conv_forms tile_sweep study; do
   [ -f "$LOGS/$log.txt" ] && { echo "== $log"; tail -n 30 "$LOGS/$log.txt"; }
 done

@@ -27,13 +27,15 @@ def test_benchmark_prints_ratios_and_writes_json_rows(tmp_path):
     assert [int(line.split()[0]) for line in table] == [1, 2]
     assert [set(r) for r in rows] == [{"K", "batch", "device", "conv_form", "conv_block_clients", "deterministic",
                                        "loop_img_s", "engine_img_s", "ceiling_img_s", "peak_mem_mb", "eager_img_s",
-                                       "forms_img_s", "maps_img_s", "loop_kernels_step", "engine_kernels_step",
-                                       "ceiling_kernels_step"}] * 2
+                                       "first_round_img_s", "forms_img_s", "maps_img_s", "loop_kernels_step",
+                                       "engine_kernels_step", "ceiling_kernels_step"}] * 2
     for row, line in zip(rows, table):
         assert row["device"] == "cpu" and row["batch"] == 8 and row["peak_mem_mb"] is row["eager_img_s"] is None
         assert row["conv_form"] == "auto" and row["deterministic"] is True
         assert row["forms_img_s"] is row["maps_img_s"] is None
-        assert min(row["loop_img_s"], row["engine_img_s"], row["ceiling_img_s"]) > 0
+        assert min(row["loop_img_s"], row["engine_img_s"], row["ceiling_img_s"], row["first_round_img_s"]) > 0
+        first_round = next(line for line in lines if line.startswith(f"K={row['K']}: the engine's first round"))
+        assert f"{row['first_round_img_s'] / row['engine_img_s']:.2f}x the engine" in first_round
         ratio = float(line.split()[4])  # the printed engine/loop is the ratio of the written figures
         assert abs(ratio - row["engine_img_s"] / row["loop_img_s"]) < 0.006
 

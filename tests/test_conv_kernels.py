@@ -76,7 +76,7 @@ def test_triton_form_trains_the_clients_as_vmaps_grouped_convolutions_and_repeat
     device = torch.device(TEST_DEVICE)
     images, labels = (t.to(device) for t in mnist_small)
     # the interpreter takes a tenth of a second a kernel; on a GPU, enough steps for a CUDA graph of them
-    clients, steps = (2, 1) if fu.TRITON_INTERPRETED else (5, fu.CudaGraphStep.MIN_CALLS + 1)
+    clients, steps = (2, 1) if fu.TRITON_INTERPRETED else (5, fu.CudaGraphStep.WARMUP + 5)
     config = tiny_config(num_clients=clients, client_map="vmap", local_steps=steps, batch_size=4)
     grouped = train_tiny(dataclasses.replace(config, conv_form="grouped"), images, labels)
     config = dataclasses.replace(config, conv_form="triton")

@@ -166,6 +166,46 @@ def test_cuda_graphs_replay_the_eager_steps_with_a_fraction_of_the_dispatches(mn
         assert dispatched[True] == dispatched[False]
 
 
+@pytest.mark.parametrize("client_map", ["vmap", "loop"])
+def test_a_kept_trainer_gives_a_later_round_what_a_new_one_gives(mnist_small, tiny_config, client_map):
+    """train_clients keeps its LocalTrainer (state tensors and, on a GPU, its CUDA graphs) for the next round of the
+    same shape: a round through the kept one computes what a new trainer computes from the same states, and the
+    earlier round's results are copies that the later round leaves alone."""
+    device = torch.device(TEST_DEVICE)
+    images, labels = (t.to(device) for t in mnist_small)
+    config = tiny_config(client_map=client_map)
+    rng = np.random.default_rng(0)
+
+    def plan(round_index, steps):
+        indices = torch.from_numpy(rng.integers(0, len(labels), (3, 20, config.batch_size)))
+        return fu.RoundPlan(round_index, np.arange(3), steps * config.batch_size, steps, indices, noise_seed=5)
+    first, second = plan(1, np.array([12, 20, 12])), plan(2, np.array([20, 9, 15]))  # unequal: both graphs
+    torch.manual_seed(0)
+    generator, discriminator = (m.to(device) for m in fu.build_models(config))
+
+    def train(round_plan, g_state, d_state, g_opt=None, d_opt=None):
+        return fu.train_clients(generator, discriminator, g_state, d_state, images, labels, round_plan, config,
+                                g_opt=g_opt, d_opt=d_opt, prox_mu=0.01)
+    fu.clear_local_trainers()
+    one = train(first, fu.broadcast(generator.state_dict(), 3), fu.broadcast(discriminator.state_dict(), 3))
+    trainer = next(iter(fu._LOCAL_TRAINERS.values()))
+    one_before = [t.clone() for t in (*one.g_state.values(), *one.d_state.values(), one.g_opt["step"], one.d_loss)]
+    kept = train(second, one.g_state, one.d_state, one.g_opt, one.d_opt)
+    assert list(fu._LOCAL_TRAINERS.values()) == [trainer], "the second round built a new trainer"
+    for before, after in zip(one_before, (*one.g_state.values(), *one.d_state.values(), one.g_opt["step"],
+                                          one.d_loss)):
+        assert torch.equal(before, after), "the second round changed the first round's results"
+    fu.clear_local_trainers()
+    new = train(second, one.g_state, one.d_state, one.g_opt, one.d_opt)
+    assert next(iter(fu._LOCAL_TRAINERS.values())) is not trainer
+    torch.testing.assert_close(kept.d_loss, new.d_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kept.g_loss, new.g_loss, atol=1e-5, rtol=1e-5)
+    assert_states_close(kept.g_state, new.g_state)
+    assert_states_close(kept.d_state, new.d_state)
+    assert_states_close(kept.d_opt["exp_avg_sq"], new.d_opt["exp_avg_sq"])
+    assert kept.g_opt["step"].tolist() == new.g_opt["step"].tolist() == [32.0, 29.0, 27.0]
+
+
 @pytest.mark.parametrize("streams", [2, 8])  # 2: clients share streams; 8: one each
 def test_streams_run_the_loops_computation_bit_for_bit(mnist_small, tiny_config, monkeypatch, streams):
     """client_map="streams": the loop's clients side by side on CUDA streams, replayed from a CUDA graph after the
