@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
@@ -29,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -291,7 +292,7 @@ class FedConfig:
     bn_policy: str = "average"  # BatchNorm under aggregation: "average" (FedAvg) or "local" (FedBN)
     optimizer_state: str = "reset"  # client Adam state each round: "reset" or "keep" (per client)
     client_map: str = "auto"  # clients as one batch: "vmap", "loop" (map_clients), "streams" (the loop, clients
-    # side by side on CUDA streams), "auto" (loop on CPU; on GPU vmap, a single client streams: resolved_client_map)
+    # side by side on CUDA streams), "auto" (loop on a CPU, streams on a CUDA GPU: resolved_client_map)
     amp: bool = False  # local training's convolutions in bfloat16, the rest float32 (speed; changes results slightly)
     cuda_graphs: bool = True  # on a CUDA GPU, replay each local step from a CUDA graph (same result, fewer launches)
     conv_form: str = "auto"  # under vmap, the thin convolutions (<= 4 channels a side): CONV_FORMS, ClientConvolutions
@@ -1667,13 +1668,12 @@ def map_clients(fn, active: Sequence[bool] | None = None, streams: Sequence[torc
 
 def resolved_client_map(client_map: str, device: torch.device, num_clients: int) -> str:
     """What "auto" runs, as benchmarks/RESULTS.md measured it: on a CPU the loop (vmap's grouped convolutions are
-    slower there than K plain ones); on a GPU vmap, except for a single client (the centralized baseline), which
-    runs as one plain model on a stream: in a CUDA graph on an H200 that was 1.38x vmap's form of it."""
+    slower there than K plain ones); on a CUDA GPU the clients as plain models side by side on streams, replayed
+    from CUDA graphs kept from round to round: on an H200 1.35x vmap's batched form at 10 clients, 1.26x at 100,
+    and 0.90x one model given all their images. vmap elsewhere (another accelerator: not measured)."""
     if client_map != "auto":
         return client_map
-    if device.type == "cpu":
-        return "loop"
-    return "streams" if num_clients == 1 and device.type == "cuda" else "vmap"
+    return {"cpu": "loop", "cuda": "streams"}.get(device.type, "vmap")
 
 
 def train_clients(generator: Generator, discriminator: Discriminator, g_state: Mapping[str, Tensor],
@@ -1834,11 +1834,29 @@ class LocalTrainer:
             g_loss_sum.add_(torch.where(active, g_loss, 0.0))
 
         self.step_of_all, self.step_of_some = step_of_all, step_of_some
-        if config.cuda_graphs and device.type == "cuda":
-            pool = torch.cuda.graph_pool_handle()  # one memory pool: the two graphs run one after the other
-            self.step_of_all = CudaGraphStep(step_of_all, pool)
+        self.graphs = config.cuda_graphs and device.type == "cuda"
+        # one memory pool: the graphs run one after another, each round in the same order
+        self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        if self.graphs:
+            self.step_of_all = CudaGraphStep(step_of_all, self.pool)
             if not looped:
-                self.step_of_some = CudaGraphStep(step_of_some, pool)
+                self.step_of_some = CudaGraphStep(step_of_some, self.pool)
+        self.looped_tails: dict[tuple[bool, ...], Callable] = {}  # on a GPU, a CUDA graph a set of clients training
+        self.tails_for: tuple[int, ...] = ()  # the clients' step counts the looped tails are for
+
+    def looped_tail(self, plan: RoundPlan, step: int) -> Callable:
+        """A looped map's step after the shortest client is done: it skips the finished clients, known on the host,
+        so on a GPU each set of clients still training gets a CUDA graph of its own; a round of the same clients'
+        step counts (all clients every round, as in a label-skewed split) replays the same graphs."""
+        if not self.graphs:
+            return functools.partial(self.step_of_some, on_steps=(step < plan.steps).tolist())
+        if tuple(plan.steps) != self.tails_for:  # other clients or step counts: other sets, the old graphs let go
+            self.looped_tails, self.tails_for = {}, tuple(plan.steps)
+        on_steps = tuple((step < plan.steps).tolist())
+        if on_steps not in self.looped_tails:
+            self.looped_tails[on_steps] = CudaGraphStep(functools.partial(self.step_of_some, on_steps=list(on_steps)),
+                                                        self.pool)
+        return self.looped_tails[on_steps]
 
     def __call__(self, g_state: Mapping[str, Tensor], d_state: Mapping[str, Tensor], plan: RoundPlan,
                  g_opt: dict[str, Any] | None = None, d_opt: dict[str, Any] | None = None) -> LocalResult:
@@ -1871,7 +1889,7 @@ class LocalTrainer:
                 if step < steps_of_all:
                     self.step_of_all(idx, z)
                 elif self.looped:
-                    self.step_of_some(idx, z, step < steps, (step < plan.steps).tolist())  # (K,) still training
+                    self.looped_tail(plan, step)(idx, z, step < steps)  # (K,) still training
                 else:
                     self.step_of_some(idx, z, step < steps)
 

@@ -134,8 +134,8 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
                   "ceiling": (time_engine, ceiling_config, one_model), "first round": (time_first_round, config, plan)}
     if not args.loop:  # a variant of the engine measured after the loop was: the loop's figures are the same
         del contenders["loop"]
-    graphs = device.type == "cuda" and config.cuda_graphs
-    if graphs:  # what the graphs bring: the engine as it steps without them
+    timed_eager = device.type == "cuda" and config.cuda_graphs and args.eager
+    if timed_eager:  # what the graphs bring: the engine as it steps without them
         contenders["eager"] = (time_engine, dataclasses.replace(config, cuda_graphs=False), plan)
     for variant, overrides in args.variants.items():  # the engine with other conv forms or client maps
         contenders[variant] = (time_engine, dataclasses.replace(config, **overrides), plan)
@@ -160,7 +160,8 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
     return {"K": k, "batch": args.batch, "device": str(device), **args.conv,
             "loop_img_s": work / best["loop"] if args.loop else None,
             "engine_img_s": work / best["engine"], "ceiling_img_s": work / best["ceiling"], "peak_mem_mb": peak,
-            "eager_img_s": work / best["eager"] if graphs else None, "first_round_img_s": work / best["first round"],
+            "eager_img_s": work / best["eager"] if timed_eager else None,
+            "first_round_img_s": work / best["first round"],
             "forms_img_s": {f: work / best[variant_label("conv_form", f)] for f in args.compare_forms} or None,
             "maps_img_s": {m: work / best[variant_label("client_map", m)] for m in args.compare_maps} or None,
             **{f"{name}_kernels_step": kernels.get(name) for name in ("loop", "engine", "ceiling")}}
@@ -223,6 +224,9 @@ def main() -> None:
                         help="engine and ceiling step eagerly on a GPU (default: replayed from CUDA graphs)")
     parser.add_argument("--no-loop", dest="loop", action="store_false",
                         help="leave the reference loop out (to time a variant of the engine; its figures are '-')")
+    parser.add_argument("--no-eager", dest="eager", action="store_false",
+                        help="leave out the engine without CUDA graphs (with client_map streams at K=100 it runs "
+                             "at the loop's pace); its figures are '-'")
     parser.add_argument("--full-round", action="store_true", help="also time one full-preset round (default on GPU)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     args = parser.parse_args()
