@@ -292,7 +292,8 @@ class FedConfig:
     bn_policy: str = "average"  # BatchNorm under aggregation: "average" (FedAvg) or "local" (FedBN)
     optimizer_state: str = "reset"  # client Adam state each round: "reset" or "keep" (per client)
     client_map: str = "auto"  # clients as one batch: "vmap", "loop" (map_clients), "streams" (the loop, clients
-    # side by side on CUDA streams), "auto" (loop on a CPU, streams on a CUDA GPU: resolved_client_map)
+    # side by side on CUDA streams), "auto" (loop on a CPU; on a CUDA GPU streams, vmap for clients of unequal
+    # step counts: resolved_client_map)
     amp: bool = False  # local training's convolutions in bfloat16, the rest float32 (speed; changes results slightly)
     cuda_graphs: bool = True  # on a CUDA GPU, replay each local step from a CUDA graph (same result, fewer launches)
     conv_form: str = "auto"  # under vmap, the thin convolutions (<= 4 channels a side): CONV_FORMS, ClientConvolutions
@@ -1666,14 +1667,18 @@ def map_clients(fn, active: Sequence[bool] | None = None, streams: Sequence[torc
     return mapped
 
 
-def resolved_client_map(client_map: str, device: torch.device, num_clients: int) -> str:
+def resolved_client_map(client_map: str, device: torch.device, num_clients: int,
+                        equal_steps: bool = True) -> str:
     """What "auto" runs, as benchmarks/RESULTS.md measured it: on a CPU the loop (vmap's grouped convolutions are
-    slower there than K plain ones); on a CUDA GPU the clients as plain models side by side on streams, replayed
-    from CUDA graphs kept from round to round: on an H200 1.35x vmap's batched form at 10 clients, 1.26x at 100,
-    and 0.90x one model given all their images. vmap elsewhere (another accelerator: not measured)."""
+    slower there than K plain ones). On a CUDA GPU, when the clients take `equal_steps`, the clients as plain models
+    side by side on streams, replayed from CUDA graphs kept from round to round: on an H200 1.3x vmap's batched
+    form at 10 and 100 clients, 0.9x one model given all their images. With unequal clients (a label-skewed split)
+    vmap, whose steps after the shortest client is done replay from a graph (on streams they run eagerly)."""
     if client_map != "auto":
         return client_map
-    return {"cpu": "loop", "cuda": "streams"}.get(device.type, "vmap")
+    if device.type == "cpu":
+        return "loop"
+    return "streams" if device.type == "cuda" and (equal_steps or num_clients == 1) else "vmap"
 
 
 def train_clients(generator: Generator, discriminator: Discriminator, g_state: Mapping[str, Tensor],
@@ -1701,7 +1706,8 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     client_map = config.client_map if client_map is None else client_map
     _require(client_map in CLIENT_MAPS, "client_map", client_map, f"one of {list(CLIENT_MAPS)}")
     _require(_is_number(prox_mu) and prox_mu >= 0, "prox_mu", prox_mu, "a number >= 0")
-    client_map = resolved_client_map(client_map, images.device, len(plan.client_ids))
+    client_map = resolved_client_map(client_map, images.device, len(plan.client_ids),
+                                     equal_steps=len(set(plan.steps.tolist())) == 1)
     num_clients, _, batch = plan.batch_indices.shape
     key = (id(generator), id(discriminator), generator.training, discriminator.training, id(images), id(labels),
            num_clients, batch, client_map, CLIENT_STREAMS, float(prox_mu), train_generator,
@@ -1746,8 +1752,8 @@ class LocalTrainer:
         looped = self.looped = client_map != "vmap"
         self.g_flat, self.d_flat = g_flat, d_flat = FlatParams(generator, g_state), FlatParams(discriminator, d_state)
         num_clients = g_flat.count
-        streams = ([torch.cuda.Stream(device) for _ in range(min(num_clients, CLIENT_STREAMS))]
-                   if client_map == "streams" and device.type == "cuda" else None)
+        self.streams = streams = ([torch.cuda.Stream(device) for _ in range(min(num_clients, CLIENT_STREAMS))]
+                                  if client_map == "streams" and device.type == "cuda" else None)
         g_params, d_params = g_flat.params, d_flat.params
         self.g_buffers = g_buffers = {k: v.detach().clone() for k, v in g_state.items() if k not in g_params}
         self.d_buffers = d_buffers = {k: v.detach().clone() for k, v in d_state.items() if k not in d_params}
@@ -1847,8 +1853,10 @@ class LocalTrainer:
     def looped_tail(self, plan: RoundPlan, step: int) -> Callable:
         """A looped map's step after the shortest client is done: it skips the finished clients, known on the host,
         so on a GPU each set of clients still training gets a CUDA graph of its own; a round of the same clients'
-        step counts (all clients every round, as in a label-skewed split) replays the same graphs."""
-        if not self.graphs:
+        step counts (all clients every round, as in a label-skewed split) replays the same graphs. Not with the
+        clients on streams: on an H200 such a graph failed to capture or computed other numbers than the loop
+        (benchmarks/RESULTS.md), so there these steps run eagerly."""
+        if not self.graphs or self.streams:
             return functools.partial(self.step_of_some, on_steps=(step < plan.steps).tolist())
         if tuple(plan.steps) != self.tails_for:  # other clients or step counts: other sets, the old graphs let go
             self.looped_tails, self.tails_for = {}, tuple(plan.steps)

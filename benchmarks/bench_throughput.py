@@ -71,7 +71,9 @@ def time_first_round(config, generator, discriminator, images, labels, plan) -> 
     synchronize(images.device)
     start = time.perf_counter()
     trainer = fu.LocalTrainer(generator, discriminator, g_state, d_state, images, labels, plan.batch_indices.shape[2],
-                              config, fu.resolved_client_map(config.client_map, images.device, count), 0.0, True)
+                              config, fu.resolved_client_map(config.client_map, images.device, count,
+                                                             equal_steps=len(set(plan.steps.tolist())) == 1),
+                              0.0, True)
     trainer(g_state, d_state, plan).d_loss.tolist()
     synchronize(images.device)
     return time.perf_counter() - start

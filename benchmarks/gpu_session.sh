@@ -109,8 +109,8 @@ if [ -n "$STUDY_SEEDS" ]; then  # the cells of the README's full-preset table, i
     --seeds $STUDY_SEEDS --json "$LOGS/study.json" --cells "${cells[@]}"
 fi
 
-for log in tests_cuda tests_cpu throughput throughput_epoch streams_16 throughput_amp throughput_autotuned determinism memory \
-  amp_quality conv_forms tile_sweep study; do
+for log in tests_cuda tests_cpu throughput throughput_epoch streams_16 throughput_amp throughput_autotuned determinism \
+  memory amp_quality conv_forms tile_sweep study; do
   [ -f "$LOGS/$log.txt" ] && { echo "== $log"; tail -n 30 "$LOGS/$log.txt"; }
 done
 tar -czf "$OUT/gpu-session.tar.gz" -C "$LOGS" . && rm -r "$LOGS"

@@ -220,10 +220,11 @@ def test_streams_run_the_loops_computation_bit_for_bit(mnist_small, tiny_config,
         assert torch.equal({**streamed.g_state, **streamed.d_state}[key], value), key
 
 
-def test_auto_client_map_is_the_loop_on_a_cpu_and_streams_on_a_gpu():
+def test_auto_client_map_is_the_loop_on_a_cpu_and_streams_on_a_gpu_unless_the_clients_take_unequal_steps():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert [fu.resolved_client_map("auto", cpu, k) for k in (1, 10)] == ["loop", "loop"]
+    assert [fu.resolved_client_map("auto", cpu, k, equal) for k, equal in ((1, True), (10, False))] == ["loop"] * 2
     assert [fu.resolved_client_map("auto", cuda, k) for k in (1, 2, 100)] == ["streams"] * 3
+    assert [fu.resolved_client_map("auto", cuda, k, equal_steps=False) for k in (1, 2)] == ["streams", "vmap"]
     assert [fu.resolved_client_map(m, cuda, 1) for m in ("vmap", "loop")] == ["vmap", "loop"]  # asked for, kept
 
 
