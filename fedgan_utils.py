@@ -1714,8 +1714,8 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
            *(getattr(config, name) for name in LocalTrainer.CONFIG_FIELDS))
     trainer = _LOCAL_TRAINERS.pop(key, None)
     if trainer is None:
-        trainer = LocalTrainer(generator, discriminator, g_state, d_state, images, labels, batch, config,
-                               client_map, prox_mu, train_generator)
+        trainer = LocalTrainer(generator, discriminator, g_state, d_state, images, labels, config, client_map,
+                               prox_mu, train_generator)
     _LOCAL_TRAINERS[key] = trainer  # the most recent last
     while len(_LOCAL_TRAINERS) > LOCAL_TRAINERS_KEPT:
         del _LOCAL_TRAINERS[next(iter(_LOCAL_TRAINERS))]
@@ -1745,11 +1745,11 @@ class LocalTrainer:
                      "betas")  # what the steps read from the config
 
     def __init__(self, generator: Generator, discriminator: Discriminator, g_state: Mapping[str, Tensor],
-                 d_state: Mapping[str, Tensor], images: Tensor, labels: Tensor, batch: int, config: FedConfig,
+                 d_state: Mapping[str, Tensor], images: Tensor, labels: Tensor, config: FedConfig,
                  client_map: str, prox_mu: float, train_generator: bool):
         """`g_state`/`d_state`: a round's stacked states, for the shapes (their values are copied in by __call__)."""
         device = self.device = images.device
-        self.z_dim, self.batch, self.config = generator.z_dim, batch, config
+        self.z_dim, self.config = generator.z_dim, config
         looped = self.looped = client_map != "vmap"
         self.g_flat, self.d_flat = g_flat, d_flat = FlatParams(generator, g_state), FlatParams(discriminator, d_state)
         num_clients = g_flat.count

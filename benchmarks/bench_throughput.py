@@ -64,16 +64,15 @@ def time_engine(config, generator, discriminator, images, labels, plan) -> float
 
 
 def time_first_round(config, generator, discriminator, images, labels, plan) -> float:
-    """The engine as in a federation's first round: a new LocalTrainer, its CUDA graphs captured in the round (a
-    warm-up call before the timed ones keeps train_clients' trainer, and the later rounds replay its graphs)."""
+    """The engine as in a federation's first round: a new LocalTrainer each call, its CUDA graphs captured in the
+    round (time_engine's trainer is kept by train_clients from the warm-up call on, so its timed rounds replay)."""
     count = len(plan.client_ids)
     g_state, d_state = fu.broadcast(generator.state_dict(), count), fu.broadcast(discriminator.state_dict(), count)
     synchronize(images.device)
     start = time.perf_counter()
-    trainer = fu.LocalTrainer(generator, discriminator, g_state, d_state, images, labels, plan.batch_indices.shape[2],
-                              config, fu.resolved_client_map(config.client_map, images.device, count,
-                                                             equal_steps=len(set(plan.steps.tolist())) == 1),
-                              0.0, True)
+    client_map = fu.resolved_client_map(config.client_map, images.device, count,
+                                        equal_steps=len(set(plan.steps.tolist())) == 1)
+    trainer = fu.LocalTrainer(generator, discriminator, g_state, d_state, images, labels, config, client_map, 0.0, True)
     trainer(g_state, d_state, plan).d_loss.tolist()
     synchronize(images.device)
     return time.perf_counter() - start
