@@ -1667,18 +1667,18 @@ def map_clients(fn, active: Sequence[bool] | None = None, streams: Sequence[torc
     return mapped
 
 
-def resolved_client_map(client_map: str, device: torch.device, num_clients: int,
-                        equal_steps: bool = True) -> str:
-    """What "auto" runs, as benchmarks/RESULTS.md measured it: on a CPU the loop (vmap's grouped convolutions are
-    slower there than K plain ones). On a CUDA GPU, when the clients take `equal_steps`, the clients as plain models
-    side by side on streams, replayed from CUDA graphs kept from round to round: on an H200 1.3x vmap's batched
-    form at 10 and 100 clients, 0.9x one model given all their images. With unequal clients (a label-skewed split)
-    vmap, whose steps after the shortest client is done replay from a graph (on streams they run eagerly)."""
+def resolved_client_map(client_map: str, device: torch.device, steps: Sequence[int]) -> str:
+    """What "auto" runs for clients taking `steps` local steps each, as benchmarks/RESULTS.md measured it: on a CPU
+    the loop (vmap's grouped convolutions are slower there than K plain ones). On a CUDA GPU, when every client
+    takes the same number of steps (one client included), the clients as plain models side by side on streams,
+    replayed from CUDA graphs kept from round to round: on an H200 1.3x vmap's batched form at 10 and 100 clients,
+    0.9x one model given all their images. With unequal clients (a label-skewed split) vmap, whose steps after the
+    shortest client is done replay from a graph (on streams they run eagerly)."""
     if client_map != "auto":
         return client_map
     if device.type == "cpu":
         return "loop"
-    return "streams" if device.type == "cuda" and (equal_steps or num_clients == 1) else "vmap"
+    return "streams" if device.type == "cuda" and len(set(steps)) == 1 else "vmap"
 
 
 def train_clients(generator: Generator, discriminator: Discriminator, g_state: Mapping[str, Tensor],
@@ -1706,8 +1706,7 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     client_map = config.client_map if client_map is None else client_map
     _require(client_map in CLIENT_MAPS, "client_map", client_map, f"one of {list(CLIENT_MAPS)}")
     _require(_is_number(prox_mu) and prox_mu >= 0, "prox_mu", prox_mu, "a number >= 0")
-    client_map = resolved_client_map(client_map, images.device, len(plan.client_ids),
-                                     equal_steps=len(set(plan.steps.tolist())) == 1)
+    client_map = resolved_client_map(client_map, images.device, plan.steps.tolist())
     num_clients, _, batch = plan.batch_indices.shape
     key = (id(generator), id(discriminator), generator.training, discriminator.training, id(images), id(labels),
            num_clients, batch, client_map, CLIENT_STREAMS, float(prox_mu), train_generator,
@@ -1877,11 +1876,8 @@ class LocalTrainer:
                 net.flat.copy_(net.flatten(state))
                 for key, value in buffers.items():
                     value.copy_(state[key])
-                for key, value in opt.items():
-                    if given is None:
-                        value.zero_()
-                    else:
-                        value.copy_(given["step"] if key == "step" else net.flatten(given[key]))
+                for key, value in net.adam_state(given).items():  # the given Adam state, flat, or a fresh one
+                    opt[key].copy_(value)
             for anchor, net in zip(self.anchors or (), (self.g_flat, self.d_flat)):
                 anchor.copy_(net.flat)
             self.d_loss_sum.zero_()

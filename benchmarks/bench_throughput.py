@@ -70,8 +70,7 @@ def time_first_round(config, generator, discriminator, images, labels, plan) -> 
     g_state, d_state = fu.broadcast(generator.state_dict(), count), fu.broadcast(discriminator.state_dict(), count)
     synchronize(images.device)
     start = time.perf_counter()
-    client_map = fu.resolved_client_map(config.client_map, images.device, count,
-                                        equal_steps=len(set(plan.steps.tolist())) == 1)
+    client_map = fu.resolved_client_map(config.client_map, images.device, plan.steps.tolist())
     trainer = fu.LocalTrainer(generator, discriminator, g_state, d_state, images, labels, config, client_map, 0.0, True)
     trainer(g_state, d_state, plan).d_loss.tolist()
     synchronize(images.device)

@@ -222,10 +222,10 @@ def test_streams_run_the_loops_computation_bit_for_bit(mnist_small, tiny_config,
 
 def test_auto_client_map_is_the_loop_on_a_cpu_and_streams_on_a_gpu_unless_the_clients_take_unequal_steps():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert [fu.resolved_client_map("auto", cpu, k, equal) for k, equal in ((1, True), (10, False))] == ["loop"] * 2
-    assert [fu.resolved_client_map("auto", cuda, k) for k in (1, 2, 100)] == ["streams"] * 3
-    assert [fu.resolved_client_map("auto", cuda, k, equal_steps=False) for k in (1, 2)] == ["streams", "vmap"]
-    assert [fu.resolved_client_map(m, cuda, 1) for m in ("vmap", "loop")] == ["vmap", "loop"]  # asked for, kept
+    assert [fu.resolved_client_map("auto", cpu, steps) for steps in ([5], [5] * 9 + [6])] == ["loop"] * 2
+    assert [fu.resolved_client_map("auto", cuda, [5] * k) for k in (1, 2, 100)] == ["streams"] * 3
+    assert [fu.resolved_client_map("auto", cuda, steps) for steps in ([7], [5, 6])] == ["streams", "vmap"]
+    assert [fu.resolved_client_map(m, cuda, [5]) for m in ("vmap", "loop")] == ["vmap", "loop"]  # asked for, kept
 
 
 def test_amp_trains_both_client_maps_alike_in_bfloat16_and_keeps_float32_state(mnist_small, tiny_config):
