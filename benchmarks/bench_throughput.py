@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import fedgan_utils as fu  # noqa: E402
+from fedgan.engine import trainer as engine_trainer, triton_conv  # noqa: E402
 from reference_loop import reference_round  # noqa: E402
 
 
@@ -233,10 +234,10 @@ def main() -> None:
     args.conv = {"conv_form": args.conv_form, "conv_block_clients": args.block_clients,
                  "deterministic": args.deterministic}
     if args.triton_tiles:
-        fu.TRITON_TILES.update({kernel: tuple(tiles) for kernel, tiles in json.loads(args.triton_tiles.read_text())
+        triton_conv.TRITON_TILES.update({kernel: tuple(tiles) for kernel, tiles in json.loads(args.triton_tiles.read_text())
                                 .items()})
     args.compare_forms = [form for form in args.compare_forms.split(",") if form]
-    fu.CLIENT_STREAMS = args.client_streams
+    engine_trainer.CLIENT_STREAMS = args.client_streams
     args.compare_maps = [client_map for client_map in args.compare_maps.split(",") if client_map]
     args.variants = {**{variant_label("conv_form", form): conv_options(form) for form in args.compare_forms},
                      **{variant_label("client_map", m): {"client_map": m} for m in args.compare_maps}}
@@ -256,7 +257,7 @@ def main() -> None:
           f"engine client_map={args.client_map}, "
           f"{f'{args.client_streams} streams, ' if 'streams' in (args.client_map, *args.compare_maps) else ''}"
           f"conv_form={args.conv_form}{f' ({args.block_clients} clients a block)' if args.conv_form == 'block' else ''}"
-          f"{f', Triton tiles {fu.TRITON_TILES}' if args.triton_tiles else ''}"
+          f"{f', Triton tiles {triton_conv.TRITON_TILES}' if args.triton_tiles else ''}"
           f"{', amp (bf16)' if args.amp else ''}{', CUDA graphs' if gpu and args.cuda_graphs else ''}"
           f"{'' if args.deterministic else ', cuDNN autotuned (deterministic=False)'} | "
           f"{args.steps} steps, best of {args.repeats}")

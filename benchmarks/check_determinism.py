@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import fedgan_utils as fu  # noqa: E402
+from fedgan.engine import triton_conv  # noqa: E402
 
 
 def train_once(config: fu.FedConfig, images: torch.Tensor, labels: torch.Tensor, plan: fu.RoundPlan) -> torch.Tensor:
@@ -51,7 +52,7 @@ def main() -> None:
     print(f"device {device} | torch {fu.env_report()['torch']} | K={args.clients} | ngf=ndf={args.ngf} | "
           f"{args.steps} local steps, trained twice from seed 0")
     rows = []
-    forms = ("grouped", "block") + (("triton",) if device.type == "cuda" and fu.triton is not None else ())
+    forms = ("grouped", "block") + (("triton",) if device.type == "cuda" and triton_conv.triton is not None else ())
     for deterministic in (True, False):
         for form in forms:
             setting = dataclasses.replace(config, deterministic=deterministic, conv_form=form,

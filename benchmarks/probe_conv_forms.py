@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fedgan_utils as fu  # noqa: E402
+from fedgan.engine import convolutions, triton_conv  # noqa: E402
 
 # (name, transposed, in channels, out channels, kernel, stride, padding, input size): ngf=ndf=64 on 28x28
 LAYERS = [("G1 convT 110->128 1->7", True, 110, 128, 7, 1, 0, 1),
@@ -48,7 +49,7 @@ def im2col_conv(x, w, size: int, stride: int, padding: int):
     patches, positions = cols.shape[1:]
     cols = cols.view(k, b, patches, positions).transpose(1, 2).reshape(k, patches, b * positions)
     out = torch.bmm(w.flatten(2), cols)  # (K, cout, B*L)
-    side, = fu._conv_output_size((height,), (size,), stride, padding)
+    side, = triton_conv._conv_output_size((height,), (size,), stride, padding)
     return out.view(k, -1, b, side, side).transpose(1, 2)  # (K, B, cout, H', W')
 
 
@@ -58,7 +59,7 @@ def im2col_conv_transpose(x, w, size: int, stride: int, padding: int):
     inputs = x.transpose(1, 2).reshape(k, cin, b * height * height)  # (K, cin, B*H*W)
     cols = torch.bmm(w.flatten(2).transpose(1, 2), inputs)  # (K, cout*k*k, B*H*W)
     cols = cols.view(k, -1, b, height * height).transpose(1, 2).flatten(0, 1)  # (K*B, cout*k*k, H*W)
-    side, = fu._transposed_output_size((height,), (size,), stride, padding)
+    side, = triton_conv._transposed_output_size((height,), (size,), stride, padding)
     out = F.fold(cols, side, size, padding=padding, stride=stride)  # (K*B, cout, H', W')
     return out.view(k, b, *out.shape[1:])
 
@@ -81,11 +82,11 @@ def forms(layer, k: int, batch: int, dtype: torch.dtype, blocks: list[int]):
         return t.requires_grad_(True)
     grouped_w = (k * cin, cout, size, size) if transposed else (k * cout, cin, size, size)
     out = {
-        "one model": (lambda x, w: fu._convolution(transposed, x, w, stride, padding),
+        "one model": (lambda x, w: convolutions._convolution(transposed, x, w, stride, padding),
                       make(k * batch, cin, hin, hin), make(*weight_shape)),
-        "grouped (vmap)": (lambda x, w: fu._convolution(transposed, x, w, stride, padding, k),
+        "grouped (vmap)": (lambda x, w: convolutions._convolution(transposed, x, w, stride, padding, k),
                            make(batch, k * cin, hin, hin), make(*grouped_w)),
-        "grouped channels_last": (lambda x, w: fu._convolution(transposed, x, w, stride, padding, k),
+        "grouped channels_last": (lambda x, w: convolutions._convolution(transposed, x, w, stride, padding, k),
                                   make(batch, k * cin, hin, hin, channels_last=True),
                                   make(*grouped_w, channels_last=True)),
     }
@@ -93,7 +94,7 @@ def forms(layer, k: int, batch: int, dtype: torch.dtype, blocks: list[int]):
     im2col = im2col_conv_transpose if transposed else im2col_conv
     out["im2col bmm"] = (lambda x, w: im2col(x, w, size, stride, padding), make(k, batch, cin, hin, hin),
                          make(*per_client_w))
-    out["loop"] = (lambda x, w: torch.stack([fu._convolution(transposed, x[c], w[c], stride, padding)
+    out["loop"] = (lambda x, w: torch.stack([convolutions._convolution(transposed, x[c], w[c], stride, padding)
                                              for c in range(k)]),
                    make(k, batch, cin, hin, hin), make(*per_client_w))
     for block in (b for b in blocks if 1 < b <= k):
@@ -138,11 +139,11 @@ def replay_ms(fn, x, w, iterations: int = 10, repeats: int = 5) -> float:
 def sweep_tiles(layers, ks: list[int], batch: int, path: Path) -> None:
     """Time the Triton form of the layers with each candidate tile shape for each kernel; write the fastest to
     `path`."""
-    default = dict(fu.TRITON_TILES)
+    default = dict(triton_conv.TRITON_TILES)
     totals = {}
     for kernel in default:
         for tiles in CANDIDATE_TILES:
-            fu.TRITON_TILES.update(default, **{kernel: tiles})
+            triton_conv.TRITON_TILES.update(default, **{kernel: tiles})
             for k in ks:
                 for dtype in (torch.float32, torch.bfloat16):
                     for layer in layers:
@@ -157,7 +158,7 @@ def sweep_tiles(layers, ks: list[int], batch: int, path: Path) -> None:
                         totals[kernel, tiles] = totals.get((kernel, tiles), 0.0) + ms
                         print(f"tiles {kernel:<12} {str(tiles):<22} K={k:<4} {str(dtype).removeprefix('torch.'):<9} "
                               f"{layer[0]:<24} {ms:.3f} ms")
-    fu.TRITON_TILES.update(default)
+    triton_conv.TRITON_TILES.update(default)
     best = {kernel: min((tiles for (name, tiles) in totals if name == kernel), key=lambda t: totals[kernel, t])
             for kernel in default}
     for kernel, tiles in best.items():

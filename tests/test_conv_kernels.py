@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 import fedgan_utils as fu
+from fedgan.engine import convolutions, triton_conv
 from conftest import TEST_DEVICE
 from test_engine import ConvolutionGroups, assert_states_close, train_tiny
 
-pytestmark = pytest.mark.skipif(fu.triton is None, reason="this torch comes without Triton")
+pytestmark = pytest.mark.skipif(triton_conv.triton is None, reason="this torch comes without Triton")
 DTYPES = [torch.float32] + ([torch.bfloat16] if TEST_DEVICE.startswith("cuda") else [])
 
 
@@ -22,7 +23,7 @@ def interpreter_tiles(monkeypatch):
     """On Triton's interpreter, whose cost is per operation of a program, larger tiles: fewer programs and loop
     iterations (other tile shapes than a GPU's, and so the masks at tile edges tested on other shapes)."""
     if fu.TRITON_INTERPRETED:
-        monkeypatch.setattr(fu, "TRITON_TILES", {"forward": (256, 64, 128, 4, 1), "input_grad": (256, 64, 128, 4, 1),
+        monkeypatch.setattr(triton_conv, "TRITON_TILES", {"forward": (256, 64, 128, 4, 1), "input_grad": (256, 64, 128, 4, 1),
                                                  "weight_grad": (64, 128, 256, 4, 1)})
 
 
@@ -103,13 +104,13 @@ def test_triton_form_trains_the_clients_as_vmaps_grouped_convolutions_and_repeat
 def test_auto_conv_form_takes_the_triton_kernels_on_a_gpu_with_triton(tiny_config, monkeypatch, clients, device,
                                                                       with_triton, overrides, form):
     if not with_triton:
-        monkeypatch.setattr(fu, "triton", None)
+        monkeypatch.setattr(convolutions, "triton", None)
     config = tiny_config(num_clients=clients, **overrides)
-    mode = fu._client_convolutions(config, False, clients, torch.device(device))
+    mode = convolutions.client_convolutions(config, False, clients, torch.device(device))
     assert getattr(mode, "form", None) == form  # None: no mode, vmap's own convolutions
 
 
 def test_triton_form_on_a_gpu_without_triton_says_what_is_missing(tiny_config, monkeypatch):
-    monkeypatch.setattr(fu, "triton", None)
+    monkeypatch.setattr(convolutions, "triton", None)
     with pytest.raises(RuntimeError, match="needs the triton package"):
-        fu._client_convolutions(tiny_config(conv_form="triton"), False, 5, torch.device("cuda"))
+        convolutions.client_convolutions(tiny_config(conv_form="triton"), False, 5, torch.device("cuda"))

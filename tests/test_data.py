@@ -11,6 +11,7 @@ import torch
 import torchvision
 
 import fedgan_utils as fu
+from fedgan import data as fedgan_data
 
 STEMS = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
@@ -96,7 +97,7 @@ def test_cifar10_offline_names_the_folder_it_needs(tmp_path, private_cache, monk
 
 def test_cifar_arrays_become_channels_first_tensors():
     data = np.arange(2 * 32 * 32 * 3, dtype=np.uint8).reshape(2, 32, 32, 3)  # as torchvision's CIFAR10.data
-    images, labels = fu._as_tensors(SimpleNamespace(data=data, targets=[3, 9]), "cifar10")
+    images, labels = fedgan_data._as_tensors(SimpleNamespace(data=data, targets=[3, 9]), "cifar10")
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
     assert torch.equal(images[1, 2], torch.from_numpy(data[1, :, :, 2]))
     assert labels.tolist() == [3, 9] and labels.dtype == torch.int64

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fedgan_utils as fu
+from fedgan.engine import trainer as engine_trainer
 from conftest import TEST_DEVICE
 from reference_loop import reference_round
 
@@ -188,16 +189,16 @@ def test_a_kept_trainer_gives_a_later_round_what_a_new_one_gives(mnist_small, ti
                                 g_opt=g_opt, d_opt=d_opt, prox_mu=0.01)
     fu.clear_local_trainers()
     one = train(first, fu.broadcast(generator.state_dict(), 3), fu.broadcast(discriminator.state_dict(), 3))
-    trainer = next(iter(fu._LOCAL_TRAINERS.values()))
+    trainer = next(iter(engine_trainer._LOCAL_TRAINERS.values()))
     one_before = [t.clone() for t in (*one.g_state.values(), *one.d_state.values(), one.g_opt["step"], one.d_loss)]
     kept = train(second, one.g_state, one.d_state, one.g_opt, one.d_opt)
-    assert list(fu._LOCAL_TRAINERS.values()) == [trainer], "the second round built a new trainer"
+    assert list(engine_trainer._LOCAL_TRAINERS.values()) == [trainer], "the second round built a new trainer"
     for before, after in zip(one_before, (*one.g_state.values(), *one.d_state.values(), one.g_opt["step"],
                                           one.d_loss)):
         assert torch.equal(before, after), "the second round changed the first round's results"
     fu.clear_local_trainers()
     new = train(second, one.g_state, one.d_state, one.g_opt, one.d_opt)
-    assert next(iter(fu._LOCAL_TRAINERS.values())) is not trainer
+    assert next(iter(engine_trainer._LOCAL_TRAINERS.values())) is not trainer
     torch.testing.assert_close(kept.d_loss, new.d_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kept.g_loss, new.g_loss, atol=1e-5, rtol=1e-5)
     assert_states_close(kept.g_state, new.g_state)
@@ -211,7 +212,7 @@ def test_streams_run_the_loops_computation_bit_for_bit(mnist_small, tiny_config,
     """client_map="streams": the loop's clients side by side on CUDA streams, replayed from a CUDA graph after the
     warm-up steps; off a GPU it is the loop."""
     images, labels = (t.to(TEST_DEVICE) for t in mnist_small)
-    monkeypatch.setattr(fu, "CLIENT_STREAMS", streams)
+    monkeypatch.setattr(engine_trainer, "CLIENT_STREAMS", streams)
     config = tiny_config(num_clients=4, local_steps=8)  # 8 steps: 2 eager, a capture and replays on a GPU
     looped = train_tiny(dataclasses.replace(config, client_map="loop"), images, labels)
     streamed = train_tiny(dataclasses.replace(config, client_map="streams"), images, labels)

@@ -1,0 +1,24 @@
+"""A federated conditional DCGAN: the package behind the three FedGAN notebooks, one concept a module.
+
+Reading order, from what a round does down to how it is computed fast:
+
+    config.py        FedConfig: every knob of a run, validated; the presets
+    data.py          datasets as uint8 tensors, found on disk before any download
+    partition.py     IID and non-IID splits of the data over clients
+    models.py        the conditional DCGAN's generator and discriminator
+    rounds.py        planning a round: clients, local steps, batches, noise, stragglers, attackers
+    aggregation.py   pure functions of client states: FedAvg, robust rules, FedNova, staleness
+    strategies.py    server rules that keep state between rounds (FedAvgM, FedAdam, thresholds)
+    compression.py   what clients send: float32, top-k, int8
+    privacy.py       DP-FedAvg's clip and noise, and its accountant
+    federation.py    Federation: the round loop
+    experiments.py   ablation grids, seeds, the centralized baseline
+    metrics.py       FID, KID, IS, conditional accuracy in a classifier's features
+    checkpoints.py   atomic, checksummed, weights_only checkpoints
+    plots.py         figures and the checkpoint browser
+    engine/          local training of all selected clients at once: the only place that knows how
+                     clients are batched (vmap, CUDA streams and graphs, Triton convolutions)
+
+environment.py (devices, seeds) and checks.py (argument checks) serve them all. The notebooks import
+the public names through `fedgan_utils`, the flat helper at the top of the repository.
+"""

@@ -1,0 +1,585 @@
+"""Federation: the round loop of a federated cDCGAN, with asynchrony, faults and checkpoints."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fedgan.aggregation import fedavg_stacked, fednova_rescale, scale_updates, staleness_weight
+from fedgan.checkpoints import checksum_path, latest_checkpoint, list_checkpoints, newest_loadable, save_checkpoint
+from fedgan.compression import compress_updates
+from fedgan.config import DATASETS, FedConfig, clients_per_round
+from fedgan.data import load_dataset, training_images
+from fedgan.engine.precision import bfloat16_compute
+from fedgan.engine.stacked import adam_init, broadcast, map_tensors, slice_client, stack_clients
+from fedgan.engine.trainer import train_clients
+from fedgan.environment import env_report, pick_device, rng_state, seed_everything, set_rng_state, warn
+from fedgan.metrics import Evaluator, make_evaluator
+from fedgan.models import build_models, generate, norm_state_keys
+from fedgan.partition import partition
+from fedgan.privacy import dp_epsilon, privatize_updates
+from fedgan.rounds import (
+    STREAM_ATTACK, STREAM_DP, STREAM_DROPOUT, STREAM_NOISE, STREAM_SELECTION, RoundPlan, attacker_ids, choose_clients,
+    client_speeds, derive_seed, plan_clients, plan_round, poison_update)
+from fedgan.strategies import Strategy, bound_copy, make_strategy
+
+Tensor = torch.Tensor
+
+
+class DivergenceError(RuntimeError):
+    """A run that stopped learning: the global model went NaN/Inf or the discriminator loss collapsed."""
+
+
+class Federation:
+    """A federated cDCGAN run: global G and D, the clients' data, and the round loop.
+
+    `run()` runs the remaining rounds; `run_round()` runs one, for notebooks that want to look
+    between rounds. The global models are `.generator` and `.discriminator`; `.history` holds one
+    record per round. A `strategy` object replaces the rule that config.strategy names; it is copied
+    once for G and once for D, so each keeps its own server state.
+    """
+
+    def __init__(self, config: FedConfig, *, data: tuple[Tensor, Tensor] | None = None, resume: bool = False,
+                 log: bool = True, strategy: Strategy | None = None):
+        if not isinstance(config, FedConfig):
+            raise TypeError(f"config must be a FedConfig, got {type(config).__name__}")
+        if strategy is not None and not isinstance(strategy, Strategy):
+            raise TypeError(f"strategy must be a Strategy (see the Aggregation section) or None for "
+                            f"config.strategy, got {type(strategy).__name__}")
+        self.config, self.log = config, log
+        self.device = pick_device(config.device)
+        if config.amp and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] < 8:
+            warn(f"amp=True on a {torch.cuda.get_device_name(self.device)}: GPUs before Ampere (e.g. Kaggle's T4 "
+                  "and P100) have no bfloat16 tensor cores, so amp is likely slower than float32 there")
+        images, labels = training_images(config, *(data if data is not None else
+                                                    load_dataset(config.dataset, config.data_root)))
+        self.images, self.labels = images.to(self.device), labels.to(self.device)  # uint8 and int64, resident
+        self.parts = partition(labels, config.num_clients, config.partition, seed=config.seed,
+                               **config.partition_kwargs())
+        self.attackers = attacker_ids(config.num_clients, config.attack_fraction, config.seed)
+        self.client_labels = self.labels  # what the clients train on: label-flipping attackers poison their own
+        if config.attack == "label_flip" and self.attackers:
+            poisoned = torch.as_tensor(np.concatenate([self.parts[c] for c in self.attackers]), device=self.device)
+            self.client_labels = self.labels.clone()
+            self.client_labels[poisoned] = DATASETS[config.dataset].num_classes - 1 - self.labels[poisoned]
+        seed_everything(config.seed)
+        generator, discriminator = build_models(config)
+        self.generator, self.discriminator = generator.to(self.device), discriminator.to(self.device)
+        networks = (("g", generator), ("d", discriminator))
+        # keys each client keeps for itself: a whole network that is not synchronised, else its BN layers (FedBN)
+        self._local_keys = {which: set(model.state_dict()) if not self.synced(which)
+                            else norm_state_keys(model) if config.bn_policy == "local" else set()
+                            for which, model in networks}
+        self.strategies = {which: make_strategy(config, {n for n, _ in model.named_buffers()}) if strategy is None
+                           else bound_copy(strategy, {n for n, _ in model.named_buffers()})
+                           for which, model in networks}
+        self.strategy_name = config.strategy if strategy is None else type(strategy).__name__
+        self._param_names = {which: {n for n, _ in model.named_parameters()} for which, model in networks}
+        self.speeds = client_speeds(config.num_clients, config.client_speed_sigma, config.seed)
+        self.clock = 0.0  # simulated time, in local steps of a speed-1 client
+        self.in_flight: list[dict[str, Any]] = []  # async: clients training, with their results and finish time
+        self.server_g_opt: torch.optim.Adam | None = None  # server_generator: the server's optimizer of G
+        info = DATASETS[config.dataset]
+        # one fixed noise a column, one label a row: grids over rounds stay comparable
+        fixed = torch.randn(10, config.z_dim, generator=torch.Generator().manual_seed(config.seed))
+        self.fixed_labels = torch.arange(info.num_classes).repeat_interleave(10)  # (100,)
+        self.fixed_noise = fixed.repeat(info.num_classes, 1)  # (100, z_dim)
+        self.client_store: dict[int, dict[str, Any]] = {}  # per-client state that persists across rounds
+        self.history: list[dict[str, Any]] = []
+        self.evaluator: Evaluator | None = None  # built on the first evaluation (trains the metric classifier)
+        self.grid_snapshots: dict[int, Tensor] = {}  # round -> fixed-noise grid images, CPU
+        self.round = 0
+        self.run_dir = self._pick_run_dir(resume)
+        self.out_dir = Path(config.out_dir) / self.run_dir.name
+        good, checkpoint = newest_loadable(self.run_dir, log) if resume else (None, None)
+        if good is not None:
+            self._set_aside_after(good)
+            self._restore(good, checkpoint)
+        else:
+            self.grid_snapshots[0] = self.sample_grid()
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _pick_run_dir(self, resume: bool) -> Path:
+        """checkpoint_dir/run_name, or run_name-2, -3, ... so that no earlier run's files are overwritten.
+
+        A name is free when neither checkpoint_dir/name nor out_dir/name holds anything; `resume`
+        takes the most recent run of this name that has a checkpoint.
+        """
+        checkpoints, outputs = Path(self.config.checkpoint_dir), Path(self.config.out_dir)
+        name = self.config.run_name
+        existing = [checkpoints / name] + sorted(checkpoints.glob(name + "-*"), key=lambda p: p.stat().st_mtime)
+        existing = [p for p in existing if latest_checkpoint(p) is not None]
+        if resume and existing:
+            return existing[-1]
+        candidate, n = name, 1
+        while any(d.is_dir() and any(d.iterdir()) for d in (checkpoints / candidate, outputs / candidate)):
+            n += 1
+            candidate = f"{name}-{n}"
+        return checkpoints / candidate
+
+    def _set_aside_after(self, good: Path) -> None:
+        """Rename checkpoints newer than `good` (they failed to load) to *.bad, so the run can write them again."""
+        for path in list_checkpoints(self.run_dir):
+            if path.name > good.name:
+                aside = path.with_name(path.name + ".bad")
+                path.rename(aside)
+                if checksum_path(path).exists():
+                    checksum_path(path).rename(checksum_path(aside))
+                if self.log:
+                    print(f"set aside {path} as {aside.name}: it did not pass its checksum or did not load")
+
+    def _restore(self, path: Path, checkpoint: Mapping[str, Any]) -> None:
+        saved = FedConfig.from_json(checkpoint["config"])
+        differs = [f.name for f in dataclasses.fields(FedConfig)
+                   if f.name not in ("rounds", "device") and getattr(saved, f.name) != getattr(self.config, f.name)]
+        if differs:
+            raise ValueError(f"cannot resume from {path}: the config differs in {differs}; "
+                             "resume with the saved config (only rounds and device may change)")
+        self.generator.load_state_dict(checkpoint["generator"])
+        self.discriminator.load_state_dict(checkpoint["discriminator"])
+        self.client_store = {int(k): v for k, v in checkpoint["client_store"].items()}
+        self.history = checkpoint["history"]
+        self.grid_snapshots = {int(k): v for k, v in checkpoint["grid_snapshots"].items()}
+        self.round = checkpoint["round"]
+        for which, strategy in self.strategies.items():  # the server state computes on this run's device
+            strategy.load_state_dict(map_tensors(checkpoint["strategies"][which], lambda t: t.to(self.device)))
+        # format 1 checkpoints (before asynchrony and the server generator) lack these; simulated time restarts at 0
+        self.clock, self.in_flight = checkpoint.get("clock", 0.0), checkpoint.get("in_flight", [])
+        if checkpoint.get("server_g_opt") is not None:
+            self.server_g_opt = torch.optim.Adam(self.generator.parameters(), lr=self.config.lr_g,
+                                                 betas=self.config.betas)
+            self.server_g_opt.load_state_dict(checkpoint["server_g_opt"])
+        set_rng_state(checkpoint["rng"])
+        if self.log:
+            print(f"resumed from {path} (round {self.round})")
+
+    # -- one round ------------------------------------------------------------------------------
+    def synced(self, which: str) -> bool:
+        """Whether network "g" or "d" is synchronised with the server (config.sync_networks)."""
+        return self.config.sync_networks in ("both", which)
+
+    def client_losses(self) -> dict[int, float]:
+        """Each client's discriminator loss from the last round it trained (power-of-choice ranks by it)."""
+        return {c: store["last_loss"] for c, store in self.client_store.items() if "last_loss" in store}
+
+    def _client_start(self, which: str, model: nn.Module, plan: RoundPlan) -> dict[str, Tensor]:
+        """The stacked state each selected client starts from: the global one, with its own local keys kept."""
+        stacked = broadcast(model.state_dict(), len(plan.client_ids))
+        local = self._local_keys[which]
+        for row, client in enumerate(plan.client_ids):
+            own = self.client_store.get(int(client), {}).get(f"{which}_local")
+            for key in local if own is not None else ():
+                stacked[key][row] = own[key].to(self.device)
+        return stacked
+
+    def _client_optimizers(self, which: str, plan: RoundPlan, params: Mapping[str, Tensor]) -> dict | None:
+        if self.config.optimizer_state == "reset":
+            return None
+        fresh = slice_client(adam_init({k: v[:1] for k, v in params.items()}), 0)
+        trees = [self.client_store.get(int(c), {}).get(f"{which}_opt", fresh) for c in plan.client_ids]
+        return stack_clients(trees, self.device)
+
+    def _bytes_down(self) -> int:
+        """Bytes the server sends one client: the synchronised keys of the synchronised networks."""
+        return sum(v.numel() * v.element_size() for which, model in (("g", self.generator), ("d", self.discriminator))
+                   for k, v in model.state_dict().items() if k not in self._local_keys[which])
+
+    def _train(self, plan: RoundPlan) -> dict[str, Any]:
+        """Local training of the plan's clients; if it raises, each client alone, leaving out those that fail.
+
+        Trained alone, a client draws the noise of the first row of the plan, so a round with a failing
+        client is reproducible but not the batched round without it.
+        """
+        try:
+            return self._train_together(plan)
+        except Exception as error:  # noqa: BLE001 - a client's failure must not end the run
+            if len(plan.client_ids) == 1:
+                raise
+            first_error = error
+        results, failed = [], {}
+        for row, client in enumerate(plan.client_ids):
+            alone = dataclasses.replace(plan, client_ids=plan.client_ids[row:row + 1],
+                                        sizes=plan.sizes[row:row + 1], steps=plan.steps[row:row + 1],
+                                        batch_indices=plan.batch_indices[row:row + 1, :plan.steps[row]])
+            try:
+                results.append(self._train_together(alone))
+            except Exception as error:  # noqa: BLE001
+                failed[int(client)] = f"{type(error).__name__}: {error}"
+        if not results:
+            raise RuntimeError(f"round {plan.round}: the local training of every client failed") from first_error
+        if self.log and failed:
+            print(f"round {plan.round}: left out clients {sorted(failed)}: their local training raised "
+                  f"({next(iter(failed.values()))})")
+        merged: dict[str, Any] = {key: np.concatenate([r[key] for r in results])
+                                  for key in ("client_ids", "sizes", "steps", "staleness")}
+        for part in ("start", "final"):
+            merged[part] = {which: {k: torch.cat([r[part][which][k] for r in results])
+                                    for k in results[0][part][which]} for which in ("g", "d")}
+        merged.update(d_loss=[x for r in results for x in r["d_loss"]],
+                      g_loss=[x for r in results for x in r["g_loss"]], failed=failed)
+        return merged
+
+    def _train_together(self, plan: RoundPlan) -> dict[str, Any]:
+        """Local training of the plan's clients from the current global models: their start and final states."""
+        starts = {"g": self._client_start("g", self.generator, plan),
+                  "d": self._client_start("d", self.discriminator, plan)}
+        optimizers = {which: self._client_optimizers(which, plan, {k: v for k, v in starts[which].items()
+                                                                    if k in self._param_names[which]})
+                      for which in ("g", "d")}
+        local = train_clients(self.generator, self.discriminator, starts["g"], starts["d"], self.images,
+                              self.client_labels, plan, self.config, g_opt=optimizers["g"], d_opt=optimizers["d"],
+                              prox_mu=self.strategies["g"].prox_mu, train_generator=not self.config.server_generator)
+        d_losses, g_losses = local.d_loss.tolist(), local.g_loss.tolist()  # the round's one sync
+        for row, client in enumerate(plan.client_ids):
+            store = self.client_store.setdefault(int(client), {})
+            store["last_loss"] = d_losses[row]
+            if self.config.optimizer_state == "keep":
+                store["g_opt"] = slice_client(local.g_opt, row)
+                store["d_opt"] = slice_client(local.d_opt, row)
+        return {"client_ids": plan.client_ids, "sizes": plan.sizes, "steps": plan.steps,
+                "staleness": np.zeros(len(plan.client_ids)), "start": starts,
+                "final": {"g": local.g_state, "d": local.d_state}, "d_loss": d_losses, "g_loss": g_losses}
+
+    def _client_updates(self, which: str, updates: Mapping[str, Any], round_index: int) -> tuple[dict, int]:
+        """What each client sends for one network: its update, attacked if it attacks, compressed with error
+        feedback if asked for; and the bytes that takes a client.
+
+        Parameters travel as updates (state - start); attacks and compression act on those. Buffers (BN
+        running statistics, counters) travel as the client's values, dense: a running variance rebuilt from a
+        stale or compressed difference can turn negative.
+        """
+        config, ids = self.config, updates["client_ids"]
+        start, final = updates["start"][which], updates["final"][which]
+        sent_keys = [k for k in final if k not in self._local_keys[which]]
+        floats = [k for k in sent_keys if k in self._param_names[which]]
+        update = {k: final[k] - start[k] for k in floats}  # (K, ...) each
+        if config.attack in ("sign_flip", "noise", "nan"):
+            for row, client in enumerate(ids):
+                if client in self.attackers:
+                    noise = torch.Generator(device=self.device).manual_seed(
+                        derive_seed(config.seed, round_index, int(client), STREAM_ATTACK))
+                    for k in floats:
+                        update[k][row] = poison_update(update[k][row], config.attack, config.attack_scale, noise)
+        residual_key = f"{which}_residual"
+        feedback = config.compression != "none" and config.error_feedback
+        for row, client in enumerate(ids if feedback else ()):
+            carried = self.client_store[int(client)].get(residual_key)
+            for k in floats if carried is not None else ():
+                update[k][row] += carried[k].to(update[k].device)
+        sent, nbytes = compress_updates(update, config.compression, config.topk_fraction)
+        for row, client in enumerate(ids if feedback else ()):
+            self.client_store[int(client)][residual_key] = {k: (update[k][row] - sent[k][row]).cpu() for k in floats}
+        buffers, buffer_bytes = compress_updates({k: final[k] for k in sent_keys if k not in floats}, "none")
+        return {**sent, **buffers}, nbytes + buffer_bytes
+
+    def uploads(self, which: str) -> bool:
+        """Whether clients send network "g" or "d" back (not a network kept local, nor G under server_generator)."""
+        return self.synced(which) and not (which == "g" and self.config.server_generator)
+
+    def _aggregate(self, updates: Mapping[str, Any], round_index: int) -> dict[str, Any]:
+        """Clients: local keys kept, updates sent (see _client_updates). Server: clients whose update or loss
+        is not finite are left out, then staleness weights, DP-FedAvg's clip and noise, FedNova and the strategy."""
+        config, ids = self.config, updates["client_ids"]
+        log: dict[str, Any] = {"bytes_up": 0, "server": {}, **({"failed": updates["failed"]} if "failed" in updates
+                                                                else {})}
+        sent: dict[str, dict[str, Tensor]] = {}
+        usable = np.isfinite(updates["d_loss"]) & np.isfinite(updates["g_loss"])  # (K,)
+        for which in ("g", "d"):
+            final = updates["final"][which]
+            for row, client in enumerate(ids if self._local_keys[which] else ()):
+                self.client_store[int(client)][f"{which}_local"] = slice_client(
+                    {k: final[k] for k in self._local_keys[which]}, row)
+            if self.uploads(which):
+                sent[which], nbytes = self._client_updates(which, updates, round_index)
+                log["bytes_up"] += nbytes * len(ids)
+            for tensor in (sent[which] if self.uploads(which) else final).values():
+                if tensor.dtype.is_floating_point:
+                    usable &= torch.isfinite(tensor.flatten(1)).all(1).cpu().numpy()
+        if not usable.all():
+            log["excluded"] = ids[~usable].tolist()
+            if self.log:
+                print(f"round {round_index}: left out clients {log['excluded']}: their update or loss is NaN/Inf")
+        if usable.sum() < config.min_clients:
+            log["kept_global"] = True
+            if self.log:
+                print(f"round {round_index}: {int(usable.sum())} usable updates < min_clients={config.min_clients}; "
+                      "the global models stay as they were")
+            return log
+        rows = torch.as_tensor(np.flatnonzero(usable))
+
+        def usable_rows(tree: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            return dict(tree) if usable.all() else {k: v[rows.to(v.device)] for k, v in tree.items()}
+        weights, steps = updates["sizes"][usable].astype(np.float64), updates["steps"][usable]
+        info = {"client_ids": ids[usable], "steps": steps, "staleness": updates["staleness"][usable]}
+        scale = staleness_weight(info["staleness"], config.staleness, config.staleness_a, config.staleness_b)
+        attacked = config.attack in ("sign_flip", "noise") and any(c in self.attackers for c in info["client_ids"])
+        received = {which: usable_rows(tree) for which, tree in sent.items()}
+        if config.dp_clip is not None:  # DP covers everything sent: parameter updates and buffer changes
+            buffer_changes = {}
+            for which, tree in received.items():
+                buffers = [k for k, v in tree.items() if k not in self._param_names[which] and v.is_floating_point()]
+                final, start = (usable_rows({k: updates[part][which][k] for k in buffers})
+                                for part in ("final", "start"))
+                buffer_changes[which] = {k: final[k] - start[k] for k in buffers}
+            noisy = self._privatize({which: {**received[which], **buffer_changes[which]} for which in received},
+                                    round_index, log)
+        for which, model in (("g", self.generator), ("d", self.discriminator)):
+            final = usable_rows(updates["final"][which])
+            if not self.synced(which):  # nothing is sent; the average only serves to sample from
+                model.load_state_dict(fedavg_stacked(final, weights))
+                continue
+            if not self.uploads(which):  # G under server_generator: trained below, on the server
+                continue
+            global_state = model.state_dict()
+            floats = [k for k in received[which] if k in self._param_names[which]]
+            effective, client_weights = dict(final), weights  # as the clients left them: exact when unchanged
+            if config.dp_clip is not None:  # one noisy mean update, applied as a single client
+                effective = {k: (global_state[k] + noisy[which][k] if k in noisy[which]
+                                 else final[k].amax(0)).unsqueeze(0) for k in final}
+                for k in effective:  # post-processing keeps DP: a noisy running variance must stay >= 0
+                    if k.endswith("running_var"):
+                        effective[k].clamp_(min=0)
+                client_weights = np.ones(1)
+            elif config.compression != "none" or attacked or (scale != 1).any():  # global + weight x what was sent
+                effective.update(scale_updates(global_state, {k: global_state[k] + received[which][k] for k in floats},
+                                               torch.as_tensor(scale), floats))
+            if config.step_normalisation == "fednova" and config.dp_clip is None:
+                effective = fednova_rescale(global_state, effective, steps, weights, floats)
+            strategy = self.strategies[which]
+            model.load_state_dict(strategy.aggregate(global_state, effective, client_weights, info))
+            if strategy.last_log:
+                log["server"][which] = dict(strategy.last_log)
+        if config.server_generator:
+            log["server_g_loss"] = self._train_server_generator(round_index, int(round(float(np.mean(steps)))))
+        return log
+
+    def _privatize(self, received: Mapping[str, Mapping[str, Tensor]], round_index: int,
+                   log: dict[str, Any]) -> dict[str, dict[str, Tensor]]:
+        """DP-FedAvg on what the clients sent (G and D together): clipped, summed, noised; epsilon into the log."""
+        config = self.config
+        expected = clients_per_round(config.num_clients, config.client_fraction)
+        noise = torch.Generator(device=self.device).manual_seed(derive_seed(config.seed, round_index, STREAM_DP))
+        which = list(received)
+        noisy, norms = privatize_updates([received[w] for w in which], config.dp_clip, config.dp_noise_multiplier,
+                                         expected, noise)
+        log["dp_clipped"] = int((norms > config.dp_clip).sum())
+        log["dp_norm_median"] = float(norms.median())
+        log["epsilon"] = (dp_epsilon(config.dp_noise_multiplier, expected / config.num_clients, round_index,
+                                     config.dp_delta) if config.dp_noise_multiplier > 0 else math.inf)
+        return dict(zip(which, noisy))
+
+    def _train_server_generator(self, round_index: int, steps: int) -> float:
+        """DP-FedAvg-GAN's server step: G trained against a copy of the aggregated D; returns G's mean loss."""
+        config = self.config
+        steps = config.server_g_steps or max(1, steps)
+        if self.server_g_opt is None:
+            self.server_g_opt = torch.optim.Adam(self.generator.parameters(), lr=config.lr_g, betas=config.betas)
+        critic = copy.deepcopy(self.discriminator).train().requires_grad_(False)
+        draws = torch.Generator(device=self.device).manual_seed(derive_seed(config.seed, round_index, STREAM_NOISE, 1))
+        num_classes = DATASETS[config.dataset].num_classes
+        total = torch.zeros((), device=self.device)
+        self.generator.train()
+        for _ in range(steps):
+            z = torch.randn((config.batch_size, config.z_dim), generator=draws, device=self.device)
+            y = torch.randint(num_classes, (config.batch_size,), generator=draws, device=self.device)
+            with bfloat16_compute(config.amp):
+                logits = critic(self.generator(z, y), y).float()
+            loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+            self.server_g_opt.zero_grad()
+            loss.backward()
+            self.server_g_opt.step()
+            total += loss.detach()
+        return float(total) / steps
+
+    def _watchdog(self, record: Mapping[str, Any]) -> None:
+        """Stop with a clear message when the global model went NaN/Inf or D's loss collapsed for several rounds."""
+        config = self.config
+
+        def advice() -> str:
+            last_good = latest_checkpoint(self.run_dir)
+            return (f"The last checkpoint is {last_good} (resume=True continues from it); try lower learning rates, "
+                    "a robust strategy or update_threshold." if last_good else "No checkpoint was saved yet.")
+        for name, model in (("generator", self.generator), ("discriminator", self.discriminator)):
+            broken = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not v.isfinite().all()]
+            if broken:
+                raise DivergenceError(f"round {record['round']}: the global {name} has NaN/Inf in {broken[:3]}. "
+                                      + advice())
+        rounds = config.watchdog_rounds
+        recent = [r["d_loss"] for r in [*self.history, record][-rounds:]] if rounds else []
+        if rounds and len(recent) == rounds and all(loss < config.collapse_loss for loss in recent):
+            raise DivergenceError(f"round {record['round']}: the discriminator loss stayed below "
+                                  f"collapse_loss={config.collapse_loss} for {rounds} rounds ({recent}); "
+                                  "the generator no longer learns. " + advice())
+
+    def _async_updates(self, round_index: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """FedBuff-style asynchrony: keep `concurrency` clients training, apply the next `async_buffer` arrivals.
+
+        A client trains from the global model of the moment it is dispatched and arrives steps / speed
+        time units later; its update is weighted by staleness (server versions since its dispatch).
+        """
+        config, K = self.config, self.config.num_clients
+        concurrency = clients_per_round(K, config.client_fraction)
+        buffer = config.async_buffer or max(1, concurrency // 2)
+        busy = {entry["client"] for entry in self.in_flight}
+        idle = [c for c in range(K) if c not in busy]
+        log: dict[str, Any] = {"dropped_out": [], "late": [], "trained": [], "images": 0}
+        if concurrency > len(self.in_flight):
+            rng = np.random.default_rng(derive_seed(config.seed, round_index, STREAM_SELECTION))
+            ids = choose_clients(idle, concurrency - len(self.in_flight), rng, policy=config.selection,
+                                 sizes=[len(p) for p in self.parts], losses=self.client_losses(),
+                                 candidates=config.poc_candidates)
+            trained = self._train(plan_clients(config, self.parts, ids, round_index))
+            for row, client in enumerate(ids):
+                self.in_flight.append({
+                    "client": int(client), "version": self.round, "size": int(trained["sizes"][row]),
+                    "steps": int(trained["steps"][row]),
+                    "finish": float(self.clock + trained["steps"][row] / self.speeds[client]),
+                    "d_loss": trained["d_loss"][row], "g_loss": trained["g_loss"][row],
+                    **{f"{which}_{part}": slice_client(trained[part][which], row)
+                       for which in ("g", "d") for part in ("start", "final")}})
+            log.update(trained=ids.tolist(), images=int(trained["steps"].sum()) * config.batch_size,
+                       bytes_down=self._bytes_down() * len(ids))
+        self.in_flight.sort(key=lambda entry: (entry["finish"], entry["client"]))
+        arrived, self.in_flight = self.in_flight[:buffer], self.in_flight[buffer:]
+        log["sim_time"] = max(e["finish"] for e in arrived) - self.clock
+        lost = np.random.default_rng(derive_seed(config.seed, round_index, STREAM_DROPOUT)).random(
+            len(arrived)) < config.dropout
+        log["dropped_out"] = [e["client"] for e, gone in zip(arrived, lost) if gone]
+        arrived = [e for e, gone in zip(arrived, lost) if not gone]
+        if not arrived:
+            return None, log
+        updates = {"client_ids": np.array([e["client"] for e in arrived]),
+                   "sizes": np.array([e["size"] for e in arrived]), "steps": np.array([e["steps"] for e in arrived]),
+                   "staleness": np.array([self.round - e["version"] for e in arrived], dtype=np.float64),
+                   "d_loss": [e["d_loss"] for e in arrived], "g_loss": [e["g_loss"] for e in arrived],
+                   **{part: {which: stack_clients([e[f"{which}_{part}"] for e in arrived], self.device)
+                             for which in ("g", "d")} for part in ("start", "final")}}
+        log["staleness"] = updates["staleness"].tolist()
+        return updates, log
+
+    def run_round(self) -> dict[str, Any]:
+        """Select, broadcast, train locally, aggregate, log: one communication round (async: one server update)."""
+        config = self.config
+        start = time.perf_counter()
+        if config.sync_mode == "async":
+            updates, log = self._async_updates(self.round + 1)
+        else:
+            plan = plan_round(config, self.parts, self.round + 1, self.client_losses())
+            updates = self._train(plan) if len(plan.client_ids) else None
+            log = {"dropped_out": plan.dropped_out, "late": plan.late, "sim_time": plan.sim_time,
+                   "images": int(plan.steps.sum()) * config.batch_size,
+                   "bytes_down": self._bytes_down() * len(plan.client_ids)}
+        if updates is not None:
+            log.update(self._aggregate(updates, self.round + 1))
+        elif self.log:
+            print(f"round {self.round + 1}: no client reported back; the global models stay as they were")
+
+        self.round += 1
+        self.clock += log["sim_time"]
+        seconds = time.perf_counter() - start
+        weights = updates["sizes"].astype(np.float64) if updates is not None else None
+        previous = self.history[-1] if self.history else {}
+        record = {
+            "round": self.round,
+            "clients": updates["client_ids"].tolist() if updates is not None else [],
+            "d_loss": float(np.average(updates["d_loss"], weights=weights)) if updates is not None else math.nan,
+            "g_loss": float(np.average(updates["g_loss"], weights=weights)) if updates is not None else math.nan,
+            "d_loss_clients": updates["d_loss"] if updates is not None else [],
+            "g_loss_clients": updates["g_loss"] if updates is not None else [],
+            "seconds": seconds,
+            "images_total": log["images"] + previous.get("images_total", 0),
+            "images_per_s": log["images"] / seconds,
+            "sim_time_total": self.clock,
+            "bytes_total": log.get("bytes_up", 0) + log.get("bytes_down", 0) + previous.get("bytes_total", 0),
+            **log,
+        }
+        self._watchdog(record)
+        every = config.eval_every
+        if every is not None and ((every and self.round % every == 0) or self.round == config.rounds):
+            eval_start = time.perf_counter()
+            record["metrics"] = self.evaluate()
+            record["eval_seconds"] = time.perf_counter() - eval_start
+        self.history.append(record)
+        self.grid_snapshots[self.round] = self.sample_grid()
+        every = config.checkpoint_every
+        if (every and self.round % every == 0) or self.round == config.rounds:
+            self.save_checkpoint()
+        return record
+
+    def evaluate(self) -> dict[str, Any]:
+        """Metrics of the global generator against the real test set (see Evaluator; its `reference` too)."""
+        if self.evaluator is None:
+            self.evaluator = make_evaluator(self.config, self.images, self.device, log=self.log)
+        return self.evaluator(self.generator)
+
+    def run(self, rounds: int | None = None, progress: bool = True) -> "Federation":
+        """Run until `rounds` (default: config.rounds) rounds are done; one log line a round."""
+        from tqdm.auto import tqdm
+
+        target = self.config.rounds if rounds is None else rounds
+        bar = tqdm(range(self.round, target), desc="rounds", disable=not progress)
+        for _ in bar:
+            record = self.run_round()
+            bar.set_postfix(d_loss=f"{record['d_loss']:.3f}", g_loss=f"{record['g_loss']:.3f}")
+            if self.log:
+                bar.write(format_round(record))
+        return self
+
+    # -- outputs --------------------------------------------------------------------------------
+    def sample_grid(self) -> Tensor:
+        """The global generator on the fixed noise and labels: [100, C, H, W] in [-1, 1], CPU."""
+        return generate(self.generator, self.fixed_labels, noise=self.fixed_noise).cpu()
+
+    def save_run_info(self) -> dict[str, Any]:
+        """Write env.json (env_report) and config.json into the run's output folder; returns the report."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        report = env_report()
+        (self.out_dir / "env.json").write_text(json.dumps(report, indent=1))
+        (self.out_dir / "config.json").write_text(self.config.to_json())
+        return report
+
+    def save_checkpoint(self) -> Path:
+        """checkpoint_dir/<run>/round_XXXX.pt: global models, client state, history, config."""
+        path = self.run_dir / f"round_{self.round:04d}.pt"
+        save_checkpoint(path, {
+            "format": 2,
+            "round": self.round,
+            "config": self.config.to_json(),
+            "generator_config": self.generator.config,
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "client_store": {str(k): v for k, v in self.client_store.items()},
+            "history": self.history,
+            "grid_snapshots": {str(k): v for k, v in self.grid_snapshots.items()},
+            "strategies": {which: strategy.state_dict() for which, strategy in self.strategies.items()},
+            "clock": self.clock,
+            "in_flight": self.in_flight,
+            "server_g_opt": self.server_g_opt.state_dict() if self.server_g_opt is not None else None,
+            "rng": rng_state(),  # the rounds draw from (seed, round)-derived generators; this is the caller's
+        })
+        return path
+
+
+def format_round(record: Mapping[str, Any]) -> str:
+    """One log line for a round."""
+    line = (f"round {record['round']:3d} | D {record['d_loss']:.3f} | G {record['g_loss']:.3f} | "
+            f"{record['seconds']:.1f} s | {record['images_per_s']:,.0f} img/s")
+    if "metrics" in record:
+        m = record["metrics"]
+        line += f" | FID {m['fid']:.1f} | IS {m['is']:.2f} | cond_acc {m['cond_acc']:.3f}"
+    return line
+
+
+def run_federation(config: FedConfig, *, resume: bool = False, data: tuple[Tensor, Tensor] | None = None,
+                   progress: bool = True) -> Federation:
+    """Run a federated cDCGAN to config.rounds; `resume` continues from the run's latest checkpoint."""
+    return Federation(config, data=data, resume=resume).run(progress=progress)

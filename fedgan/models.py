@@ -1,0 +1,140 @@
+"""The conditional DCGAN: generator and discriminator, their initialisation, and sampling."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fedgan.config import DATASETS, FedConfig
+
+Tensor = torch.Tensor
+
+
+def _resolution_plan(size: int) -> tuple[int, int]:
+    """(base, doublings) with base * 2**doublings == size and base in 4..7: 28 -> (7, 2), 32 -> (4, 3)."""
+    for doublings in range(1, 8):
+        base, rest = divmod(size, 2 ** doublings)
+        if rest == 0 and 4 <= base <= 7:
+            return base, doublings
+    raise ValueError(f"image size {size} is not supported: it must be 4..7 times a power of two (28, 32, 64, ...)")
+
+
+def dcgan_init_(module: nn.Module) -> None:
+    """DCGAN init: conv weights ~ N(0, 0.02), BatchNorm weights ~ N(1, 0.02), biases 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class Generator(nn.Module):
+    """Conditional DCGAN generator: [z, embed(label)] -> image in [-1, 1]."""
+
+    def __init__(self, *, image_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10, z_dim: int = 100,
+                 embed_dim: int = 10, ngf: int = 64):
+        super().__init__()
+        channels, height, width = image_shape
+        if height != width:
+            raise ValueError(f"image_shape={tuple(image_shape)}: only square images are supported")
+        base, doublings = _resolution_plan(height)
+        self.config = dict(image_shape=tuple(image_shape), num_classes=num_classes, z_dim=z_dim,
+                           embed_dim=embed_dim, ngf=ngf)
+        self.num_classes, self.z_dim = num_classes, z_dim
+        self.label_embedding = nn.Embedding(num_classes, embed_dim)
+        width_mult = 2 ** (doublings - 1)
+        layers: list[nn.Module] = [  # (B, z+e, 1, 1) -> (B, ngf*2^(n-1), base, base)
+            nn.ConvTranspose2d(z_dim + embed_dim, ngf * width_mult, base, 1, 0, bias=False),
+            nn.BatchNorm2d(ngf * width_mult), nn.ReLU(True)]
+        for _ in range(doublings - 1):  # each block doubles the resolution and halves the width
+            layers += [nn.ConvTranspose2d(ngf * width_mult, ngf * width_mult // 2, 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(ngf * width_mult // 2), nn.ReLU(True)]
+            width_mult //= 2
+        layers += [nn.ConvTranspose2d(ngf, channels, 4, 2, 1, bias=False), nn.Tanh()]
+        self.main = nn.Sequential(*layers)
+        dcgan_init_(self)
+
+    def forward(self, z: Tensor, labels: Tensor) -> Tensor:
+        x = torch.cat([z, self.label_embedding(labels)], dim=1)  # (B, z_dim + embed_dim)
+        # The first layer, a transposed convolution of a 1x1 input, is a matrix product: computed as one, since
+        # convolution kernels are slow at it, grouped ones (K clients under vmap) most (benchmarks/RESULTS.md)
+        first = self.main[0].weight  # (z_dim + embed_dim, C', base, base)
+        x = F.linear(x, first.flatten(1).t()).view(-1, *first.shape[1:])  # (B, C', base, base)
+        return self.main[1:](x)  # (B, C, H, W)
+
+
+class Discriminator(nn.Module):
+    """Conditional DCGAN discriminator: the label enters as an extra learned image channel."""
+
+    def __init__(self, *, image_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10, ndf: int = 64):
+        super().__init__()
+        channels, height, width = image_shape
+        if height != width:
+            raise ValueError(f"image_shape={tuple(image_shape)}: only square images are supported")
+        base, doublings = _resolution_plan(height)
+        self.config = dict(image_shape=tuple(image_shape), num_classes=num_classes, ndf=ndf)
+        self.num_classes, self.image_size = num_classes, height
+        self.label_channel = nn.Embedding(num_classes, height * width)
+        layers: list[nn.Module] = [nn.Conv2d(channels + 1, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
+        width_mult = 1
+        for _ in range(doublings - 1):  # each block halves the resolution and doubles the width
+            layers += [nn.Conv2d(ndf * width_mult, ndf * width_mult * 2, 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(ndf * width_mult * 2), nn.LeakyReLU(0.2, True)]
+            width_mult *= 2
+        layers += [nn.Conv2d(ndf * width_mult, 1, base, 1, 0, bias=False)]  # (B, 1, 1, 1)
+        self.main = nn.Sequential(*layers)
+        dcgan_init_(self)
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        size = self.image_size
+        label_map = self.label_channel(labels).view(-1, 1, size, size)  # (B, 1, H, W)
+        features = self.main[:-1](torch.cat([images, label_map], dim=1))  # (B, C', base, base)
+        # the last layer's kernel covers the whole map: a matrix product, computed as one (as in the Generator)
+        return F.linear(features.flatten(1), self.main[-1].weight.flatten(1)).flatten()  # (B,) logits
+
+
+def build_models(config: FedConfig) -> tuple[Generator, Discriminator]:
+    """G and D for the config's dataset, freshly initialised from the current torch RNG."""
+    info = DATASETS[config.dataset]
+    generator = Generator(image_shape=info.image_shape, num_classes=info.num_classes, z_dim=config.z_dim,
+                          embed_dim=config.embed_dim, ngf=config.ngf)
+    discriminator = Discriminator(image_shape=info.image_shape, num_classes=info.num_classes, ndf=config.ndf)
+    return generator, discriminator
+
+
+def norm_state_keys(module: nn.Module) -> set[str]:
+    """State-dict keys of the BatchNorm layers (weights, biases and running statistics)."""
+    keys = set()
+    for prefix, m in module.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            keys.update(f"{prefix}.{name}" for name in m.state_dict())
+    return keys
+
+
+@torch.no_grad()
+def generate(generator: Generator, labels: Sequence[int] | Tensor, seed: int = 0,
+             noise: Tensor | None = None) -> Tensor:
+    """Images in [-1, 1] for the requested labels: [len(labels), C, H, W], on the generator's device.
+
+    Uses the generator in eval mode (BatchNorm running statistics); `noise` [N, z_dim] overrides `seed`.
+    """
+    device = next(generator.parameters()).device
+    labels = torch.as_tensor(labels, dtype=torch.int64).flatten()
+    if labels.numel() == 0 or labels.min() < 0 or labels.max() >= generator.num_classes:
+        raise ValueError(f"labels must be a non-empty list of integers in [0, {generator.num_classes - 1}], "
+                         f"got {labels.tolist()[:20]}")
+    if noise is None:
+        noise = torch.randn(len(labels), generator.z_dim, generator=torch.Generator().manual_seed(seed))
+    if tuple(noise.shape) != (len(labels), generator.z_dim):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected ({len(labels)}, {generator.z_dim})")
+    was_training = generator.training
+    generator.eval()
+    try:
+        return generator(noise.to(device), labels.to(device))
+    finally:
+        generator.train(was_training)
