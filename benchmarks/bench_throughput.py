@@ -2,9 +2,10 @@
 
 In one process, on the same data and model, for each K it times local training (a D and a G step per client
 per step, K clients x batch images):
-  loop     - the reference per-client loop of tests/reference_loop.py (nn.Module + torch.optim.Adam)
-  engine   - fedgan_utils.train_clients, as the notebooks use it (all K clients stacked, one vmap'd model;
-             on a GPU each step replayed from a CUDA graph), in a round after the first: its LocalTrainer kept
+  loop     - the reference per-client loop, client_map="reference" (fedgan/engine/reference.py: nn.Module and
+             torch.optim.Adam, one client after another)
+  engine   - fedgan.engine's train_clients, as the notebooks use it (all K clients stacked; on a GPU each step
+             replayed from a CUDA graph), in a round after the first: its LocalTrainer kept
   first round - the same in a federation's first round (a new LocalTrainer, the graphs captured in the round)
   ceiling  - the same engine with one model given all K x batch images per step (plain cuDNN convolutions)
   eager    - on a GPU, also the engine without CUDA graphs (--no-cuda-graphs makes it the engine)
@@ -33,11 +34,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))
 
 import fedgan_utils as fu  # noqa: E402
 from fedgan.engine import trainer as engine_trainer, triton_conv  # noqa: E402
-from reference_loop import reference_round  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -53,12 +53,21 @@ def make_plan(config: fu.FedConfig, num_clients: int, batch: int, steps: int, nu
                         indices, noise_seed=1)
 
 
+def local_training(config: fu.FedConfig) -> fu.LocalTraining:
+    return fu.LocalTraining(lr_g=config.lr_g, lr_d=config.lr_d, betas=config.betas)
+
+
+def with_engine(config: fu.FedConfig, **options) -> fu.FedConfig:
+    return dataclasses.replace(config, engine=dataclasses.replace(config.engine, **options))
+
+
 def time_engine(config, generator, discriminator, images, labels, plan) -> float:
     g_state = fu.broadcast(generator.state_dict(), len(plan.client_ids))
     d_state = fu.broadcast(discriminator.state_dict(), len(plan.client_ids))
     synchronize(images.device)
     start = time.perf_counter()
-    result = fu.train_clients(generator, discriminator, g_state, d_state, images, labels, plan, config)
+    result = fu.train_clients(generator, discriminator, g_state, d_state, images, labels, plan,
+                              local_training(config), config.engine)
     result.d_loss.tolist()  # the one host sync of a round
     synchronize(images.device)
     return time.perf_counter() - start
@@ -71,19 +80,16 @@ def time_first_round(config, generator, discriminator, images, labels, plan) -> 
     g_state, d_state = fu.broadcast(generator.state_dict(), count), fu.broadcast(discriminator.state_dict(), count)
     synchronize(images.device)
     start = time.perf_counter()
-    client_map = fu.resolved_client_map(config.client_map, images.device, plan.steps.tolist())
-    trainer = fu.LocalTrainer(generator, discriminator, g_state, d_state, images, labels, config, client_map, 0.0, True)
+    client_map = fu.resolved_client_map(config.engine.client_map, images.device, plan.steps.tolist())
+    trainer = fu.LocalTrainer(generator, discriminator, g_state, d_state, images, labels, local_training(config),
+                              config.engine, client_map)
     trainer(g_state, d_state, plan).d_loss.tolist()
     synchronize(images.device)
     return time.perf_counter() - start
 
 
 def time_loop(config, generator, discriminator, images, labels, plan) -> float:
-    synchronize(images.device)
-    start = time.perf_counter()
-    reference_round(generator, discriminator, images, labels, plan, config)
-    synchronize(images.device)
-    return time.perf_counter() - start
+    return time_engine(with_engine(config, client_map="reference"), generator, discriminator, images, labels, plan)
 
 
 class KernelCounter(TorchDispatchMode):
@@ -107,7 +113,7 @@ def kernels_per_step(timer, config, generator, discriminator, images, labels, pl
     Counted without CUDA graphs: a graph replays the same kernels, but from one launch that the count cannot see.
     """
     with KernelCounter() as counter:
-        timer(dataclasses.replace(config, cuda_graphs=False), generator, discriminator, images, labels, plan)
+        timer(with_engine(config, cuda_graphs=False), generator, discriminator, images, labels, plan)
     return counter.count / int(plan.steps.max())
 
 
@@ -123,25 +129,24 @@ def variant_label(option: str, value: str) -> str:
 
 def measure(k: int, args, device: torch.device, images, labels) -> dict:
     config = fu.FedConfig(num_clients=max(k, 1), batch_size=args.batch, ngf=args.ngf, ndf=args.ngf, device=str(device),
-                          eval_every=None, client_map=args.client_map, amp=args.amp, cuda_graphs=args.cuda_graphs,
-                          **args.conv)
+                          eval_every=None, engine=args.engine)
     torch.manual_seed(0)
     models = tuple(m.to(device) for m in fu.build_models(config))
     plan = make_plan(config, k, args.batch, args.steps, len(labels))
-    ceiling_config = dataclasses.replace(config, num_clients=1, batch_size=k * args.batch,
-                                         conv_form="grouped")  # one model: groups=1, cuDNN's plain convolutions
+    ceiling_config = with_engine(dataclasses.replace(config, num_clients=1, batch_size=k * args.batch),
+                                 conv_form="grouped")  # one model: groups=1, cuDNN's plain convolutions
     one_model = make_plan(ceiling_config, 1, k * args.batch, args.steps, len(labels))
     contenders = {"engine": (time_engine, config, plan), "loop": (time_loop, config, plan),
                   "ceiling": (time_engine, ceiling_config, one_model), "first round": (time_first_round, config, plan)}
     if not args.loop:  # a variant of the engine measured after the loop was: the loop's figures are the same
         del contenders["loop"]
-    timed_eager = device.type == "cuda" and config.cuda_graphs and args.eager
+    timed_eager = device.type == "cuda" and config.engine.cuda_graphs and args.eager
     if timed_eager:  # what the graphs bring: the engine as it steps without them
-        contenders["eager"] = (time_engine, dataclasses.replace(config, cuda_graphs=False), plan)
+        contenders["eager"] = (time_engine, with_engine(config, cuda_graphs=False), plan)
     for variant, overrides in args.variants.items():  # the engine with other conv forms or client maps
-        contenders[variant] = (time_engine, dataclasses.replace(config, **overrides), plan)
+        contenders[variant] = (time_engine, with_engine(config, **overrides), plan)
     fu.clear_local_trainers()  # the last K's
-    fu.LOCAL_TRAINERS_KEPT = 2 * len(contenders)  # each contender's trainer, and the kernel counts' ones
+    engine_trainer.LOCAL_TRAINERS_KEPT = 2 * len(contenders)  # each contender's trainer, and the kernel counts' ones
     for timer, cfg, p in contenders.values():  # warm-up: allocator, cuDNN autotuning, caches
         timer(cfg, *models, images, labels, first_steps(p, 2))
     best = {name: float("inf") for name in contenders}
@@ -158,7 +163,8 @@ def measure(k: int, args, device: torch.device, images, labels) -> dict:
         time_engine(config, *models, images, labels, plan)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
     work = k * args.batch * args.steps
-    return {"K": k, "batch": args.batch, "device": str(device), **args.conv,
+    return {"K": k, "batch": args.batch, "device": str(device),
+            **{name: getattr(args.engine, name) for name in ("conv_form", "conv_block_clients", "deterministic")},
             "loop_img_s": work / best["loop"] if args.loop else None,
             "engine_img_s": work / best["engine"], "ceiling_img_s": work / best["ceiling"], "peak_mem_mb": peak,
             "eager_img_s": work / best["eager"] if timed_eager else None,
@@ -184,8 +190,7 @@ def full_round(device: torch.device, images, labels, args, **split) -> str:
     steps: unequal clients keep the stacked step going for the largest."""
     with tempfile.TemporaryDirectory() as scratch:
         config = fu.preset("full", device=str(device), eval_every=None, checkpoint_every=0, rounds=10 ** 6,
-                           checkpoint_dir=scratch, out_dir=scratch, amp=args.amp, cuda_graphs=args.cuda_graphs,
-                           **args.conv, **split)
+                           checkpoint_dir=scratch, out_dir=scratch, engine=args.engine, **split)
         federation = fu.Federation(config, data=(images, labels), log=False)
         steps = [fu.local_steps_for(len(part), config) for part in federation.parts]
         fu.clear_local_trainers()
@@ -203,20 +208,20 @@ def main() -> None:
     parser.add_argument("--ngf", type=int, default=64, help="generator and discriminator width")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--client-map", default="auto", choices=fu.CLIENT_MAPS, help="the engine's client_map")
-    parser.add_argument("--amp", action="store_true",
-                        help="engine and ceiling with amp=True, bf16 (the loop stays float32)")
+    parser.add_argument("--bfloat16", action="store_true",
+                        help="engine and ceiling with EngineOptions(bfloat16=True) (the loop stays float32)")
     parser.add_argument("--conv-form", default="auto", choices=fu.CONV_FORMS,
-                        help="engine and ceiling: the form of the thin convolutions under vmap (FedConfig.conv_form)")
-    parser.add_argument("--block-clients", type=int, default=fu.FedConfig.conv_block_clients,
+                        help="engine and ceiling: the form of the thin convolutions under vmap (EngineOptions)")
+    parser.add_argument("--block-clients", type=int, default=fu.EngineOptions.conv_block_clients,
                         help="clients per block-diagonal convolution with --conv-form block")
     parser.add_argument("--compare-forms", default="",
                         help="comma-separated other conv forms for the engine, timed alongside: grouped, loop, "
                              "block:N (N clients a block), triton; printed below the table")
     parser.add_argument("--compare-maps", default="",
-                        help="comma-separated other client maps for the engine (FedConfig.client_map), timed "
+                        help="comma-separated other client maps for the engine (EngineOptions.client_map), timed "
                              "alongside: vmap, loop, streams; printed below the table")
-    parser.add_argument("--client-streams", type=int, default=fu.CLIENT_STREAMS,
-                        help="CUDA streams the clients share with client_map streams (fedgan_utils.CLIENT_STREAMS)")
+    parser.add_argument("--cuda-streams", type=int, default=fu.EngineOptions.cuda_streams,
+                        help="CUDA streams the clients share with client_map streams (EngineOptions.cuda_streams)")
     parser.add_argument("--triton-tiles", type=Path, default=None,
                         help="a JSON file of tile shapes for the Triton kernels (probe_conv_forms.py --sweep-tiles)")
     parser.add_argument("--nondeterministic", dest="deterministic", action="store_false",
@@ -231,18 +236,18 @@ def main() -> None:
     parser.add_argument("--full-round", action="store_true", help="also time one full-preset round (default on GPU)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     args = parser.parse_args()
-    args.conv = {"conv_form": args.conv_form, "conv_block_clients": args.block_clients,
-                 "deterministic": args.deterministic}
+    args.engine = fu.EngineOptions(client_map=args.client_map, bfloat16=args.bfloat16, cuda_graphs=args.cuda_graphs,
+                                   cuda_streams=args.cuda_streams, conv_form=args.conv_form,
+                                   conv_block_clients=args.block_clients, deterministic=args.deterministic)
     if args.triton_tiles:
         triton_conv.TRITON_TILES.update({kernel: tuple(tiles) for kernel, tiles in json.loads(args.triton_tiles.read_text())
                                 .items()})
     args.compare_forms = [form for form in args.compare_forms.split(",") if form]
-    engine_trainer.CLIENT_STREAMS = args.client_streams
     args.compare_maps = [client_map for client_map in args.compare_maps.split(",") if client_map]
     args.variants = {**{variant_label("conv_form", form): conv_options(form) for form in args.compare_forms},
                      **{variant_label("client_map", m): {"client_map": m} for m in args.compare_maps}}
     for overrides in args.variants.values():  # a wrong one fails here, not after the first timings
-        fu.FedConfig(**overrides)
+        dataclasses.replace(args.engine, **overrides)
     device = fu.pick_device(args.device)
     gpu = device.type == "cuda"
     ks = [int(k) for k in (args.ks or ("1,10,100" if gpu else "1,4,10")).split(",")]
@@ -255,10 +260,10 @@ def main() -> None:
     print(f"device {device} ({report['gpu'] or 'CPU, ' + str(report['cpu_threads']) + ' threads'}) | torch "
           f"{report['torch']} | batch {args.batch} a client | ngf=ndf={args.ngf} | "
           f"engine client_map={args.client_map}, "
-          f"{f'{args.client_streams} streams, ' if 'streams' in (args.client_map, *args.compare_maps) else ''}"
+          f"{f'{args.cuda_streams} streams, ' if 'streams' in (args.client_map, *args.compare_maps) else ''}"
           f"conv_form={args.conv_form}{f' ({args.block_clients} clients a block)' if args.conv_form == 'block' else ''}"
           f"{f', Triton tiles {triton_conv.TRITON_TILES}' if args.triton_tiles else ''}"
-          f"{', amp (bf16)' if args.amp else ''}{', CUDA graphs' if gpu and args.cuda_graphs else ''}"
+          f"{', bfloat16' if args.bfloat16 else ''}{', CUDA graphs' if gpu and args.cuda_graphs else ''}"
           f"{'' if args.deterministic else ', cuDNN autotuned (deterministic=False)'} | "
           f"{args.steps} steps, best of {args.repeats}")
     rows = [measure(k, args, device, images, labels) for k in ks]

@@ -31,8 +31,10 @@ def train_once(config: fu.FedConfig, images: torch.Tensor, labels: torch.Tensor,
     torch.manual_seed(0)
     generator, discriminator = (m.to(images.device) for m in fu.build_models(config))
     count = config.num_clients
+    local = fu.LocalTraining(lr_g=config.lr_g, lr_d=config.lr_d, betas=config.betas)
     result = fu.train_clients(generator, discriminator, fu.broadcast(generator.state_dict(), count),
-                              fu.broadcast(discriminator.state_dict(), count), images, labels, plan, config)
+                              fu.broadcast(discriminator.state_dict(), count), images, labels, plan, local,
+                              config.engine)
     return torch.cat([v.flatten().double() for v in {**result.g_state, **result.d_state}.values()])
 
 
@@ -47,7 +49,7 @@ def main() -> None:
     device = fu.pick_device(args.device)
     images, labels = (t.to(device) for t in fu.load_dataset("mnist"))
     config = fu.FedConfig(num_clients=args.clients, local_steps=args.steps, ngf=args.ngf, ndf=args.ngf,
-                          device=str(device), eval_every=None, client_map="vmap")
+                          device=str(device), eval_every=None)
     plan = fu.plan_round(config, fu.partition(labels.cpu().numpy(), args.clients, seed=0), 1)
     print(f"device {device} | torch {fu.env_report()['torch']} | K={args.clients} | ngf=ndf={args.ngf} | "
           f"{args.steps} local steps, trained twice from seed 0")
@@ -55,8 +57,9 @@ def main() -> None:
     forms = ("grouped", "block") + (("triton",) if device.type == "cuda" and triton_conv.triton is not None else ())
     for deterministic in (True, False):
         for form in forms:
-            setting = dataclasses.replace(config, deterministic=deterministic, conv_form=form,
-                                          conv_block_clients=args.clients)
+            engine = fu.EngineOptions(client_map="vmap", deterministic=deterministic, conv_form=form,
+                                      conv_block_clients=args.clients)
+            setting = dataclasses.replace(config, engine=engine)
             first, second = (train_once(setting, images, labels, plan) for _ in range(2))
             rows.append({"device": str(device), "deterministic": deterministic, "conv_form": form,
                          "equal": torch.equal(first, second), "max_diff": (first - second).abs().max().item()})

@@ -10,12 +10,12 @@
 # engine vs reference, CUDA graphs, determinism, checkpoints, the clients on streams), the throughput benchmark
 # (K = 1, 10, 100 and a full-preset round, the thin layers' other forms and the clients on 8 CUDA streams
 # alongside; K = 10 for 94 steps, a full-preset round's length), the benchmark with cuDNN autotuned (with the
-# loop), the clients on 16 streams, amp's throughput,
+# loop), the clients on 16 streams, bfloat16's throughput,
 # same seed twice (check_determinism), memory at K = 100 and 1,000 at 10% (bench_memory), the convolution
-# forms' probe at K = 10 and 100, the Triton kernels' tile sweep. amp's quality (check_amp.py), measured in
+# forms' probe at K = 10 and 100, the Triton kernels' tile sweep. bfloat16's quality (check_bfloat16.py), measured in
 # earlier sessions, runs on the CPU only. Prints a line per step; about 6 minutes on an H200.
 #
-# SKIP="throughput_amp conv_forms tile_sweep" leaves those steps out (what an earlier session measured at
+# SKIP="throughput_bfloat16 conv_forms tile_sweep" leaves those steps out (what an earlier session measured at
 # unchanged code).
 # STUDY_SEEDS="0 1 2" ends with the sync study's cells at the full preset (study_cells.py) from those seeds, one
 # cell after another with all its seeds, in the time left; its JSON is rewritten after every run, so a cell cut
@@ -72,9 +72,9 @@ if [ "$GPU" = 1 ]; then
   step throughput_autotuned 90 "$PYTHON" benchmarks/bench_throughput.py --ks 10 --steps 20 --repeats 2 \
     --nondeterministic --compare-forms triton --compare-maps streams --json "$LOGS/throughput_autotuned.json"
   step streams_16 60 "$PYTHON" benchmarks/bench_throughput.py --ks 10,100 --steps 20 --repeats 2 --no-loop \
-    --compare-maps streams --client-streams 16 --json "$LOGS/streams_16.json"
-  step throughput_amp 60 "$PYTHON" benchmarks/bench_throughput.py --ks 10,100 --steps 20 --repeats 2 --amp \
-    --no-loop --compare-forms grouped --json "$LOGS/throughput_amp.json"  # the loop is float32: its figures are above
+    --compare-maps streams --cuda-streams 16 --json "$LOGS/streams_16.json"
+  step throughput_bfloat16 60 "$PYTHON" benchmarks/bench_throughput.py --ks 10,100 --steps 20 --repeats 2 --bfloat16 \
+    --no-loop --compare-forms grouped --json "$LOGS/throughput_bfloat16.json"  # the loop is float32: its figures are above
   step determinism 40 "$PYTHON" benchmarks/check_determinism.py --json "$LOGS/determinism.json"
   # two rounds of 8 local steps, the trainer (its state and CUDA graphs) kept from the first round to the second
   step memory 90 "$PYTHON" benchmarks/bench_memory.py --local-steps 8 --cases 100:1.0,1000:0.1 \
@@ -89,9 +89,9 @@ else
     --client-map vmap --compare-forms grouped,block:2 --compare-maps streams --json "$LOGS/throughput.json"
   step tests_cpu 300 "$PYTHON" -m pytest -q -p no:warnings -p no:cacheprovider tests/test_engine.py
   step memory 300 "$PYTHON" benchmarks/bench_memory.py --cases 20:1.0,200:0.1 --ngf 16 --json "$LOGS/memory.json"
-  step throughput_amp 300 "$PYTHON" benchmarks/bench_throughput.py --ks 2 --steps 2 --repeats 1 --ngf 16 --amp \
-    --json "$LOGS/throughput_amp.json"
-  step amp_quality 300 "$PYTHON" benchmarks/check_amp.py --preset smoke --json "$LOGS/amp_quality.json"
+  step throughput_bfloat16 300 "$PYTHON" benchmarks/bench_throughput.py --ks 2 --steps 2 --repeats 1 --ngf 16 --bfloat16 \
+    --json "$LOGS/throughput_bfloat16.json"
+  step bfloat16_quality 300 "$PYTHON" benchmarks/check_bfloat16.py --preset smoke --json "$LOGS/bfloat16_quality.json"
   step determinism 300 "$PYTHON" benchmarks/check_determinism.py --clients 3 --steps 2 --ngf 8 \
     --json "$LOGS/determinism.json"
 fi
@@ -109,8 +109,8 @@ if [ -n "$STUDY_SEEDS" ]; then  # the cells of the README's full-preset table, i
     --seeds $STUDY_SEEDS --json "$LOGS/study.json" --cells "${cells[@]}"
 fi
 
-for log in tests_cuda tests_cpu throughput throughput_epoch streams_16 throughput_amp throughput_autotuned determinism \
-  memory amp_quality conv_forms tile_sweep study; do
+for log in tests_cuda tests_cpu throughput throughput_epoch streams_16 throughput_bfloat16 throughput_autotuned determinism \
+  memory bfloat16_quality conv_forms tile_sweep study; do
   [ -f "$LOGS/$log.txt" ] && { echo "== $log"; tail -n 30 "$LOGS/$log.txt"; }
 done
 tar -czf "$OUT/gpu-session.tar.gz" -C "$LOGS" . && rm -r "$LOGS"

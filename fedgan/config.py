@@ -1,18 +1,18 @@
-"""FedConfig, every knob of a run, validated on construction; the datasets it knows; the presets."""
+"""FedConfig, every knob of a run, validated on construction; the datasets it knows; the presets.
+
+The knobs of federated learning are FedConfig's own fields; how local training is computed (batched how, in
+which precision, replayed from CUDA graphs) is EngineOptions, FedConfig.engine: speed, not results.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import Any, Mapping
 
 from fedgan.checks import finite, is_int, is_number, non_negative_int, positive_int, positive_number, require
 from fedgan.environment import pick_device
-
-Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ DATASETS: dict[str, DatasetInfo] = {
 PARTITIONS = ("iid", "dirichlet", "shards", "classes", "quantity")
 BN_POLICIES = ("average", "local")
 OPTIMIZER_STATES = ("reset", "keep")
-CLIENT_MAPS = ("auto", "vmap", "loop", "streams")
+CLIENT_MAPS = ("auto", "vmap", "loop", "streams", "reference")
 CONV_FORMS = ("auto", "grouped", "block", "loop", "triton")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "damped", "fedadagrad", "fedadam", "fedyogi", "median",
               "trimmed_mean", "krum")
@@ -73,9 +73,7 @@ FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and wh
     "topk_fraction": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "staleness_a": (lambda v: is_number(v) and finite(v) and v >= 0, "a number >= 0"),
     "staleness_b": (non_negative_int, "an integer >= 0"),
-    **{name: (lambda v: isinstance(v, bool), "True or False")
-       for name in ("error_feedback", "server_generator", "amp", "cuda_graphs", "deterministic")},
-    "conv_block_clients": (positive_int, "an integer >= 1"),
+    **{name: (lambda v: isinstance(v, bool), "True or False") for name in ("error_feedback", "server_generator")},
     "attack_fraction": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "attack_scale": (positive_number, "a number > 0"),
     "min_clients": (positive_int, "an integer >= 1"),
@@ -97,9 +95,41 @@ FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and wh
 }
 
 
+ENGINE_FIELD_RULES: dict[str, tuple[Any, str]] = {  # EngineOptions' fields: a test and what is allowed
+    "client_map": (lambda v: v in CLIENT_MAPS, f"one of {list(CLIENT_MAPS)}"),
+    "conv_form": (lambda v: v in CONV_FORMS, f"one of {list(CONV_FORMS)}"),
+    **{name: (lambda v: isinstance(v, bool), "True or False") for name in ("bfloat16", "cuda_graphs", "deterministic")},
+    **{name: (positive_int, "an integer >= 1") for name in ("cuda_streams", "conv_block_clients")},
+}
+LEGACY_ENGINE_FIELDS = {"client_map": "client_map", "amp": "bfloat16", "cuda_graphs": "cuda_graphs",
+                        "conv_form": "conv_form", "conv_block_clients": "conv_block_clients",
+                        "deterministic": "deterministic"}  # FedConfig fields before EngineOptions -> its names
+
+
 def check_field(name: str, value: Any) -> None:
     ok, allowed = FIELD_RULES[name]
     require(ok(value), name, value, allowed)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine computes local training, not what: every choice trains the same clients to the same result up
+    to float rounding (bfloat16: its rounding). The defaults are what measured fastest (benchmarks/RESULTS.md)."""
+
+    client_map: str = "auto"  # how the clients are batched: "vmap" (one batched call), "loop" (a plain model call a
+    # client, over views of the stacked state), "streams" (the loop, the clients side by side on CUDA streams),
+    # "reference" (each client in turn as nn.Modules with torch.optim.Adam: the plain loop, to read and debug),
+    # "auto" (the loop on a CPU; on a CUDA GPU streams, vmap for clients of unequal step counts)
+    bfloat16: bool = False  # convolutions and linear layers in bfloat16, batch norm, losses and Adam in float32
+    cuda_graphs: bool = True  # on a CUDA GPU, replay each local step from a CUDA graph (same result, one launch)
+    cuda_streams: int = 8  # client_map="streams": CUDA streams the clients share (CUDA_DEVICE_MAX_CONNECTIONS)
+    conv_form: str = "auto"  # under vmap, the thin convolutions (<= 4 channels a side): CONV_FORMS, ClientConvolutions
+    conv_block_clients: int = 10  # conv_form="block": clients per block-diagonal convolution ("auto" picks its own)
+    deterministic: bool = True  # GPU: cuDNN's deterministic algorithms (same seed, same result); False: autotuned
+
+    def __post_init__(self) -> None:
+        for name, (ok, allowed) in ENGINE_FIELD_RULES.items():
+            require(ok(getattr(self, name)), name, getattr(self, name), allowed)
 
 
 @dataclass
@@ -118,15 +148,7 @@ class FedConfig:
     local_steps: int | None = None  # if set, a fixed number of local steps instead of local_epochs
     bn_policy: str = "average"  # BatchNorm under aggregation: "average" (FedAvg) or "local" (FedBN)
     optimizer_state: str = "reset"  # client Adam state each round: "reset" or "keep" (per client)
-    client_map: str = "auto"  # clients as one batch: "vmap", "loop" (map_clients), "streams" (the loop, clients
-    # side by side on CUDA streams), "auto" (loop on a CPU; on a CUDA GPU streams, vmap for clients of unequal
-    # step counts: resolved_client_map)
-    amp: bool = False  # local training's convolutions in bfloat16, the rest float32 (speed; changes results slightly)
-    cuda_graphs: bool = True  # on a CUDA GPU, replay each local step from a CUDA graph (same result, fewer launches)
-    conv_form: str = "auto"  # under vmap, the thin convolutions (<= 4 channels a side): CONV_FORMS, ClientConvolutions
-    conv_block_clients: int = 10  # conv_form="block": clients per block-diagonal convolution ("auto" picks its own)
-    deterministic: bool = True  # GPU: cuDNN's deterministic algorithms (same seed, same result); False: autotuned
-    # server rule (see the Aggregation section)
+    # server rule (strategies.py)
     strategy: str = "fedavg"  # one of STRATEGIES (or pass a Strategy object to Federation)
     server_lr: float | None = None  # server learning rate; None: 1.0 fedavgm, 0.5 damped (its alpha), 1e-2 adaptive
     server_momentum: float = 0.9  # fedavgm's momentum; beta1 of fedadagrad, fedadam, fedyogi
@@ -135,7 +157,7 @@ class FedConfig:
     trim_beta: float = 0.1  # trimmed_mean: fraction of clients cut at each end
     krum_f: int = 1  # krum: clients assumed faulty
     krum_m: int = 1  # krum: clients kept (m > 1: Multi-Krum)
-    prox_mu: float | None = None  # proximal term (mu/2)|w - w_global|^2 in local losses; None: 0.01 fedprox, else 0
+    prox_mu: float | None = None  # FedProx's (mu/2)|w - w_start|^2 in the clients' losses; None: 0.01 fedprox, else 0
     update_threshold: float | None = None  # clip or drop client updates with a larger L2 norm; None: off
     threshold_rule: str = "median"  # update_threshold is "absolute" or a multiple of the round's "median" norm
     threshold_action: str = "clip"  # "clip" scales an update down to the threshold, "drop" leaves it out
@@ -187,7 +209,7 @@ class FedConfig:
     embed_dim: int = 10  # size of the generator's label embedding
     ngf: int = 64  # generator width
     ndf: int = 64  # discriminator width
-    # evaluation in a metric classifier's features (see the Metrics section)
+    # evaluation in a metric classifier's features (metrics.py)
     eval_every: int | None = 0  # evaluate every this many rounds and after the last (0: only the last; None: never)
     eval_samples: int = 10000  # generated (and real reference) images per evaluation
     classifier_epochs: int = 3  # epochs of the metric classifier (cached once trained)
@@ -199,6 +221,8 @@ class FedConfig:
     checkpoint_dir: str = "checkpoints"  # checkpoints go to checkpoint_dir/<run_name>/
     checkpoint_every: int = 1  # save every this many rounds (0: never; the last round is always saved)
     run_name: str = ""  # "" derives one from dataset, partition, K and seed
+    # how local training is computed: speed, not results
+    engine: EngineOptions = dataclasses.field(default_factory=EngineOptions)
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -213,6 +237,7 @@ class FedConfig:
             require(getattr(self, name) in allowed, name, getattr(self, name), f"one of {list(allowed)}")
         for name in FIELD_RULES:
             check_field(name, getattr(self, name))
+        require(isinstance(self.engine, EngineOptions), "engine", self.engine, "an EngineOptions")
         require(isinstance(self.betas, tuple) and len(self.betas) == 2
                  and all(is_number(b) and 0 <= b < 1 for b in self.betas), "betas", self.betas,
                  "two numbers in [0, 1), e.g. (0.5, 0.999)")
@@ -249,6 +274,13 @@ class FedConfig:
             require(self.async_buffer is None or self.async_buffer <= per_round, "async_buffer", self.async_buffer,
                      f"None or at most the {per_round} clients in flight (client_fraction x num_clients)")
 
+    @property
+    def client_prox_mu(self) -> float:
+        """FedProx's mu as the clients apply it: prox_mu, else 0.01 under strategy="fedprox", else 0."""
+        if self.prox_mu is not None:
+            return float(self.prox_mu)
+        return 0.01 if self.strategy == "fedprox" else 0.0
+
     def partition_kwargs(self) -> dict[str, Any]:
         """The partition parameters that the chosen scheme takes."""
         return {name: getattr(self, name) for name in PARTITION_PARAMS[self.partition]}
@@ -258,16 +290,33 @@ class FedConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "FedConfig":
+        """The config to_json wrote; also a checkpoint's from before EngineOptions (its engine fields moved in)."""
         values = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        engine = dict(values.pop("engine", {}))
+        engine.update({LEGACY_ENGINE_FIELDS[name]: values.pop(name) for name in list(values)
+                       if name in LEGACY_ENGINE_FIELDS})
+        check_known(values)
+        unknown = sorted(set(engine) - {f.name for f in dataclasses.fields(EngineOptions)})
         if unknown:
-            raise ValueError(f"unknown FedConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**values)
+            raise ValueError(f"unknown EngineOptions fields {unknown}; known fields: "
+                             f"{[f.name for f in dataclasses.fields(EngineOptions)]}")
+        return cls(**values, engine=EngineOptions(**engine))
+
+
+def check_known(values: Mapping[str, Any]) -> None:
+    """Refuse names that are not FedConfig fields, saying where an engine option now goes."""
+    known = {f.name for f in dataclasses.fields(FedConfig)}
+    moved = sorted(set(values) & set(LEGACY_ENGINE_FIELDS))
+    if moved:
+        raise ValueError(f"{moved} are engine options now, not FedConfig fields: pass engine=EngineOptions("
+                         + ", ".join(f"{LEGACY_ENGINE_FIELDS[m]}=..." for m in moved) + ")")
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown FedConfig fields {unknown}; known fields: {sorted(known)}")
 
 
 CHOICES.update(dataset=tuple(sorted(DATASETS)), partition=PARTITIONS, bn_policy=BN_POLICIES,
-               optimizer_state=OPTIMIZER_STATES, client_map=CLIENT_MAPS, conv_form=CONV_FORMS, strategy=STRATEGIES,
+               optimizer_state=OPTIMIZER_STATES, strategy=STRATEGIES,
                selection=SELECTIONS, sync_networks=SYNC_NETWORKS, sync_mode=SYNC_MODES, staleness=STALENESS_RULES,
                threshold_rule=THRESHOLD_RULES, threshold_action=THRESHOLD_ACTIONS,
                straggler_policy=STRAGGLER_POLICIES, step_normalisation=STEP_NORMALISATIONS, compression=COMPRESSIONS,
@@ -298,10 +347,7 @@ def preset(name: str, **overrides: Any) -> FedConfig:
     }
     if name not in base:
         raise ValueError(f"preset={name!r} is not known; presets: {list(PRESETS)}")
-    known = {f.name for f in dataclasses.fields(FedConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown FedConfig fields {unknown}; known fields: {sorted(known)}")
+    check_known(overrides)
     return FedConfig(**{**base[name], **overrides})
 
 

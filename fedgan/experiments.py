@@ -20,9 +20,8 @@ Tensor = torch.Tensor
 
 # what a centralized run shares with the federation it is compared with: data, model, optimisation, compute, scoring
 CENTRALIZED_FIELDS = ("dataset", "data_root", "batch_size", "lr_g", "lr_d", "betas", "z_dim", "embed_dim", "ngf",
-                      "ndf", "seed", "device", "amp", "cuda_graphs", "client_map", "conv_form", "conv_block_clients",
-                      "deterministic", "eval_samples", "classifier_epochs", "classifier_subset", "out_dir",
-                      "checkpoint_dir")
+                      "ndf", "seed", "device", "engine", "eval_samples", "classifier_epochs", "classifier_subset",
+                      "out_dir", "checkpoint_dir")
 
 
 def centralized_config(config: FedConfig, steps: int) -> FedConfig:

@@ -12,7 +12,6 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fedgan.aggregation import fedavg_stacked, fednova_rescale, scale_updates, staleness_weight
 from fedgan.checkpoints import checksum_path, latest_checkpoint, list_checkpoints, newest_loadable, save_checkpoint
@@ -20,16 +19,17 @@ from fedgan.compression import compress_updates
 from fedgan.config import DATASETS, FedConfig, clients_per_round
 from fedgan.data import load_dataset, training_images
 from fedgan.engine.precision import bfloat16_compute
-from fedgan.engine.stacked import adam_init, broadcast, map_tensors, slice_client, stack_clients
+from fedgan.engine.stacked import ADAM_MOMENTS, broadcast, fresh_adam_state, map_tensors, slice_client, stack_clients
 from fedgan.engine.trainer import train_clients
 from fedgan.environment import env_report, pick_device, rng_state, seed_everything, set_rng_state, warn
+from fedgan.gan import LocalTraining, generator_loss
 from fedgan.metrics import Evaluator, make_evaluator
 from fedgan.models import build_models, generate, norm_state_keys
 from fedgan.partition import partition
 from fedgan.privacy import dp_epsilon, privatize_updates
 from fedgan.rounds import (
-    STREAM_ATTACK, STREAM_DP, STREAM_DROPOUT, STREAM_NOISE, STREAM_SELECTION, RoundPlan, attacker_ids, choose_clients,
-    client_speeds, derive_seed, plan_clients, plan_round, poison_update)
+    RNG_ATTACK, RNG_DP, RNG_DROPOUT, RNG_NOISE, RNG_SELECTION, RoundPlan, attacker_ids, choose_clients, client_speeds,
+    derive_seed, plan_clients, plan_round, poison_update)
 from fedgan.strategies import Strategy, bound_copy, make_strategy
 
 Tensor = torch.Tensor
@@ -53,13 +53,14 @@ class Federation:
         if not isinstance(config, FedConfig):
             raise TypeError(f"config must be a FedConfig, got {type(config).__name__}")
         if strategy is not None and not isinstance(strategy, Strategy):
-            raise TypeError(f"strategy must be a Strategy (see the Aggregation section) or None for "
+            raise TypeError(f"strategy must be a Strategy (fedgan/strategies.py) or None for "
                             f"config.strategy, got {type(strategy).__name__}")
         self.config, self.log = config, log
         self.device = pick_device(config.device)
-        if config.amp and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] < 8:
-            warn(f"amp=True on a {torch.cuda.get_device_name(self.device)}: GPUs before Ampere (e.g. Kaggle's T4 "
-                  "and P100) have no bfloat16 tensor cores, so amp is likely slower than float32 there")
+        if (config.engine.bfloat16 and self.device.type == "cuda"
+                and torch.cuda.get_device_capability(self.device)[0] < 8):
+            warn(f"engine.bfloat16 on a {torch.cuda.get_device_name(self.device)}: GPUs before Ampere (e.g. Kaggle's "
+                 "T4 and P100) have no bfloat16 tensor cores, so it is likely slower than float32 there")
         images, labels = training_images(config, *(data if data is not None else
                                                     load_dataset(config.dataset, config.data_root)))
         self.images, self.labels = images.to(self.device), labels.to(self.device)  # uint8 and int64, resident
@@ -84,6 +85,8 @@ class Federation:
                            for which, model in networks}
         self.strategy_name = config.strategy if strategy is None else type(strategy).__name__
         self._param_names = {which: {n for n, _ in model.named_parameters()} for which, model in networks}
+        self.local_training = LocalTraining(lr_g=config.lr_g, lr_d=config.lr_d, betas=config.betas,
+                                            prox_mu=config.client_prox_mu, train_generator=not config.server_generator)
         self.speeds = client_speeds(config.num_clients, config.client_speed_sigma, config.seed)
         self.clock = 0.0  # simulated time, in local steps of a speed-1 client
         self.in_flight: list[dict[str, Any]] = []  # async: clients training, with their results and finish time
@@ -147,6 +150,13 @@ class Federation:
         self.generator.load_state_dict(checkpoint["generator"])
         self.discriminator.load_state_dict(checkpoint["discriminator"])
         self.client_store = {int(k): v for k, v in checkpoint["client_store"].items()}
+        for store in self.client_store.values():  # format 2 kept Adam moments by parameter name: flattened here
+            for which, model in (("g", self.generator), ("d", self.discriminator)):
+                kept = store.get(f"{which}_opt")
+                if kept is not None and isinstance(kept["exp_avg"], dict):
+                    store[f"{which}_opt"] = {"step": kept["step"], **{
+                        m: torch.cat([kept[m][name].flatten() for name, _ in model.named_parameters()])
+                        for m in ADAM_MOMENTS}}
         self.history = checkpoint["history"]
         self.grid_snapshots = {int(k): v for k, v in checkpoint["grid_snapshots"].items()}
         self.round = checkpoint["round"]
@@ -181,10 +191,12 @@ class Federation:
                 stacked[key][row] = own[key].to(self.device)
         return stacked
 
-    def _client_optimizers(self, which: str, plan: RoundPlan, params: Mapping[str, Tensor]) -> dict | None:
+    def _client_optimizers(self, which: str, plan: RoundPlan) -> dict[str, Tensor] | None:
+        """The plan's clients' Adam states for one network, stacked (optimizer_state="keep"); None: fresh ones."""
         if self.config.optimizer_state == "reset":
             return None
-        fresh = slice_client(adam_init({k: v[:1] for k, v in params.items()}), 0)
+        model = self.generator if which == "g" else self.discriminator
+        fresh = slice_client(fresh_adam_state(1, sum(p.numel() for p in model.parameters())), 0)
         trees = [self.client_store.get(int(c), {}).get(f"{which}_opt", fresh) for c in plan.client_ids]
         return stack_clients(trees, self.device)
 
@@ -232,12 +244,9 @@ class Federation:
         """Local training of the plan's clients from the current global models: their start and final states."""
         starts = {"g": self._client_start("g", self.generator, plan),
                   "d": self._client_start("d", self.discriminator, plan)}
-        optimizers = {which: self._client_optimizers(which, plan, {k: v for k, v in starts[which].items()
-                                                                    if k in self._param_names[which]})
-                      for which in ("g", "d")}
         local = train_clients(self.generator, self.discriminator, starts["g"], starts["d"], self.images,
-                              self.client_labels, plan, self.config, g_opt=optimizers["g"], d_opt=optimizers["d"],
-                              prox_mu=self.strategies["g"].prox_mu, train_generator=not self.config.server_generator)
+                              self.client_labels, plan, self.local_training, self.config.engine,
+                              g_opt=self._client_optimizers("g", plan), d_opt=self._client_optimizers("d", plan))
         d_losses, g_losses = local.d_loss.tolist(), local.g_loss.tolist()  # the round's one sync
         for row, client in enumerate(plan.client_ids):
             store = self.client_store.setdefault(int(client), {})
@@ -266,7 +275,7 @@ class Federation:
             for row, client in enumerate(ids):
                 if client in self.attackers:
                     noise = torch.Generator(device=self.device).manual_seed(
-                        derive_seed(config.seed, round_index, int(client), STREAM_ATTACK))
+                        derive_seed(config.seed, round_index, int(client), RNG_ATTACK))
                     for k in floats:
                         update[k][row] = poison_update(update[k][row], config.attack, config.attack_scale, noise)
         residual_key = f"{which}_residual"
@@ -367,7 +376,7 @@ class Federation:
         """DP-FedAvg on what the clients sent (G and D together): clipped, summed, noised; epsilon into the log."""
         config = self.config
         expected = clients_per_round(config.num_clients, config.client_fraction)
-        noise = torch.Generator(device=self.device).manual_seed(derive_seed(config.seed, round_index, STREAM_DP))
+        noise = torch.Generator(device=self.device).manual_seed(derive_seed(config.seed, round_index, RNG_DP))
         which = list(received)
         noisy, norms = privatize_updates([received[w] for w in which], config.dp_clip, config.dp_noise_multiplier,
                                          expected, noise)
@@ -384,16 +393,15 @@ class Federation:
         if self.server_g_opt is None:
             self.server_g_opt = torch.optim.Adam(self.generator.parameters(), lr=config.lr_g, betas=config.betas)
         critic = copy.deepcopy(self.discriminator).train().requires_grad_(False)
-        draws = torch.Generator(device=self.device).manual_seed(derive_seed(config.seed, round_index, STREAM_NOISE, 1))
+        draws = torch.Generator(device=self.device).manual_seed(derive_seed(config.seed, round_index, RNG_NOISE, 1))
         num_classes = DATASETS[config.dataset].num_classes
         total = torch.zeros((), device=self.device)
         self.generator.train()
         for _ in range(steps):
             z = torch.randn((config.batch_size, config.z_dim), generator=draws, device=self.device)
             y = torch.randint(num_classes, (config.batch_size,), generator=draws, device=self.device)
-            with bfloat16_compute(config.amp):
-                logits = critic(self.generator(z, y), y).float()
-            loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+            with bfloat16_compute(config.engine.bfloat16):
+                loss = generator_loss(critic, self.generator(z, y), y)
             self.server_g_opt.zero_grad()
             loss.backward()
             self.server_g_opt.step()
@@ -433,7 +441,7 @@ class Federation:
         idle = [c for c in range(K) if c not in busy]
         log: dict[str, Any] = {"dropped_out": [], "late": [], "trained": [], "images": 0}
         if concurrency > len(self.in_flight):
-            rng = np.random.default_rng(derive_seed(config.seed, round_index, STREAM_SELECTION))
+            rng = np.random.default_rng(derive_seed(config.seed, round_index, RNG_SELECTION))
             ids = choose_clients(idle, concurrency - len(self.in_flight), rng, policy=config.selection,
                                  sizes=[len(p) for p in self.parts], losses=self.client_losses(),
                                  candidates=config.poc_candidates)
@@ -451,7 +459,7 @@ class Federation:
         self.in_flight.sort(key=lambda entry: (entry["finish"], entry["client"]))
         arrived, self.in_flight = self.in_flight[:buffer], self.in_flight[buffer:]
         log["sim_time"] = max(e["finish"] for e in arrived) - self.clock
-        lost = np.random.default_rng(derive_seed(config.seed, round_index, STREAM_DROPOUT)).random(
+        lost = np.random.default_rng(derive_seed(config.seed, round_index, RNG_DROPOUT)).random(
             len(arrived)) < config.dropout
         log["dropped_out"] = [e["client"] for e, gone in zip(arrived, lost) if gone]
         arrived = [e for e, gone in zip(arrived, lost) if not gone]
@@ -551,7 +559,7 @@ class Federation:
         """checkpoint_dir/<run>/round_XXXX.pt: global models, client state, history, config."""
         path = self.run_dir / f"round_{self.round:04d}.pt"
         save_checkpoint(path, {
-            "format": 2,
+            "format": 3,
             "round": self.round,
             "config": self.config.to_json(),
             "generator_config": self.generator.config,

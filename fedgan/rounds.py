@@ -23,7 +23,7 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-STREAM_SELECTION, STREAM_BATCHES, STREAM_NOISE, STREAM_SPEED, STREAM_DROPOUT, STREAM_ATTACK, STREAM_DP = range(1, 8)
+RNG_SELECTION, RNG_BATCHES, RNG_NOISE, RNG_SPEED, RNG_DROPOUT, RNG_ATTACK, RNG_DP = range(1, 8)
 
 
 @dataclass
@@ -72,21 +72,21 @@ def select_clients(num_clients: int, fraction: float, seed: int, round_index: in
                    candidates: int | None = None) -> np.ndarray:
     """max(1, round(fraction * K)) clients by `policy` (see choose_clients), from a generator of its own per round."""
     count = clients_per_round(num_clients, fraction)
-    rng = np.random.default_rng(derive_seed(seed, round_index, STREAM_SELECTION))
+    rng = np.random.default_rng(derive_seed(seed, round_index, RNG_SELECTION))
     return choose_clients(np.arange(num_clients), count, rng, policy=policy, sizes=sizes, losses=losses,
                           candidates=candidates)
 
 
 def client_speeds(num_clients: int, sigma: float, seed: int) -> np.ndarray:
     """Each client's speed in local steps per time unit: lognormal(0, sigma), fixed for the run (1 if sigma=0)."""
-    rng = np.random.default_rng(derive_seed(seed, STREAM_SPEED))
+    rng = np.random.default_rng(derive_seed(seed, RNG_SPEED))
     return np.exp(sigma * rng.standard_normal(num_clients))
 
 
 def attacker_ids(num_clients: int, fraction: float, seed: int) -> list[int]:
     """The round(fraction * K) clients that attack, a fixed seeded choice for the whole run."""
     count = round(fraction * num_clients)
-    rng = np.random.default_rng(derive_seed(seed, STREAM_ATTACK))
+    rng = np.random.default_rng(derive_seed(seed, RNG_ATTACK))
     return sorted(rng.permutation(num_clients)[:count].tolist())
 
 
@@ -121,13 +121,13 @@ def plan_clients(config: FedConfig, parts: Sequence[np.ndarray], client_ids: Seq
     batch = config.batch_size
     indices = np.zeros((len(client_ids), int(steps.max(initial=0)), batch), dtype=np.int64)
     for row, (client, n, s) in enumerate(zip(client_ids, sizes, steps)):
-        rng = np.random.default_rng(derive_seed(config.seed, round_index, int(client), STREAM_BATCHES))
+        rng = np.random.default_rng(derive_seed(config.seed, round_index, int(client), RNG_BATCHES))
         own = parts[client]
         epochs = math.ceil(s * batch / n)
         walk = np.concatenate([own[rng.permutation(n)] for _ in range(epochs)])[: s * batch]
         indices[row, :s] = walk.reshape(s, batch)  # rows past a client's steps stay 0 and are masked
     return RoundPlan(round_index, client_ids, sizes, steps, torch.from_numpy(indices),
-                     derive_seed(config.seed, round_index, STREAM_NOISE))
+                     derive_seed(config.seed, round_index, RNG_NOISE))
 
 
 def plan_round(config: FedConfig, parts: Sequence[np.ndarray], round_index: int,
@@ -142,7 +142,7 @@ def plan_round(config: FedConfig, parts: Sequence[np.ndarray], round_index: int,
     selected = select_clients(len(parts), config.client_fraction, config.seed, round_index,
                               policy=config.selection, sizes=sizes, losses=client_losses,
                               candidates=config.poc_candidates)
-    reports = np.random.default_rng(derive_seed(config.seed, round_index, STREAM_DROPOUT)).random(len(selected))
+    reports = np.random.default_rng(derive_seed(config.seed, round_index, RNG_DROPOUT)).random(len(selected))
     dropped_out = selected[reports < config.dropout].tolist()
     ids = selected[reports >= config.dropout]
     speed = client_speeds(len(parts), config.client_speed_sigma, config.seed)[ids]

@@ -23,11 +23,9 @@ class Strategy:
     {key: [...]}. The math lives in pure functions; a strategy holds server state between rounds
     (`state_dict`/`load_state_dict`, saved in checkpoints) and can put numbers for the round's log in
     `last_log`. Keys in `buffer_keys` (BatchNorm running statistics, counters) are plain-averaged by the
-    built-in optimizers: an optimizer step on running statistics means nothing. `prox_mu` > 0 asks the
-    clients for FedProx's proximal term.
+    built-in optimizers: an optimizer step on running statistics means nothing. A strategy is the server's
+    part only: what clients do (FedProx's term, their optimizers) is FedConfig's and goes to local training.
     """
-
-    prox_mu: float = 0.0
 
     def __init__(self, *, buffer_keys: Iterable[str] = ()):
         self.buffer_keys = set(buffer_keys)
@@ -45,19 +43,11 @@ class Strategy:
 
 
 class FedAvg(Strategy):
-    """FedAvg (McMahan et al., 2017): the sample-weighted average becomes the global state."""
+    """FedAvg (McMahan et al., 2017): the sample-weighted average becomes the global state. Also FedProx's server
+    (Li et al., MLSys 2020), whose clients add FedConfig.prox_mu's proximal term to their losses."""
 
     def aggregate(self, global_state, client_states, weights, info=None):
         return fedavg_stacked(client_states, weights)
-
-
-class FedProx(FedAvg):
-    """FedProx (Li et al., MLSys 2020): FedAvg on the server; clients add (mu/2)|w - w_global|^2 to their losses."""
-
-    def __init__(self, mu: float = 0.01, *, buffer_keys: Iterable[str] = ()):
-        super().__init__(buffer_keys=buffer_keys)
-        require(positive_number(mu), "mu", mu, "a number > 0")
-        self.prox_mu = mu
 
 
 class RobustRule(Strategy):
@@ -146,7 +136,6 @@ class Thresholded(Strategy):
         require(rule in THRESHOLD_RULES, "rule", rule, f"one of {list(THRESHOLD_RULES)}")
         require(action in THRESHOLD_ACTIONS, "action", action, f"one of {list(THRESHOLD_ACTIONS)}")
         self.inner, self.threshold, self.rule, self.action = inner, threshold, rule, action
-        self.prox_mu = inner.prox_mu
 
     def aggregate(self, global_state, client_states, weights, info=None):
         keys = [k for k, v in client_states.items() if v.dtype.is_floating_point and k not in self.buffer_keys]
@@ -190,10 +179,8 @@ def bound_copy(strategy: Strategy, buffer_keys: set[str]) -> Strategy:
 def make_strategy(config: FedConfig, buffer_keys: Iterable[str] = ()) -> Strategy:
     """The server rule that config.strategy names, with the config's parameters (and threshold, if set)."""
     name = config.strategy
-    if name == "fedavg":
+    if name in ("fedavg", "fedprox"):  # FedProx's clients differ (FedConfig.client_prox_mu), not its server
         strategy: Strategy = FedAvg(buffer_keys=buffer_keys)
-    elif name == "fedprox":
-        strategy = FedProx(0.01 if config.prox_mu is None else config.prox_mu, buffer_keys=buffer_keys)
     elif name == "damped":
         strategy = ServerOptimizer("fedavgm", server_lr=0.5 if config.server_lr is None else config.server_lr,
                                    momentum=0.0, buffer_keys=buffer_keys)
@@ -207,8 +194,6 @@ def make_strategy(config: FedConfig, buffer_keys: Iterable[str] = ()) -> Strateg
         strategy = RobustRule(trimmed_mean, buffer_keys=buffer_keys, beta=config.trim_beta)
     else:
         strategy = RobustRule(krum, buffer_keys=buffer_keys, f=config.krum_f, m=config.krum_m)
-    if config.prox_mu is not None and name != "fedprox":
-        strategy.prox_mu = config.prox_mu
     if config.update_threshold is not None:
         strategy = Thresholded(strategy, config.update_threshold, rule=config.threshold_rule,
                                action=config.threshold_action)

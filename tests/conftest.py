@@ -1,4 +1,5 @@
 """Shared fixtures: real MNIST (from $FEDGAN_DATA, or ../shared/data/MNIST beside the repo) and tiny configs."""
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -37,6 +38,11 @@ def mnist_small(mnist):
     """The first 1,200 MNIST training images, for runs that must take a second."""
     images, labels = mnist
     return images[:1200], labels[:1200]
+
+
+def with_engine(config, **options):
+    """`config` with other EngineOptions: with_engine(config, client_map="vmap")."""
+    return dataclasses.replace(config, engine=dataclasses.replace(config.engine, **options))
 
 
 @pytest.fixture

@@ -1,4 +1,6 @@
-"""FedConfig: validation of every field, JSON round trip, presets."""
+"""FedConfig: validation of every field, JSON round trip, presets; EngineOptions."""
+import json
+
 import pytest
 
 import fedgan_utils as fu
@@ -21,7 +23,6 @@ import fedgan_utils as fu
     ("partition", "random", "['iid', 'dirichlet', 'shards', 'classes', 'quantity']"),
     ("bn_policy", "sync", "['average', 'local']"),
     ("optimizer_state", "warm", "['reset', 'keep']"),
-    ("client_map", "pmap", "['auto', 'vmap', 'loop', 'streams']"),
     ("strategy", "fedsgd", "'fedavgm', 'damped', 'fedadagrad'"),
     ("server_lr", 0, "None (the rule's default) or a number > 0"),
     ("server_momentum", 1.0, "[0, 1)"),
@@ -48,8 +49,7 @@ import fedgan_utils as fu
     ("topk_fraction", 0, "(0, 1]"),
     ("client_speed_sigma", -1, "number >= 0"),
     ("error_feedback", 1, "True or False"),
-    ("amp", "yes", "True or False"),
-    ("cuda_graphs", 1, "True or False"),
+    ("engine", {"client_map": "vmap"}, "an EngineOptions"),
 ])
 def test_a_bad_value_names_the_field_the_value_and_what_is_allowed(field, value, allowed):
     with pytest.raises(ValueError) as error:
@@ -90,6 +90,49 @@ def test_smoke_is_smaller_than_cpu_which_is_smaller_than_full():
     smoke, cpu, full = (fu.preset(n) for n in ("smoke", "cpu", "full"))
     assert smoke.train_subset is not None and smoke.ngf < cpu.ngf < full.ngf
     assert cpu.rounds * cpu.local_epochs < full.rounds * full.local_epochs
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("client_map", "pmap", "['auto', 'vmap', 'loop', 'streams', 'reference']"),
+    ("conv_form", "fft", "['auto', 'grouped', 'block', 'loop', 'triton']"),
+    ("bfloat16", "yes", "True or False"),
+    ("cuda_graphs", 1, "True or False"),
+    ("deterministic", None, "True or False"),
+    ("cuda_streams", 0, "an integer >= 1"),
+    ("conv_block_clients", 2.0, "an integer >= 1"),
+])
+def test_a_bad_engine_option_names_the_option_the_value_and_what_is_allowed(field, value, allowed):
+    with pytest.raises(ValueError) as error:
+        fu.EngineOptions(**{field: value})
+    message = str(error.value)
+    assert message.startswith(f"{field}={value!r}")
+    assert allowed in message
+
+
+def test_engine_options_given_as_config_fields_say_where_they_go():
+    with pytest.raises(ValueError, match=r"\['amp', 'client_map'\] are engine options now, not FedConfig fields: "
+                                         r"pass engine=EngineOptions\(bfloat16=..., client_map=...\)"):
+        fu.preset("smoke", client_map="vmap", amp=True)
+
+
+def test_a_checkpoints_config_from_before_engine_options_loads_with_them_moved_in():
+    values = json.loads(fu.FedConfig(num_clients=3).to_json())
+    del values["engine"]
+    values.update(client_map="vmap", amp=True, cuda_graphs=False, conv_form="block", conv_block_clients=2,
+                  deterministic=False)  # the flat fields a format 2 checkpoint's config holds
+    config = fu.FedConfig.from_json(json.dumps(values))
+    assert config.engine == fu.EngineOptions(client_map="vmap", bfloat16=True, cuda_graphs=False, conv_form="block",
+                                             conv_block_clients=2, deterministic=False)
+    assert config.num_clients == 3
+    with pytest.raises(ValueError, match=r"unknown EngineOptions fields \['warp'\]"):
+        fu.FedConfig.from_json(json.dumps({"engine": {"warp": 9}}))
+
+
+def test_the_clients_prox_mu_is_the_configs_or_fedproxs_default():
+    assert fu.FedConfig().client_prox_mu == 0.0
+    assert fu.FedConfig(strategy="fedprox").client_prox_mu == 0.01
+    assert fu.FedConfig(strategy="fedprox", prox_mu=0.5).client_prox_mu == 0.5
+    assert fu.FedConfig(strategy="fedadam", prox_mu=0.1).client_prox_mu == 0.1  # FedProx's term with any server
 
 
 def test_unknown_preset_and_unknown_override_are_named():

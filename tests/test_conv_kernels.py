@@ -3,7 +3,6 @@
 On a CPU they run on Triton's interpreter (conftest sets TRITON_INTERPRET), which computes float32 only; on a GPU
 (FEDGAN_TEST_DEVICE=cuda) they are compiled, and bfloat16 is checked too.
 """
-import dataclasses
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 
 import fedgan_utils as fu
 from fedgan.engine import convolutions, triton_conv
-from conftest import TEST_DEVICE
+from conftest import TEST_DEVICE, with_engine
 from test_engine import ConvolutionGroups, assert_states_close, train_tiny
 
 pytestmark = pytest.mark.skipif(triton_conv.triton is None, reason="this torch comes without Triton")
@@ -78,9 +77,9 @@ def test_triton_form_trains_the_clients_as_vmaps_grouped_convolutions_and_repeat
     images, labels = (t.to(device) for t in mnist_small)
     # the interpreter takes a tenth of a second a kernel; on a GPU, enough steps for a CUDA graph of them
     clients, steps = (2, 1) if fu.TRITON_INTERPRETED else (5, fu.CudaGraphStep.WARMUP + 5)
-    config = tiny_config(num_clients=clients, client_map="vmap", local_steps=steps, batch_size=4)
-    grouped = train_tiny(dataclasses.replace(config, conv_form="grouped"), images, labels)
-    config = dataclasses.replace(config, conv_form="triton")
+    config = with_engine(tiny_config(num_clients=clients, local_steps=steps, batch_size=4), client_map="vmap")
+    grouped = train_tiny(with_engine(config, conv_form="grouped"), images, labels)
+    config = with_engine(config, conv_form="triton")
     with ConvolutionGroups() as seen:
         result = train_tiny(config, images, labels)
     # (transposed, input channels) of the convolutions run as vmap's grouped convolutions
@@ -97,20 +96,19 @@ def test_triton_form_trains_the_clients_as_vmaps_grouped_convolutions_and_repeat
 
 @pytest.mark.parametrize("clients,device,with_triton,overrides,form", [
     (5, "cuda", True, {}, "triton"), (100, "cuda", True, {}, "triton"),  # measured faster at 10 and 100 clients
-    (100, "cuda", True, {"amp": True}, "triton"),
+    (100, "cuda", True, {"bfloat16": True}, "triton"),
     (5, "cuda", True, {"deterministic": False}, None),  # autotuned cuDNN: vmap's grouped convolutions were faster
     (1, "cuda", True, {}, None),  # one client: vmap's convolution is a plain one
     (5, "cuda", False, {}, "block"), (5, "cpu", True, {}, "block")])  # no Triton, or no GPU: as without Triton
-def test_auto_conv_form_takes_the_triton_kernels_on_a_gpu_with_triton(tiny_config, monkeypatch, clients, device,
-                                                                      with_triton, overrides, form):
+def test_auto_conv_form_takes_the_triton_kernels_on_a_gpu_with_triton(monkeypatch, clients, device, with_triton,
+                                                                      overrides, form):
     if not with_triton:
         monkeypatch.setattr(convolutions, "triton", None)
-    config = tiny_config(num_clients=clients, **overrides)
-    mode = convolutions.client_convolutions(config, False, clients, torch.device(device))
+    mode = convolutions.client_convolutions(fu.EngineOptions(**overrides), True, clients, torch.device(device))
     assert getattr(mode, "form", None) == form  # None: no mode, vmap's own convolutions
 
 
-def test_triton_form_on_a_gpu_without_triton_says_what_is_missing(tiny_config, monkeypatch):
+def test_triton_form_on_a_gpu_without_triton_says_what_is_missing(monkeypatch):
     monkeypatch.setattr(convolutions, "triton", None)
     with pytest.raises(RuntimeError, match="needs the triton package"):
-        convolutions.client_convolutions(tiny_config(conv_form="triton"), False, 5, torch.device("cuda"))
+        convolutions.client_convolutions(fu.EngineOptions(conv_form="triton"), True, 5, torch.device("cuda"))

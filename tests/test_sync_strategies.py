@@ -1,5 +1,6 @@
 """Custom sync strategies: FedProx, damped and thresholded updates, FedNova, staleness, compression,
 client selection, stragglers, G/D-only sync, asynchronous buffered aggregation and strategy objects."""
+import dataclasses
 import math
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import fedgan_utils as fu
-from reference_loop import reference_round
+from conftest import with_engine
 
 
 def states_equal(a, b):
@@ -78,16 +79,12 @@ def test_staleness_weights_follow_the_fedasync_definitions():
 def test_fedprox_engine_matches_the_reference_loop_with_a_proximal_loss(mnist_small, tiny_config):
     config = tiny_config(strategy="fedprox", prox_mu=5.0, local_steps=4)
     federation = fu.Federation(config, data=mnist_small, log=False)
-    assert federation.strategies["g"].prox_mu == 5.0
-    reference_g, reference_d = fu.build_models(config)
-    reference_g.load_state_dict(federation.generator.state_dict())
-    reference_d.load_state_dict(federation.discriminator.state_dict())
-    plan = fu.plan_round(config, federation.parts, 1)
-    g_ref, d_ref, d_losses, _ = reference_round(reference_g, reference_d, federation.images, federation.labels,
-                                                plan, config, prox_mu=5.0)
-    record = federation.run_round()
-    np.testing.assert_allclose(record["d_loss_clients"], d_losses, rtol=1e-4, atol=1e-5)
-    for key, value in g_ref.items():
+    assert federation.local_training.prox_mu == 5.0  # from the config straight to the clients' local training
+    reference = fu.Federation(with_engine(dataclasses.replace(config, run_name="reference"), client_map="reference"),
+                              data=mnist_small, log=False)
+    record, expected = federation.run_round(), reference.run_round()  # the reference adds (mu/2)|w - w_start|^2
+    np.testing.assert_allclose(record["d_loss_clients"], expected["d_loss_clients"], rtol=1e-4, atol=1e-5)
+    for key, value in reference.generator.state_dict().items():
         torch.testing.assert_close(federation.generator.state_dict()[key], value, atol=2e-5, rtol=1e-4)
     plain = fu.Federation(tiny_config(checkpoint_dir=config.checkpoint_dir + "-plain"), data=mnist_small, log=False)
     plain.run_round()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from fedgan.config import FedConfig
+from fedgan.config import EngineOptions
 from fedgan.engine.triton_conv import TritonClientConvolution, pair, triton, triton_can_convolve
 
 Tensor = torch.Tensor
@@ -127,26 +127,25 @@ class ClientConvolutions(TorchFunctionMode):
 AUTO_BLOCK_CLIENTS = 10  # conv_form="auto": up to this many clients (float32) in one block-diagonal convolution
 
 
-def client_convolutions(config: FedConfig, looped: bool, clients: int,
-                         device: torch.device) -> contextlib.AbstractContextManager:
-    """The form of the thin convolutions under vmap. "auto" is what the benchmark measured fastest on an H200
-    (benchmarks/RESULTS.md). With cuDNN's deterministic heuristics (the default): on a CUDA GPU with Triton, the
-    Triton kernels from 2 clients on (the engine +22% over vmap's grouped convolutions at 100 clients, float32 and
-    bfloat16; at 10 clients +19% over grouped, +2% over one block-diagonal convolution, and even with grouped in
-    bfloat16); without Triton, all clients in one block-diagonal convolution at up to 10 clients in float32.
-    vmap's grouped convolutions otherwise: for one client (a plain convolution then), and with cuDNN autotuned
-    (deterministic=False), where they beat the Triton kernels by 9% at 10 clients. "triton" off a GPU computes as
-    "grouped"."""
-    form, block = config.conv_form, config.conv_block_clients
+def client_convolutions(engine: EngineOptions, batched: bool, clients: int,
+                        device: torch.device) -> contextlib.AbstractContextManager:
+    """The form of the thin convolutions under vmap (`batched`); the clients as plain models need none.
+
+    "auto" is what measured fastest on an H200 (benchmarks/RESULTS.md): with cuDNN's deterministic algorithms, the
+    Triton kernels from 2 clients on a CUDA GPU with Triton, else one block-diagonal convolution of all clients at
+    2 to AUTO_BLOCK_CLIENTS clients in float32; vmap's grouped convolutions otherwise (one client, whose convolution
+    is a plain one; bfloat16; cuDNN autotuned). "triton" off a GPU computes as "grouped".
+    """
+    form, block = engine.conv_form, engine.conv_block_clients
     if form == "auto":
-        blocked = config.deterministic and not config.amp and 2 <= clients <= AUTO_BLOCK_CLIENTS
-        if config.deterministic and clients >= 2 and device.type == "cuda" and triton is not None:
+        blocked = engine.deterministic and not engine.bfloat16 and 2 <= clients <= AUTO_BLOCK_CLIENTS
+        if engine.deterministic and clients >= 2 and device.type == "cuda" and triton is not None:
             form = "triton"
         else:
             form, block = ("block", clients) if blocked else ("grouped", 1)
     if form == "triton" and triton is None and device.type == "cuda":
         raise RuntimeError("conv_form='triton' needs the triton package, which this torch lacks: pip install triton, "
                            "or choose another conv_form")
-    if looped or form == "grouped":
+    if not batched or form == "grouped":
         return contextlib.nullcontext()
     return ClientConvolutions(form, block)

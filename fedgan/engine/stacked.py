@@ -1,21 +1,40 @@
-"""K clients' states stacked on a leading client dim: flat parameters, the stacked Adam, the loop map."""
+"""K clients' states stacked on a leading client dim: flat parameters, the stacked Adam, the loop over clients.
+
+A stacked state is {name: [K, ...]}, one row a client. A network's Adam state, here and wherever it is kept
+(LocalResult, a client's store between rounds, checkpoints), has one format: {"step": [K], "exp_avg": [K, P],
+"exp_avg_sq": [K, P]}, the moments' columns in FlatParams' order (the module's named_parameters).
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
+from fedgan.aggregation import unstack_states
+
 Tensor = torch.Tensor
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def adam_init(params: Mapping[str, Tensor]) -> dict[str, Any]:
-    """Fresh Adam state for stacked params: per-client step counts [K] and zero moments."""
-    first = next(iter(params.values()))
-    return {"step": torch.zeros(first.shape[0], device=first.device),
-            "exp_avg": {n: torch.zeros_like(p) for n, p in params.items()},
-            "exp_avg_sq": {n: torch.zeros_like(p) for n, p in params.items()}}
+def fresh_adam_state(clients: int, size: int, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """Adam's state before its first step, for `clients` clients of `size` parameters each."""
+    return {"step": torch.zeros(clients, device=device),
+            **{m: torch.zeros(clients, size, device=device) for m in ADAM_MOMENTS}}
+
+
+@dataclass
+class LocalResult:
+    """What a round of local training gives back, every tensor stacked on the client dim."""
+
+    g_state: dict[str, Tensor]  # {key: [K, ...]} the clients' generators after local training
+    d_state: dict[str, Tensor]  # {key: [K, ...]} the clients' discriminators
+    g_opt: dict[str, Tensor]  # the generators' Adam state: {"step": [K], "exp_avg": [K, P], "exp_avg_sq": [K, P]}
+    d_opt: dict[str, Tensor]  # the discriminators'
+    d_loss: Tensor  # [K] mean discriminator loss over each client's steps
+    g_loss: Tensor  # [K] mean generator loss (0 where the clients do not train G)
 
 
 class StackedAdam:
@@ -23,25 +42,17 @@ class StackedAdam:
 
     torch's fused Adam over the K rows: one call reads each tensor once and updates every client still
     training (one multi-tensor kernel; a few for large K on a GPU), where the same update written with tensor
-    ops takes a dozen full passes over [K, P] (and was a tenth of a CPU step at K=10, ngf=64). Same algorithm as
-    torch.optim.Adam, which the reference loop uses. (Fused Adam runs on a CPU from torch 2.4.)
+    ops takes a dozen full passes over [K, P]. Same algorithm as torch.optim.Adam, which the reference loop
+    uses. (Fused Adam runs on a CPU from torch 2.4.)
     """
-
-    MOMENTS = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, flat: Tensor, state: Mapping[str, Tensor], *, lr: float, betas: tuple[float, float]):
         """`state`: {"step": [K], "exp_avg": [K, P], "exp_avg_sq": [K, P]}, updated in place by step()."""
         self.rows = list(flat.unbind(0))  # (P,) views: the optimizer writes the clients' parameters in place
         self.optimizer = torch.optim.Adam(self.rows, lr=lr, betas=betas, fused=True)
         self.on_cuda = flat.device.type == "cuda"
-        for row, step, *moments in zip(self.rows, *(state[k].unbind(0) for k in ("step", *self.MOMENTS))):
-            self.optimizer.state[row] = {"step": step, **dict(zip(self.MOMENTS, moments))}  # views
-
-    @staticmethod
-    def initial_state(flat: Tensor) -> dict[str, Tensor]:
-        """Step counts 0 and zero moments for the clients of `flat` [K, P]."""
-        return {"step": torch.zeros(flat.shape[0], device=flat.device),
-                **{m: torch.zeros_like(flat) for m in StackedAdam.MOMENTS}}
+        for row, step, *moments in zip(self.rows, *(state[k].unbind(0) for k in ("step", *ADAM_MOMENTS))):
+            self.optimizer.state[row] = {"step": step, **dict(zip(ADAM_MOMENTS, moments))}  # views
 
     def step(self, grad: Tensor, active: Sequence[bool] | None = None) -> None:
         """One step with gradients [K, P]; clients not `active` (their local steps done) are left untouched."""
@@ -78,23 +89,10 @@ class FlatParams:
         pieces = flat.split(self.sizes, 1)  # each (K, size)
         return {n: piece.view(self.count, *shape) for n, piece, shape in zip(self.names, pieces, self.shapes)}
 
-    def adam_state(self, state: dict[str, Any] | None) -> dict[str, Tensor]:
-        """A stacked Adam state ({name: [K, ...]} moments) as StackedAdam's flat one, or a fresh one."""
-        if state is None:
-            return StackedAdam.initial_state(self.flat)
-        return {"step": state["step"], **{m: self.flatten(state[m]) for m in StackedAdam.MOMENTS}}
-
-    def unflatten_adam_state(self, state: Mapping[str, Tensor]) -> dict[str, Any]:
-        return {"step": state["step"], **{m: {n: v.contiguous() for n, v in self.split(state[m]).items()}
-                                          for m in StackedAdam.MOMENTS}}
-
 
 def unbind_clients(tree: Any) -> list[Any]:
     """A tensor or {name: tensor} stacked on dim 0 -> a list of per-client views (in-place writes go through)."""
-    if isinstance(tree, Tensor):
-        return list(tree.unbind(0))
-    keys = list(tree)
-    return [dict(zip(keys, values)) for values in zip(*(tree[k].unbind(0) for k in keys))]
+    return list(tree.unbind(0)) if isinstance(tree, Tensor) else unstack_states(tree)
 
 
 def map_clients(fn, active: Sequence[bool] | None = None, streams: Sequence[torch.cuda.Stream] | None = None):
@@ -153,6 +151,7 @@ def slice_client(tree: Any, row: int) -> Any:
 
 
 def stack_clients(trees: Sequence[Any], device: torch.device) -> Any:
+    """Per-client states or optimizer states (as slice_client gives them) stacked on `device`: the inverse."""
     if isinstance(trees[0], Tensor):
         return torch.stack([t.to(device) for t in trees])
     return {k: stack_clients([t[k] for t in trees], device) for k in trees[0]}

@@ -1,47 +1,39 @@
-"""train_clients: the local training of a round's clients, all at once as one batched model."""
+"""train_clients: the local training of a round's clients, all at once, each step gan.py's gan_step.
+
+The clients' copies of G and D are stacked on a leading client dim and stay on the device: each network's
+parameters one [K, P] tensor (FlatParams) that a fused Adam updates for every client at once (StackedAdam), the
+losses summed on the device until the round ends. A step maps gan.py's losses over the clients with
+functional_call, under vmap (one batched call) or as plain one-model calls a client (map_clients, on CUDA streams
+or not); on a CUDA GPU it is replayed from a CUDA graph. client_map="reference" runs engine/reference.py instead.
+"""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
-from fedgan.checks import is_number, require
-from fedgan.config import CLIENT_MAPS, FedConfig
+from fedgan.config import EngineOptions
 from fedgan.data import to_float_images
 from fedgan.engine.convolutions import client_convolutions
 from fedgan.engine.graphs import CudaGraphStep
 from fedgan.engine.precision import bfloat16_compute, cudnn_algorithms
-from fedgan.engine.stacked import FlatParams, StackedAdam, map_clients, map_tensors
+from fedgan.engine.reference import train_clients_one_by_one
+from fedgan.engine.stacked import FlatParams, LocalResult, StackedAdam, fresh_adam_state, map_clients, map_tensors
+from fedgan.gan import LocalTraining, discriminator_loss, gan_step, generator_loss
 from fedgan.models import Discriminator, Generator
 from fedgan.rounds import RoundPlan
 
 Tensor = torch.Tensor
 
 
-@dataclass
-class LocalResult:
-    g_state: dict[str, Tensor]  # {key: [K, ...]} the clients' generators after local training
-    d_state: dict[str, Tensor]  # {key: [K, ...]} the clients' discriminators
-    g_opt: dict[str, Any]  # stacked Adam state of the generators
-    d_opt: dict[str, Any]  # stacked Adam state of the discriminators
-    d_loss: Tensor  # [K] mean discriminator loss over each client's steps
-    g_loss: Tensor  # [K] mean generator loss
-
-
-CLIENT_STREAMS = 8  # client_map="streams": CUDA streams the clients share (CUDA_DEVICE_MAX_CONNECTIONS' default)
-
-
 def resolved_client_map(client_map: str, device: torch.device, steps: Sequence[int]) -> str:
-    """What "auto" runs for clients taking `steps` local steps each, as benchmarks/RESULTS.md measured it: on a CPU
-    the loop (vmap's grouped convolutions are slower there than K plain ones). On a CUDA GPU, when every client
-    takes the same number of steps (one client included), the clients as plain models side by side on streams,
-    replayed from CUDA graphs kept from round to round: on an H200 1.3x vmap's batched form at 10 and 100 clients,
-    0.9x one model given all their images. With unequal clients (a label-skewed split) vmap, whose steps after the
-    shortest client is done replay from a graph (on streams they run eagerly)."""
+    """What "auto" runs for clients taking `steps` local steps each (measured: benchmarks/RESULTS.md). On a CPU the
+    loop: vmap's grouped convolutions are slower there than K plain ones. On a CUDA GPU, when every client takes the
+    same number of steps, the clients as plain models side by side on streams, replayed from CUDA graphs kept from
+    round to round; with unequal clients (a label-skewed split) vmap, whose steps after the shortest client is done
+    replay from a graph (on streams they run eagerly)."""
     if client_map != "auto":
         return client_map
     if device.type == "cpu":
@@ -51,38 +43,25 @@ def resolved_client_map(client_map: str, device: torch.device, steps: Sequence[i
 
 def train_clients(generator: Generator, discriminator: Discriminator, g_state: Mapping[str, Tensor],
                   d_state: Mapping[str, Tensor], images: Tensor, labels: Tensor, plan: RoundPlan,
-                  config: FedConfig, g_opt: dict[str, Any] | None = None,
-                  d_opt: dict[str, Any] | None = None, client_map: str | None = None,
-                  prox_mu: float = 0.0, train_generator: bool = True) -> LocalResult:
-    """Local training of the plan's K clients as one batched model over stacked states.
+                  local: LocalTraining, engine: EngineOptions = EngineOptions(), *,
+                  g_opt: Mapping[str, Tensor] | None = None, d_opt: Mapping[str, Tensor] | None = None) -> LocalResult:
+    """Local training of the plan's K clients from their stacked states (and Adam states; None: fresh ones).
 
-    `generator`/`discriminator` only lend their structure; `g_state`/`d_state` hold each client's
-    copy stacked on dim 0. Losses stay on the device until the round ends (no per-step sync).
-    `client_map` (default: config.client_map): "vmap" (all clients in one batched call), "loop"
-    (map_clients), "streams" (the loop with the clients on CUDA streams; the loop off a GPU), "auto"
-    (resolved_client_map). All compute the same thing.
-    `prox_mu` > 0 adds FedProx's (mu/2)|w - w_start|^2 to both networks' losses (as mu (w - w_start) to the
-    gradients), w_start being the state each client started the round from. `train_generator=False` trains
-    only the discriminators (the generators only make the fakes), as DP-FedAvg-GAN's clients do.
-    `config.amp` runs the convolutions in bfloat16 (BFloat16Compute); parameters, gradients and Adam stay float32.
-    On a CUDA GPU (`config.cuda_graphs`), the steps every client takes are replayed from a CUDA graph
-    (CudaGraphStep), and under vmap the steps after the shortest client is done from a second one; the graphs are
-    kept for the next round of the same clients' count (LocalTrainer).
-    `config.conv_form` picks how vmap computes the thin convolutions (ClientConvolutions); `config.deterministic`
-    how cuDNN picks its algorithms (cudnn_algorithms).
+    `generator`/`discriminator` only lend their structure; `g_state`/`d_state` hold each client's copy stacked on
+    dim 0; `images` (uint8) and `labels` are the whole training set, indexed by the plan's batches. `local` is what
+    the clients do (learning rates, FedProx's mu, whether G trains), `engine` how it is computed: every client map
+    computes the same thing. The engine kept for a round of this shape is reused by the next (LocalTrainer).
     """
-    client_map = config.client_map if client_map is None else client_map
-    require(client_map in CLIENT_MAPS, "client_map", client_map, f"one of {list(CLIENT_MAPS)}")
-    require(is_number(prox_mu) and prox_mu >= 0, "prox_mu", prox_mu, "a number >= 0")
-    client_map = resolved_client_map(client_map, images.device, plan.steps.tolist())
+    client_map = resolved_client_map(engine.client_map, images.device, plan.steps.tolist())
+    if client_map == "reference":
+        return train_clients_one_by_one(generator, discriminator, g_state, d_state, images, labels, plan, local,
+                                        engine, g_opt=g_opt, d_opt=d_opt)
     num_clients, _, batch = plan.batch_indices.shape
     key = (id(generator), id(discriminator), generator.training, discriminator.training, id(images), id(labels),
-           num_clients, batch, client_map, CLIENT_STREAMS, float(prox_mu), train_generator,
-           *(getattr(config, name) for name in LocalTrainer.CONFIG_FIELDS))
+           num_clients, batch, client_map, local, engine)
     trainer = _LOCAL_TRAINERS.pop(key, None)
     if trainer is None:
-        trainer = LocalTrainer(generator, discriminator, g_state, d_state, images, labels, config, client_map,
-                               prox_mu, train_generator)
+        trainer = LocalTrainer(generator, discriminator, g_state, d_state, images, labels, local, engine, client_map)
     _LOCAL_TRAINERS[key] = trainer  # the most recent last
     while len(_LOCAL_TRAINERS) > LOCAL_TRAINERS_KEPT:
         del _LOCAL_TRAINERS[next(iter(_LOCAL_TRAINERS))]
@@ -102,96 +81,86 @@ def clear_local_trainers() -> None:
 class LocalTrainer:
     """train_clients' engine for one shape of round (models, data, clients' count, batch, options): the stacked
     state lives in tensors kept from round to round, each round's states copied in and the results copied out, so
-    that the CUDA graphs captured in one round replay in the next. Capturing costs two eager steps and a recording
-    (on an H200 a full-preset round of 10 clients took 0.55-0.62 s with them, 0.37-0.42 s replaying kept graphs;
-    benchmarks/RESULTS.md). A trainer holds references to the models and data it was built for; train_clients
-    keeps LOCAL_TRAINERS_KEPT of them.
+    that the CUDA graphs captured in one round replay in the next (a capture costs two eager steps and a recording).
+    A trainer holds references to the models and data it was built for; train_clients keeps LOCAL_TRAINERS_KEPT.
     """
 
-    CONFIG_FIELDS = ("amp", "conv_form", "conv_block_clients", "deterministic", "cuda_graphs", "lr_g", "lr_d",
-                     "betas")  # what the steps read from the config
-
     def __init__(self, generator: Generator, discriminator: Discriminator, g_state: Mapping[str, Tensor],
-                 d_state: Mapping[str, Tensor], images: Tensor, labels: Tensor, config: FedConfig,
-                 client_map: str, prox_mu: float, train_generator: bool):
+                 d_state: Mapping[str, Tensor], images: Tensor, labels: Tensor, local: LocalTraining,
+                 engine: EngineOptions, client_map: str):
         """`g_state`/`d_state`: a round's stacked states, for the shapes (their values are copied in by __call__)."""
         device = self.device = images.device
-        self.z_dim, self.config = generator.z_dim, config
-        looped = self.looped = client_map != "vmap"
+        self.z_dim, self.engine = generator.z_dim, engine
+        batched = self.batched = client_map == "vmap"  # else each client a plain model: map_clients
         self.g_flat, self.d_flat = g_flat, d_flat = FlatParams(generator, g_state), FlatParams(discriminator, d_state)
         num_clients = g_flat.count
-        self.streams = streams = ([torch.cuda.Stream(device) for _ in range(min(num_clients, CLIENT_STREAMS))]
+        self.streams = streams = ([torch.cuda.Stream(device) for _ in range(min(num_clients, engine.cuda_streams))]
                                   if client_map == "streams" and device.type == "cuda" else None)
         g_params, d_params = g_flat.params, d_flat.params
         self.g_buffers = g_buffers = {k: v.detach().clone() for k, v in g_state.items() if k not in g_params}
         self.d_buffers = d_buffers = {k: v.detach().clone() for k, v in d_state.items() if k not in d_params}
-        self.g_opt, self.d_opt = g_opt, d_opt = g_flat.adam_state(None), d_flat.adam_state(None)
+        self.g_opt = g_opt = fresh_adam_state(num_clients, g_flat.flat.shape[1], device)
+        self.d_opt = d_opt = fresh_adam_state(num_clients, d_flat.flat.shape[1], device)
+        prox_mu = local.prox_mu
         self.anchors = (g_flat.flat.clone(), d_flat.flat.clone()) if prox_mu else None
         g_anchor, d_anchor = self.anchors or (None, None)
-        g_adam = StackedAdam(g_flat.flat, g_opt, lr=config.lr_g, betas=config.betas)
-        d_adam = StackedAdam(d_flat.flat, d_opt, lr=config.lr_d, betas=config.betas)
+        g_adam = StackedAdam(g_flat.flat, g_opt, lr=local.lr_g, betas=local.betas)
+        d_adam = StackedAdam(d_flat.flat, d_opt, lr=local.lr_d, betas=local.betas)
         self.d_loss_sum = d_loss_sum = torch.zeros(num_clients, device=device)
         self.g_loss_sum = g_loss_sum = torch.zeros(num_clients, device=device)
 
         def flat_gradient(loss: Tensor, net: FlatParams, anchor: Tensor | None) -> Tensor:
             grads = torch.autograd.grad(loss, list(net.params.values()))
             flat = torch.cat([g.reshape(net.count, -1) for g in grads], 1)  # (K, P)
+            # FedProx: the gradient of gan.proximal_term, mu (w - w_start)
             return flat if anchor is None else flat + prox_mu * (net.flat - anchor)
 
-        def in_compute_modes(fn):  # the per-client function under amp's BFloat16Compute and the thin convolutions' form
+        def in_compute_modes(fn):  # a client's function under bfloat16 compute and the thin convolutions' form
             def run(*args):
-                # amp's casts first (the mode entered last sees a call first), so the forms get bfloat16 tensors
-                with client_convolutions(config, looped, num_clients, device), bfloat16_compute(config.amp):
+                # bfloat16's casts first (the mode entered last sees a call first): the forms get bfloat16 tensors
+                with client_convolutions(engine, batched, num_clients, device), bfloat16_compute(engine.bfloat16):
                     return fn(*args)
             return run
 
+        def client_discriminator(params, buffers):  # one client's D, as gan.py's losses call it
+            return lambda x, y: functional_call(discriminator, (params, buffers), (x, y))
+
         @in_compute_modes
-        def g_forward(params, buffers, z, y):
+        def client_generate(params, buffers, z, y):  # noise [B, z_dim], labels [B] -> images [B, C, H, W]
             return functional_call(generator, (params, buffers), (z, y))
 
         @in_compute_modes
-        def d_real_fake_loss(params, buffers, real, fake, y):
-            real_logits = functional_call(discriminator, (params, buffers), (real, y)).float()  # amp: bf16 -> float32
-            fake_logits = functional_call(discriminator, (params, buffers), (fake, y)).float()
-            return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-                    + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+        def client_d_loss(params, buffers, real, fake, y):
+            return discriminator_loss(client_discriminator(params, buffers), real, fake, y)
 
         @in_compute_modes
-        def d_fooled_loss(params, buffers, fake, y):
-            logits = functional_call(discriminator, (params, buffers), (fake, y)).float()
-            return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+        def client_g_loss(params, buffers, fake, y):
+            return generator_loss(client_discriminator(params, buffers), fake, y)
 
         def local_step(idx: Tensor, z: Tensor, on_steps: list[bool] | None) -> tuple[Tensor, Tensor]:
-            """A D and a G step of the clients `on_steps` (None: all) on images `idx` [K, B], noise z [K, B, z_dim]."""
-            real = to_float_images(images[idx])  # (K, B, C, H, W)
-            y = labels[idx]  # (K, B)
-
-            def batched(fn):
-                return map_clients(fn, on_steps, streams) if looped else vmap(fn)
-            with torch.set_grad_enabled(train_generator):
-                fake = batched(g_forward)(g_params, g_buffers, z, y)  # (K, B, C, H, W)
-
-            # (1) Update D: real images -> 1, generated images -> 0
-            d_loss = batched(d_real_fake_loss)(d_params, d_buffers, real, fake.detach(), y)  # (K,)
-            d_adam.step(flat_gradient(d_loss.sum(), d_flat, d_anchor), on_steps)
-
-            # (2) Update G: make the updated D call generated images real (DP-FedAvg-GAN: G trains on the server)
-            if not train_generator:
-                return d_loss.detach(), torch.zeros_like(d_loss_sum)
-            g_loss = batched(d_fooled_loss)(d_params, d_buffers, fake, y)  # (K,)
-            g_adam.step(flat_gradient(g_loss.sum(), g_flat, g_anchor), on_steps)
-            return d_loss.detach(), g_loss.detach()
+            """gan_step for the clients `on_steps` (None: all) on images `idx` [K, B] and noise z [K, B, z_dim]."""
+            def over_clients(fn):  # fn of one client's slices -> the same of all K, stacked on dim 0
+                return vmap(fn) if batched else map_clients(fn, on_steps, streams)
+            d_loss, g_loss = gan_step(
+                generator=lambda noise, y: over_clients(client_generate)(g_params, g_buffers, noise, y),
+                d_loss=lambda real, fake, y: over_clients(client_d_loss)(d_params, d_buffers, real, fake, y),
+                g_loss=lambda fake, y: over_clients(client_g_loss)(d_params, d_buffers, fake, y),
+                update_d=lambda loss: d_adam.step(flat_gradient(loss.sum(), d_flat, d_anchor), on_steps),
+                update_g=lambda loss: g_adam.step(flat_gradient(loss.sum(), g_flat, g_anchor), on_steps),
+                real=to_float_images(images[idx]), labels=labels[idx], noise=z,  # (K, B, C, H, W), (K, B), (K, B, z)
+                train_generator=local.train_generator)
+            return d_loss, torch.zeros_like(d_loss_sum) if g_loss is None else g_loss  # (K,) each
 
         def step_of_all(idx: Tensor, z: Tensor) -> None:  # every client trains: losses added on the device
             d_loss, g_loss = local_step(idx, z, None)
             d_loss_sum.add_(d_loss)
             g_loss_sum.add_(g_loss)
 
-        # After the shortest client is done, the finished ones sit out. The loop skips them (`on_steps`, known on
-        # the host), so only their running statistics need putting back; vmap computes every client, so they also
-        # get back their parameters and Adam state.
+        # After the shortest client is done, the finished ones sit out. As plain models they are skipped
+        # (`on_steps`, known on the host), so only their running statistics need putting back; vmap computes every
+        # client, so there they also get back their parameters and Adam state.
         kept = [*g_buffers.values(), *d_buffers.values()]
-        if not looped:
+        if batched:
             kept += [g_flat.flat, d_flat.flat, *g_opt.values(), *d_opt.values()]
 
         def step_of_some(idx: Tensor, z: Tensor, active: Tensor, on_steps: list[bool] | None = None) -> None:
@@ -208,34 +177,34 @@ class LocalTrainer:
             g_loss_sum.add_(torch.where(active, g_loss, 0.0))
 
         self.step_of_all, self.step_of_some = step_of_all, step_of_some
-        self.graphs = config.cuda_graphs and device.type == "cuda"
+        self.graphs = engine.cuda_graphs and device.type == "cuda"
         # one memory pool: the graphs run one after another, each round in the same order
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         if self.graphs:
             self.step_of_all = CudaGraphStep(step_of_all, self.pool)
-            if not looped:
+            if batched:
                 self.step_of_some = CudaGraphStep(step_of_some, self.pool)
-        self.looped_tails: dict[tuple[bool, ...], Callable] = {}  # on a GPU, a CUDA graph a set of clients training
-        self.tails_for: tuple[int, ...] = ()  # the clients' step counts the looped tails are for
+        self.tail_graphs: dict[tuple[bool, ...], Callable] = {}  # on a GPU, a CUDA graph a set of clients training
+        self.tails_for: tuple[int, ...] = ()  # the clients' step counts the tail graphs are for
 
-    def looped_tail(self, plan: RoundPlan, step: int) -> Callable:
-        """A looped map's step after the shortest client is done: it skips the finished clients, known on the host,
-        so on a GPU each set of clients still training gets a CUDA graph of its own; a round of the same clients'
-        step counts (all clients every round, as in a label-skewed split) replays the same graphs. Not with the
-        clients on streams: on an H200 such a graph failed to capture or computed other numbers than the loop
-        (benchmarks/RESULTS.md), so there these steps run eagerly."""
+    def tail_step(self, plan: RoundPlan, step: int) -> Callable:
+        """The plain models' step after the shortest client is done: it skips the finished clients, known on the
+        host, so on a GPU each set of clients still training gets a CUDA graph of its own; a round of the same
+        clients' step counts (all clients every round, as in a label-skewed split) replays the same graphs. Not with
+        the clients on streams: there such a graph failed to capture or computed other numbers than the loop
+        (benchmarks/RESULTS.md), so these steps run eagerly."""
         if not self.graphs or self.streams:
             return functools.partial(self.step_of_some, on_steps=(step < plan.steps).tolist())
         if tuple(plan.steps) != self.tails_for:  # other clients or step counts: other sets, the old graphs let go
-            self.looped_tails, self.tails_for = {}, tuple(plan.steps)
+            self.tail_graphs, self.tails_for = {}, tuple(plan.steps)
         on_steps = tuple((step < plan.steps).tolist())
-        if on_steps not in self.looped_tails:
-            self.looped_tails[on_steps] = CudaGraphStep(functools.partial(self.step_of_some, on_steps=list(on_steps)),
-                                                        self.pool)
-        return self.looped_tails[on_steps]
+        if on_steps not in self.tail_graphs:
+            self.tail_graphs[on_steps] = CudaGraphStep(functools.partial(self.step_of_some, on_steps=list(on_steps)),
+                                                       self.pool)
+        return self.tail_graphs[on_steps]
 
     def __call__(self, g_state: Mapping[str, Tensor], d_state: Mapping[str, Tensor], plan: RoundPlan,
-                 g_opt: dict[str, Any] | None = None, d_opt: dict[str, Any] | None = None) -> LocalResult:
+                 g_opt: Mapping[str, Tensor] | None = None, d_opt: Mapping[str, Tensor] | None = None) -> LocalResult:
         """One round of the plan's clients from the stacked states (and Adam states, or fresh ones)."""
         device, num_clients = self.device, self.g_flat.count
         with torch.no_grad():  # this round's values into the kept tensors, in place: the graphs read them there
@@ -244,8 +213,11 @@ class LocalTrainer:
                 net.flat.copy_(net.flatten(state))
                 for key, value in buffers.items():
                     value.copy_(state[key])
-                for key, value in net.adam_state(given).items():  # the given Adam state, flat, or a fresh one
-                    opt[key].copy_(value)
+                for key, value in opt.items():  # the given Adam state, or a fresh one
+                    if given is None:
+                        value.zero_()
+                    else:
+                        value.copy_(given[key])
             for anchor, net in zip(self.anchors or (), (self.g_flat, self.d_flat)):
                 anchor.copy_(net.flat)
             self.d_loss_sum.zero_()
@@ -255,16 +227,16 @@ class LocalTrainer:
         batch_indices = plan.batch_indices.to(device)
         noise_gen = torch.Generator(device=device).manual_seed(plan.noise_seed)
         steps_of_all = int(plan.steps.min())  # the steps every client takes; after them, the finished ones sit out
-        with cudnn_algorithms(self.config.deterministic):  # the backward passes too: autograd.grad runs in the steps
+        with cudnn_algorithms(self.engine.deterministic):  # the backward passes too: autograd.grad runs in the steps
             for step in range(max_steps):
                 idx = batch_indices[:, step]  # (K, B)
                 z = torch.randn((num_clients, batch, self.z_dim), generator=noise_gen, device=device)
                 if step < steps_of_all:
                     self.step_of_all(idx, z)
-                elif self.looped:
-                    self.looped_tail(plan, step)(idx, z, step < steps)  # (K,) still training
-                else:
+                elif self.batched:
                     self.step_of_some(idx, z, step < steps)
+                else:
+                    self.tail_step(plan, step)(idx, z, step < steps)  # (K,) still training
 
         def copied(tree: Any) -> Any:  # out of the kept tensors, which the next round overwrites
             return map_tensors(tree, lambda t: t.detach().clone(memory_format=torch.contiguous_format))
@@ -273,7 +245,5 @@ class LocalTrainer:
             values = {**net.split(net.flat), **buffers}
             return {k: copied(values[k]) for k in state}  # the caller's key order
         return LocalResult(final_state(self.g_flat, self.g_buffers, g_state),
-                           final_state(self.d_flat, self.d_buffers, d_state),
-                           copied(self.g_flat.unflatten_adam_state(self.g_opt)),
-                           copied(self.d_flat.unflatten_adam_state(self.d_opt)),
+                           final_state(self.d_flat, self.d_buffers, d_state), copied(self.g_opt), copied(self.d_opt),
                            self.d_loss_sum / steps, self.g_loss_sum / steps)

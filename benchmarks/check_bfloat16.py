@@ -1,11 +1,12 @@
-"""Does bfloat16 compute (FedConfig.amp) keep the quality? The same federation trained twice, float32 and bf16.
+"""Does bfloat16 compute (EngineOptions.bfloat16) keep the quality? The same federation trained twice, float32 and
+bf16.
 
 Same seed, data, clients and metric classifier; prints FID, KID, IS, conditional accuracy and training seconds
-of both, and the ratios. amp changes what is computed (bf16 rounding in the forward passes), so the two runs
+of both, and the ratios. bfloat16 changes what is computed (its rounding in the forward passes), so the two runs
 are not equal: the question is whether the generator is as good.
 
-    python benchmarks/check_amp.py                          # the full preset on a GPU, the cpu preset on a CPU
-    python benchmarks/check_amp.py --preset cpu --rounds 4 --json amp.json
+    python benchmarks/check_bfloat16.py                      # the full preset on a GPU, the cpu preset on a CPU
+    python benchmarks/check_bfloat16.py --preset cpu --rounds 4 --json bfloat16.json
 """
 from __future__ import annotations
 
@@ -36,10 +37,10 @@ def main() -> None:
             overrides.update(rounds=args.rounds, eval_every=args.rounds)
         base = fu.preset(name, **overrides)
         print(f"preset {name} | {base.rounds} rounds | device {device} | torch {fu.env_report()['torch']}")
-        rows, _ = fu.run_ablation(base, {"float32": {}, "amp (bfloat16)": {"amp": True}})
-    exact, amp = rows
+        rows, _ = fu.run_ablation(base, {"float32": {}, "bfloat16": {"engine": fu.EngineOptions(bfloat16=True)}})
+    exact, low = rows
     for key, label in (("fid", "FID"), ("kid", "KID"), ("is", "IS"), ("cond_acc", "cond_acc"), ("seconds", "seconds")):
-        print(f"{label:>9}: float32 {exact[key]:10.4g} | bf16 {amp[key]:10.4g} | bf16/float32 {amp[key] / exact[key]:.2f}")
+        print(f"{label:>9}: float32 {exact[key]:10.4g} | bf16 {low[key]:10.4g} | bf16/float32 {low[key] / exact[key]:.2f}")
     if args.json:
         args.json.write_text(json.dumps([{**row, "device": str(device), "preset": name} for row in rows], indent=1))
         print(f"rows written to {args.json}")

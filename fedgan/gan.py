@@ -1,0 +1,83 @@
+"""What one client computes in a local step of a conditional GAN: (1) update D, (2) update G, written once.
+
+The losses are the non-saturating GAN of Goodfellow et al. (2014) on logits, conditioned on the label as in
+Mirza & Osindero (2014). `gan_step` is called by the reference loop (engine/reference.py) with nn.Modules and
+torch.optim.Adam, and by the batched engine (engine/trainer.py) with the same losses mapped over K clients'
+stacked parameters (functional_call, then vmap, a loop or CUDA streams; replayed from CUDA graphs on a GPU):
+the fast path runs this math, it does not restate it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from fedgan.checks import finite, is_number, positive_number, require
+
+Tensor = torch.Tensor
+Discriminate = Callable[[Tensor, Tensor], Tensor]  # (images [B, C, H, W], labels [B]) -> logits [B]
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """What a client's local training is, as it travels from the config to the local step."""
+
+    lr_g: float  # the generator's Adam learning rate
+    lr_d: float  # the discriminator's
+    betas: tuple[float, float]  # Adam's betas, both networks
+    prox_mu: float = 0.0  # FedProx's mu: proximal_term added to both networks' losses (0: plain local training)
+    train_generator: bool = True  # False: only D trains, G only draws the fakes (DP-FedAvg-GAN's clients)
+
+    def __post_init__(self) -> None:
+        for name in ("lr_g", "lr_d"):
+            require(positive_number(getattr(self, name)), name, getattr(self, name), "a number > 0")
+        require(is_number(self.prox_mu) and finite(self.prox_mu) and self.prox_mu >= 0, "prox_mu", self.prox_mu,
+                "a number >= 0")
+
+
+def discriminator_loss(discriminator: Discriminate, real: Tensor, fake: Tensor, labels: Tensor) -> Tensor:
+    """D's loss: real images should be called real (1), generated ones fake (0); binary cross-entropy on logits."""
+    real_logits = discriminator(real, labels).float()  # float32 also where D computes in bfloat16
+    fake_logits = discriminator(fake, labels).float()
+    return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+
+
+def generator_loss(discriminator: Discriminate, fake: Tensor, labels: Tensor) -> Tensor:
+    """G's loss, the non-saturating one: D should call the generated images real (1)."""
+    logits = discriminator(fake, labels).float()
+    return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+
+
+def proximal_term(params: Iterable[Tensor], anchors: Iterable[Tensor], mu: float) -> Tensor:
+    """FedProx (Li et al., MLSys 2020): (mu/2) |w - w_start|^2, w_start the weights the client started the round
+    from; it keeps a client's model near the global one. Its gradient is mu (w - w_start)."""
+    return mu / 2 * sum((p - a).square().sum() for p, a in zip(params, anchors))
+
+
+def gan_step(*, generator: Callable[[Tensor, Tensor], Tensor], d_loss: Callable[[Tensor, Tensor, Tensor], Tensor],
+             g_loss: Callable[[Tensor, Tensor], Tensor], update_d: Callable[[Tensor], None],
+             update_g: Callable[[Tensor], None], real: Tensor, labels: Tensor, noise: Tensor,
+             train_generator: bool = True) -> tuple[Tensor, Tensor | None]:
+    """One local step on a batch of real images and their labels, with the step's noise.
+
+    `generator(noise, labels)` draws the fakes; `d_loss(real, fake, labels)` and `g_loss(fake, labels)` are
+    discriminator_loss and generator_loss bound to the client's D; `update_d` / `update_g` take a loss and step
+    that network's optimizer (FedProx's term included). Returns the two losses, detached (G's None when
+    `train_generator` is False).
+    """
+    with torch.set_grad_enabled(train_generator):
+        fake = generator(noise, labels)
+
+    # (1) Update D: real images -> 1, generated images -> 0 (the fakes detached: this step does not move G)
+    loss_d = d_loss(real, fake.detach(), labels)
+    update_d(loss_d)
+
+    # (2) Update G: make the updated D call the generated images real
+    if not train_generator:
+        return loss_d.detach(), None
+    loss_g = g_loss(fake, labels)
+    update_g(loss_g)
+    return loss_d.detach(), loss_g.detach()
