@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import fedgan_utils as fu  # noqa: E402
-from fedgan.engine import trainer as engine_trainer, triton_conv  # noqa: E402
+from fedgan.engine import trainer as engine_trainer  # noqa: E402
+from fedgan.engine import triton_conv  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:

@@ -58,7 +58,8 @@ if [ "$GPU" = 1 ]; then
   nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1
   # -o addopts="": pytest.ini's nbval options (nbval is not on the GPU machine, and the notebooks are not run there)
   step tests_cuda 120 env FEDGAN_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:warnings -p no:cacheprovider \
-    -o addopts="" tests/test_conv_kernels.py tests/test_engine.py tests/test_models.py tests/test_federation.py \
+    -o addopts="" tests/test_triton_conv.py tests/test_convolutions.py tests/test_engine.py tests/test_stacked.py \
+    tests/test_precision.py tests/test_models.py tests/test_federation.py \
     tests/test_checkpoints.py
   # the engine as the notebooks run it (deterministic cuDNN, the thin layers in the Triton kernels), the thin
   # layers' other forms and the clients on CUDA streams alongside

@@ -6,6 +6,7 @@ Reading order, from what a round does down to how it is computed fast:
     data.py          datasets as uint8 tensors, found on disk before any download
     partition.py     IID and non-IID splits of the data over clients
     models.py        the conditional DCGAN's generator and discriminator
+    gan.py           what a client computes in a local step: (1) update D, (2) update G
     rounds.py        planning a round: clients, local steps, batches, noise, stragglers, attackers
     aggregation.py   pure functions of client states: FedAvg, robust rules, FedNova, staleness
     strategies.py    server rules that keep state between rounds (FedAvgM, FedAdam, thresholds)
@@ -17,7 +18,8 @@ Reading order, from what a round does down to how it is computed fast:
     checkpoints.py   atomic, checksummed, weights_only checkpoints
     plots.py         figures and the checkpoint browser
     engine/          local training of all selected clients at once: the only place that knows how
-                     clients are batched (vmap, CUDA streams and graphs, Triton convolutions)
+                     clients are batched (vmap, CUDA streams and graphs, Triton convolutions);
+                     engine/reference.py is the same round written as a plain loop over the clients
 
 environment.py (devices, seeds) and checks.py (argument checks) serve them all. The notebooks import
 the public names through `fedgan_utils`, the flat helper at the top of the repository.

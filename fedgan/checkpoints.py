@@ -124,3 +124,33 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
     generator = Generator(**checkpoint["generator_config"]).to(device)
     generator.load_state_dict(checkpoint["generator"])
     return generator.eval()
+
+
+def pick_run_dir(checkpoint_dir: Path, out_dir: Path, run_name: str, resume: bool) -> Path:
+    """checkpoint_dir/run_name, or run_name-2, -3, ... so that no earlier run's files are overwritten.
+
+    A name is free when neither checkpoint_dir/name nor out_dir/name holds anything; `resume` takes the most
+    recent run of this name that has a checkpoint.
+    """
+    numbered = sorted(checkpoint_dir.glob(run_name + "-*"), key=lambda p: p.stat().st_mtime)
+    existing = [checkpoint_dir / run_name] + numbered
+    existing = [p for p in existing if latest_checkpoint(p) is not None]
+    if resume and existing:
+        return existing[-1]
+    candidate, n = run_name, 1
+    while any(d.is_dir() and any(d.iterdir()) for d in (checkpoint_dir / candidate, out_dir / candidate)):
+        n += 1
+        candidate = f"{run_name}-{n}"
+    return checkpoint_dir / candidate
+
+
+def set_aside_after(run_dir: Path, good: Path, log: bool) -> None:
+    """Rename a run's checkpoints newer than `good` (they failed to load) to *.bad, so the run can write them again."""
+    for path in list_checkpoints(run_dir):
+        if path.name > good.name:
+            aside = path.with_name(path.name + ".bad")
+            path.rename(aside)
+            if checksum_path(path).exists():
+                checksum_path(path).rename(checksum_path(aside))
+            if log:
+                print(f"set aside {path} as {aside.name}: it did not pass its checksum or did not load")

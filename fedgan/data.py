@@ -176,7 +176,8 @@ def to_float_images(images: Tensor) -> Tensor:
 
 def examples_per_label(images: Tensor, labels: Tensor, per_label: int = 10,
                        num_classes: int = 10) -> Tensor:
-    """The first `per_label` images of each label, label-major, as float in [-1, 1]: [num_classes*per_label, C, H, W]."""
+    """The first `per_label` images of each label, label-major, as float in [-1, 1]:
+    [num_classes * per_label, C, H, W]."""
     picks = [torch.nonzero(labels == c).flatten()[:per_label] for c in range(num_classes)]
     return to_float_images(images[torch.cat(picks)])
 

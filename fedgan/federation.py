@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from fedgan.aggregation import fedavg_stacked, fednova_rescale, scale_updates, staleness_weight
-from fedgan.checkpoints import checksum_path, latest_checkpoint, list_checkpoints, newest_loadable, save_checkpoint
+from fedgan.checkpoints import latest_checkpoint, newest_loadable, pick_run_dir, save_checkpoint, set_aside_after
 from fedgan.compression import compress_updates
 from fedgan.config import DATASETS, FedConfig, clients_per_round
 from fedgan.data import load_dataset, training_images
@@ -101,45 +101,16 @@ class Federation:
         self.evaluator: Evaluator | None = None  # built on the first evaluation (trains the metric classifier)
         self.grid_snapshots: dict[int, Tensor] = {}  # round -> fixed-noise grid images, CPU
         self.round = 0
-        self.run_dir = self._pick_run_dir(resume)
+        self.run_dir = pick_run_dir(Path(config.checkpoint_dir), Path(config.out_dir), config.run_name, resume)
         self.out_dir = Path(config.out_dir) / self.run_dir.name
         good, checkpoint = newest_loadable(self.run_dir, log) if resume else (None, None)
         if good is not None:
-            self._set_aside_after(good)
+            set_aside_after(self.run_dir, good, log)
             self._restore(good, checkpoint)
         else:
             self.grid_snapshots[0] = self.sample_grid()
 
     # -- set-up ---------------------------------------------------------------------------------
-    def _pick_run_dir(self, resume: bool) -> Path:
-        """checkpoint_dir/run_name, or run_name-2, -3, ... so that no earlier run's files are overwritten.
-
-        A name is free when neither checkpoint_dir/name nor out_dir/name holds anything; `resume`
-        takes the most recent run of this name that has a checkpoint.
-        """
-        checkpoints, outputs = Path(self.config.checkpoint_dir), Path(self.config.out_dir)
-        name = self.config.run_name
-        existing = [checkpoints / name] + sorted(checkpoints.glob(name + "-*"), key=lambda p: p.stat().st_mtime)
-        existing = [p for p in existing if latest_checkpoint(p) is not None]
-        if resume and existing:
-            return existing[-1]
-        candidate, n = name, 1
-        while any(d.is_dir() and any(d.iterdir()) for d in (checkpoints / candidate, outputs / candidate)):
-            n += 1
-            candidate = f"{name}-{n}"
-        return checkpoints / candidate
-
-    def _set_aside_after(self, good: Path) -> None:
-        """Rename checkpoints newer than `good` (they failed to load) to *.bad, so the run can write them again."""
-        for path in list_checkpoints(self.run_dir):
-            if path.name > good.name:
-                aside = path.with_name(path.name + ".bad")
-                path.rename(aside)
-                if checksum_path(path).exists():
-                    checksum_path(path).rename(checksum_path(aside))
-                if self.log:
-                    print(f"set aside {path} as {aside.name}: it did not pass its checksum or did not load")
-
     def _restore(self, path: Path, checkpoint: Mapping[str, Any]) -> None:
         saved = FedConfig.from_json(checkpoint["config"])
         differs = [f.name for f in dataclasses.fields(FedConfig)

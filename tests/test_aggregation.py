@@ -1,9 +1,11 @@
-"""fedavg: the weighted mean against a hand computation, dtypes kept, integer buffers, bad input."""
+"""Pure functions of client states (fedgan/aggregation.py): FedAvg by hand, the robust rules against their standard
+definitions, FedNova and the staleness weights."""
 import numpy as np
 import pytest
 import torch
 
 import fedgan_utils as fu
+from helpers import random_states, stacked_rows
 
 
 def test_fedavg_is_the_sample_weighted_mean():
@@ -59,10 +61,6 @@ def test_bad_input_raises_a_clear_value_error(states, weights, message):
 
 # --- robust rules, against numpy versions of the standard definitions (those of Flower's aggregate.py) ----------
 
-def random_states(count, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [{"w": torch.randn(3, 4, generator=generator), "b": torch.randn(5, generator=generator),
-             "num_batches_tracked": torch.tensor(i)} for i in range(count)]
 
 
 def numpy_layers(states, key):
@@ -146,72 +144,22 @@ def test_robust_rules_reject_bad_parameters(call, message):
 
 # --- strategies: server state between rounds ------------------------------------------------------------------
 
-def stacked(*values):
-    return {"w": torch.tensor([[v] for v in values]), "running_mean": torch.tensor([[v] for v in values])}
+
+def test_fednova_normalises_updates_by_local_steps():
+    global_state = {"w": torch.zeros(1, dtype=torch.float64)}
+    clients = stacked_rows([2.0], [10.0])  # client 0 ran 2 steps, client 1 ran 10
+    rescaled = fu.fednova_rescale(global_state, clients, steps=[2, 10], weights=[1, 1], keys=["w"])
+    tau_eff = 6.0
+    average = fu.fedavg_stacked(rescaled, [1, 1])
+    torch.testing.assert_close(average["w"], torch.tensor([tau_eff * (2.0 / 2 + 10.0 / 10) / 2], dtype=torch.float64))
+    same = fu.fednova_rescale(global_state, clients, steps=[5, 5], weights=[3, 1], keys=["w"])
+    torch.testing.assert_close(same["w"], clients["w"])  # equal steps: FedAvg unchanged
 
 
-def test_fedavgm_without_momentum_and_with_lr_1_is_fedavg():
-    strategy = fu.ServerOptimizer("fedavgm", server_lr=1.0, momentum=0.0)
-    clients = stacked(1.0, 3.0)
-    result = strategy.aggregate({"w": torch.tensor([0.0]), "running_mean": torch.tensor([0.0])}, clients, [1, 3])
-    expected = fu.fedavg_stacked(clients, [1, 3])
-    assert all(torch.equal(result[k], expected[k]) for k in expected) and result["w"].item() == 2.5
-
-
-def test_fedavgm_accumulates_momentum_across_rounds():
-    strategy = fu.ServerOptimizer("fedavgm", server_lr=1.0, momentum=0.5)
-    first = strategy.aggregate({"w": torch.tensor([0.0])}, {"w": torch.tensor([[2.0]])}, [1])
-    assert first["w"].item() == 2.0  # v = 2, x = 0 + 2
-    second = strategy.aggregate(first, {"w": torch.tensor([[3.0]])}, [1])
-    assert second["w"].item() == 4.0  # delta = 1, v = 0.5 * 2 + 1 = 2, x = 2 + 2
-
-
-@pytest.mark.parametrize("kind", ["fedadagrad", "fedadam", "fedyogi"])
-def test_adaptive_server_optimizers_follow_reddi_et_al_by_hand(kind):
-    lr, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
-    strategy = fu.ServerOptimizer(kind, server_lr=lr, momentum=b1, beta2=b2, tau=tau)
-    x, m, v = 0.0, 0.0, 0.0
-    for client in (1.0, 0.5, 2.0):
-        result = strategy.aggregate({"w": torch.tensor([x], dtype=torch.float64)},
-                                    {"w": torch.tensor([[client]], dtype=torch.float64)}, [1])
-        delta = client - x
-        m = b1 * m + (1 - b1) * delta
-        if kind == "fedadagrad":
-            v = v + delta ** 2
-        elif kind == "fedadam":
-            v = b2 * v + (1 - b2) * delta ** 2
-        else:
-            v = v - (1 - b2) * delta ** 2 * np.sign(v - delta ** 2)
-        x = x + lr * m / (np.sqrt(v) + tau)
-        assert result["w"].item() == pytest.approx(x, rel=1e-12)
-
-
-def test_server_optimizers_average_buffers_instead_of_stepping_them():
-    strategy = fu.ServerOptimizer("fedadam", server_lr=0.5, buffer_keys={"running_mean"})
-    result = strategy.aggregate({"w": torch.tensor([0.0]), "running_mean": torch.tensor([0.0])}, stacked(2.0, 4.0),
-                                [1, 1])
-    assert result["running_mean"].item() == 3.0 and result["w"].item() != 3.0
-
-
-def test_strategies_by_name_carry_the_configs_parameters():
-    assert isinstance(fu.make_strategy(fu.FedConfig()), fu.FedAvg)
-    momentum = fu.make_strategy(fu.FedConfig(strategy="fedavgm"))
-    assert momentum.server_lr == 1.0 and momentum.momentum == 0.9
-    assert fu.make_strategy(fu.FedConfig(strategy="fedyogi")).server_lr == 1e-2
-    assert fu.make_strategy(fu.FedConfig(strategy="fedadam", server_lr=0.3)).server_lr == 0.3
-    krum = fu.make_strategy(fu.FedConfig(strategy="krum", krum_f=2, krum_m=3))
-    assert krum.rule is fu.krum and krum.params == {"f": 2, "m": 3}
-    states = random_states(5)
-    by_rule = fu.make_strategy(fu.FedConfig(strategy="median")).aggregate({}, fu.stack_states(states), [1] * 5)
-    assert all(torch.equal(by_rule[k], v) for k, v in fu.median(states, [1] * 5).items())
-
-
-@pytest.mark.parametrize("kw,message", [
-    (dict(kind="fedsgd", server_lr=1.0), "kind='fedsgd' is not allowed"),
-    (dict(kind="fedadam", server_lr=0.0), "server_lr=0.0 is not allowed: a number > 0"),
-    (dict(kind="fedadam", server_lr=1.0, tau=0), "tau=0 is not allowed"),
-    (dict(kind="fedavgm", server_lr=1.0, momentum=1.0), r"momentum=1.0 is not allowed: a number in \[0, 1\)"),
-])
-def test_server_optimizer_rejects_bad_parameters(kw, message):
-    with pytest.raises(ValueError, match=message):
-        fu.ServerOptimizer(**kw)
+def test_staleness_weights_follow_the_fedasync_definitions():
+    s = [0, 1, 3, 8]
+    np.testing.assert_allclose(fu.staleness_weight(s, "constant"), [1, 1, 1, 1])
+    np.testing.assert_allclose(fu.staleness_weight(s, "polynomial", a=0.5), [1, 2 ** -0.5, 0.5, 1 / 3])
+    np.testing.assert_allclose(fu.staleness_weight(s, "hinge", a=2.0, b=2), [1, 1, 1 / 3, 1 / 13])
+    with pytest.raises(ValueError, match="staleness"):
+        fu.staleness_weight([-1])

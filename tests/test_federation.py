@@ -1,13 +1,15 @@
-"""Federation and run_federation: history, determinism, resume, run folders, BN and optimizer policies."""
+"""Federation and run_federation: history, determinism, resume, run folders, BN and optimizer policies, what
+clients send, G- or D-only sync, asynchrony, and strategy objects."""
+import dataclasses
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
 
 import fedgan_utils as fu
-
-
-def states_equal(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+from helpers import BestHalf, states_equal
 
 
 def test_run_federation_returns_models_and_a_history_per_round(mnist_small, tiny_config):
@@ -40,6 +42,34 @@ def test_resume_continues_exactly_where_the_first_run_stopped(mnist_small, tiny_
     assert [r["g_loss"] for r in resumed.history] == [r["g_loss"] for r in straight.history]
     assert states_equal(resumed.generator.state_dict(), straight.generator.state_dict())
     assert states_equal(resumed.discriminator.state_dict(), straight.discriminator.state_dict())
+
+
+def test_a_checkpoint_from_before_engine_options_and_flat_adam_states_resumes_exactly(mnist_small, tiny_config,
+                                                                                      tmp_path):
+    """Format 2: engine options as FedConfig fields (amp, client_map, ...) and kept Adam moments by parameter name."""
+    config = tiny_config(rounds=3, optimizer_state="keep", checkpoint_dir=str(tmp_path / "a"))
+    straight = fu.run_federation(config, data=mnist_small, progress=False)
+    old = dataclasses.replace(config, rounds=1, checkpoint_dir=str(tmp_path / "b"))
+    first = fu.run_federation(old, data=mnist_small, progress=False)
+    path = fu.latest_checkpoint(first.run_dir)
+    checkpoint = fu.load_checkpoint(path)
+    values = json.loads(checkpoint["config"])
+    engine = values.pop("engine")
+    values.update(client_map=engine["client_map"], amp=engine["bfloat16"], cuda_graphs=engine["cuda_graphs"],
+                  conv_form=engine["conv_form"], conv_block_clients=engine["conv_block_clients"],
+                  deterministic=engine["deterministic"])
+    for store in checkpoint["client_store"].values():
+        for which, model in (("g_opt", first.generator), ("d_opt", first.discriminator)):
+            flat = fu.FlatParams(model, {n: p.detach().unsqueeze(0) for n, p in model.named_parameters()})
+            store[which] = {"step": store[which]["step"], **{m: {n: v[0] for n, v in flat.split(
+                store[which][m].unsqueeze(0)).items()} for m in fu.ADAM_MOMENTS}}
+    path.unlink()
+    fu.checksum_path(path).unlink()
+    fu.save_checkpoint(path, {**checkpoint, "format": 2, "config": json.dumps(values)})
+    resumed = fu.run_federation(dataclasses.replace(old, rounds=3), data=mnist_small, resume=True, progress=False)
+    assert [r["g_loss"] for r in resumed.history] == [r["g_loss"] for r in straight.history]
+    assert states_equal(resumed.generator.state_dict(), straight.generator.state_dict())
+    assert states_equal(resumed.client_store[0]["d_opt"], straight.client_store[0]["d_opt"])
 
 
 def test_resume_refuses_a_changed_config(mnist_small, tiny_config):
@@ -134,3 +164,75 @@ def test_a_server_rule_resumes_exactly_with_its_server_state(mnist_small, tiny_c
     plain = fu.run_federation(tiny_config(rounds=3, checkpoint_dir=str(tmp_path / "c"), num_clients=4),
                               data=mnist_small, progress=False)
     assert not states_equal(plain.generator.state_dict(), straight.generator.state_dict())
+
+
+def test_federation_with_compression_counts_bytes_and_keeps_residuals(mnist_small, tiny_config):
+    federation = fu.Federation(tiny_config(compression="topk", topk_fraction=0.05), data=mnist_small, log=False)
+    dense = fu.Federation(tiny_config(checkpoint_dir=str(federation.run_dir) + "-dense"), data=mnist_small, log=False)
+    record, dense_record = federation.run_round(), dense.run_round()
+    assert record["bytes_down"] == dense_record["bytes_down"] == dense_record["bytes_up"]
+    assert record["bytes_up"] < 0.15 * dense_record["bytes_up"]
+    residual = federation.client_store[0]["g_residual"]
+    assert set(residual) <= set(federation.generator.state_dict()) and any(v.abs().sum() > 0 for v in residual.values())
+
+
+def test_a_round_where_nobody_reports_keeps_the_global_models(mnist_small, tiny_config):
+    config = tiny_config(client_speed_sigma=1.0, round_deadline=1e-3, straggler_policy="drop", rounds=1)
+    federation = fu.Federation(config, data=mnist_small, log=False)
+    before = {k: v.clone() for k, v in federation.generator.state_dict().items()}
+    record = federation.run_round()
+    assert record["clients"] == [] and math.isnan(record["d_loss"]) and record["late"] == [0, 1, 2]
+    assert states_equal(federation.generator.state_dict(), before)
+
+
+def test_sync_d_only_keeps_each_clients_generator_local(mnist_small, tiny_config):
+    federation = fu.Federation(tiny_config(sync_networks="d"), data=mnist_small, log=False)
+    d_bytes = sum(v.numel() * v.element_size() for v in federation.discriminator.state_dict().values())
+    first = federation.run_round()
+    assert first["bytes_down"] == 3 * d_bytes and first["bytes_up"] == 3 * d_bytes
+    own = [federation.client_store[c]["g_local"] for c in range(3)]
+    assert not states_equal(own[0], own[1])  # each client trains its own generator
+    plan = fu.plan_round(federation.config, federation.parts, 2)
+    start = federation._client_start("g", federation.generator, plan)
+    for row in range(3):
+        assert states_equal({k: v[row] for k, v in start.items()}, own[row])
+
+
+def test_async_with_everyone_in_one_buffer_and_no_staleness_is_synchronous_fedavg(mnist_small, tiny_config, tmp_path):
+    sync = fu.run_federation(tiny_config(checkpoint_dir=str(tmp_path / "s")), data=mnist_small, progress=False)
+    asynchronous = fu.run_federation(tiny_config(sync_mode="async", async_buffer=3, staleness="constant",
+                                                 checkpoint_dir=str(tmp_path / "a")), data=mnist_small, progress=False)
+    assert [r["staleness"] for r in asynchronous.history] == [[0.0] * 3, [0.0] * 3]
+    assert [r["d_loss"] for r in asynchronous.history] == [r["d_loss"] for r in sync.history]
+    assert states_equal(asynchronous.generator.state_dict(), sync.generator.state_dict())
+
+
+def test_async_applies_stale_updates_weighted_and_resumes_exactly(mnist_small, tiny_config, tmp_path):
+    config = dict(num_clients=4, sync_mode="async", async_buffer=1, client_speed_sigma=1.0, rounds=5)
+    straight = fu.run_federation(tiny_config(**config, checkpoint_dir=str(tmp_path / "a")), data=mnist_small,
+                                 progress=False)
+    staleness = [s for r in straight.history for s in r["staleness"]]
+    assert max(staleness) >= 1 and all(len(r["clients"]) == 1 for r in straight.history)
+    assert all(r["sim_time"] >= 0 for r in straight.history) and len(straight.in_flight) == 3
+    fu.run_federation(tiny_config(**{**config, "rounds": 2}, checkpoint_dir=str(tmp_path / "b")), data=mnist_small,
+                      progress=False)
+    resumed = fu.run_federation(tiny_config(**config, checkpoint_dir=str(tmp_path / "b")), data=mnist_small,
+                                resume=True, progress=False)
+    assert [r["staleness"] for r in resumed.history] == [r["staleness"] for r in straight.history]
+    assert states_equal(resumed.generator.state_dict(), straight.generator.state_dict())
+    # buffers travel as values, not stale differences: running variances stay >= 0 and samples finite
+    assert all((v >= 0).all() for k, v in straight.generator.state_dict().items() if k.endswith("running_var"))
+    assert torch.isfinite(straight.sample_grid()).all()
+
+
+
+
+def test_a_custom_strategy_object_plugs_into_the_federation(mnist_small, tiny_config):
+    federation = fu.Federation(tiny_config(rounds=1), data=mnist_small, log=False, strategy=BestHalf())
+    assert federation.strategy_name == "BestHalf"
+    assert federation.strategies["g"] is not federation.strategies["d"]
+    assert federation.strategies["g"].buffer_keys == {n for n, _ in federation.generator.named_buffers()}
+    record = federation.run_round()
+    assert record["server"]["g"] == {"kept": 2} and record["server"]["d"] == {"kept": 2}
+    with pytest.raises(TypeError, match="strategy must be a Strategy"):
+        fu.Federation(tiny_config(), data=mnist_small, strategy="median")

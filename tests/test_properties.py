@@ -33,6 +33,23 @@ def test_random_configs_are_valid_or_refused_with_a_value_error(values):
     fu.make_strategy(config)  # every valid config makes its server rule
 
 
+ENGINE_FIELDS = [f.name for f in dataclasses.fields(fu.EngineOptions)]
+ENGINE_NAMES = sorted(set(fu.CLIENT_MAPS) | set(fu.CONV_FORMS))
+
+
+@SETTINGS
+@given(st.dictionaries(st.sampled_from(ENGINE_FIELDS), st.one_of(ANY_VALUE, st.sampled_from(ENGINE_NAMES)), max_size=4))
+def test_random_engine_options_are_valid_or_refused_with_a_value_error(values):
+    try:
+        engine = fu.EngineOptions(**values)
+    except ValueError as error:
+        assert str(error).split("=")[0] in ENGINE_FIELDS, str(error)
+        return
+    config = fu.FedConfig(engine=engine)
+    assert fu.FedConfig.from_json(config.to_json()) == config  # a valid engine survives a checkpoint's JSON
+    assert engine.client_map in fu.CLIENT_MAPS and engine.conv_form in fu.CONV_FORMS
+
+
 PARTITION_KW = st.dictionaries(
     st.sampled_from(["alpha", "min_size", "shards_per_client", "classes_per_client", "sigma", "beta"]),
     st.one_of(st.integers(-2, 12), st.floats(-1, 5), st.just(float("nan")), st.none(), st.text(max_size=2)), max_size=3)

@@ -1,4 +1,4 @@
-"""The forms K clients' thin convolutions can take under vmap (FedConfig.conv_form)."""
+"""The forms K clients' thin convolutions can take under vmap (EngineOptions.conv_form)."""
 from __future__ import annotations
 
 import contextlib
@@ -93,15 +93,14 @@ def _plain_convolution_args(func, *args, **kwargs) -> tuple[Tensor, Tensor, Any,
 
 
 class ClientConvolutions(TorchFunctionMode):
-    """FedConfig.conv_form: the form K clients' thin convolutions take under vmap.
+    """EngineOptions.conv_form: the form K clients' thin convolutions take under vmap.
 
     vmap runs K clients' convolution as one grouped convolution (groups=K), for which cuDNN picks slow algorithms
-    when a group has 1 or 2 channels on a side, as D's first and G's last layer have: 4-6x one model's time for
-    the same images on an H200 (benchmarks/RESULTS.md). Those layers (at most THIN channels on a side) are
-    computed here as "triton": TritonClientConvolution (where triton_can_convolve, else as "grouped"), "block":
-    block-diagonal convolutions over `block` clients at a time (block_diagonal_convolution), or "loop": K plain
-    convolutions; "grouped" leaves them to vmap. The same result up to rounding. The wider layers stay vmap's:
-    cuDNN's grouped convolutions were faster there than every other form measured, the Triton kernels included.
+    when a group has 1 or 2 channels on a side, as D's first and G's last layer have (benchmarks/RESULTS.md).
+    Those layers (at most THIN channels on a side) are computed here as "triton": TritonClientConvolution (where
+    triton_can_convolve, else as "grouped"), "block": block-diagonal convolutions over `block` clients at a time
+    (block_diagonal_convolution), or "loop": K plain convolutions; "grouped" leaves them to vmap. The same result
+    up to rounding. The wider layers stay vmap's, where cuDNN's grouped convolutions are the fastest form.
     Enter it inside the function vmap maps, with nothing but vmap's batched tensors reaching the convolutions.
     """
 

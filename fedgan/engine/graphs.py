@@ -9,9 +9,8 @@ Tensor = torch.Tensor
 class CudaGraphStep:
     """A local step replayed from a CUDA graph: one launch where the eager step makes hundreds.
 
-    A small GAN's step on a GPU is bound by kernel launches, not arithmetic: on an H200 the replays ran 3.7x the
-    eager steps at K=1 and 1.8x at K=10; at K=100 the kernels fill the GPU and graphs gain nothing
-    (benchmarks/RESULTS.md). The first WARMUP calls run eagerly on a side stream (lazy initialisation must
+    A small GAN's step on a GPU is bound by kernel launches, not arithmetic, most at few clients: with many, the
+    kernels fill the GPU and replays gain little (benchmarks/RESULTS.md). The first WARMUP calls run eagerly on a side stream (lazy initialisation must
     happen outside a capture, as torch's CUDA-graph notes say); the next call records `body` once and every
     call replays it, in this round and the next ones (LocalTrainer). A replay runs the recorded kernels on the same
     memory, so the result is the eager one: `body` must not sync with the host, must keep its state in tensors

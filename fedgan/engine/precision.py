@@ -15,9 +15,9 @@ Tensor = torch.Tensor
 
 @contextlib.contextmanager
 def cudnn_algorithms(deterministic: bool):
-    """FedConfig.deterministic: cuDNN restricted to deterministic algorithms chosen by its heuristics, so that the
-    same seed gives the same result on a GPU (on an H200 the tests' same-seed runs differed without it, with the
-    block-diagonal convolutions); or autotuned (cudnn.benchmark): the fastest it times, deterministic or not."""
+    """EngineOptions.deterministic: cuDNN restricted to deterministic algorithms chosen by its heuristics, so that
+    the same seed gives the same result on a GPU; or autotuned (cudnn.benchmark): the fastest it times,
+    deterministic or not."""
     cudnn = torch.backends.cudnn
     saved = cudnn.deterministic, cudnn.benchmark
     cudnn.deterministic, cudnn.benchmark = deterministic, not deterministic
@@ -28,7 +28,7 @@ def cudnn_algorithms(deterministic: bool):
 
 
 class BFloat16Compute(TorchFunctionMode):
-    """FedConfig.amp: convolutions and linear layers in bfloat16, batch norm and the rest in float32.
+    """EngineOptions.bfloat16: convolutions and linear layers in bfloat16, batch norm and the rest in float32.
 
     What torch.autocast does, but at the Python level, where vmap cannot bypass it: under vmap on a CPU,
     autocast leaves convolutions in float32 (the batching rule calls an op autocast does not list).

@@ -15,14 +15,13 @@ except ImportError:
 Tensor = torch.Tensor
 
 
-# vmap makes K clients' convolution one grouped convolution (groups=K), which cuDNN runs at 4-6x one model's time
-# over the same images where a client has 1 or 2 channels on a side (D's first layer, G's last). These kernels
-# compute it as K implicit matrix products, one client per slice of the grid, with each client's weights: no im2col
-# buffer, no block-diagonal zeros. Three kernels serve a convolution and a transposed one (the input gradient of a
-# convolution): the forward, the input gradient and the weight gradient. Tensors are each client's contiguous
-# NCHW: x (K, B, Cin, H, W), weight (K, Cout, Cin, kh, kw), output (K, B, Cout, H', W'). On an H200 they took those
-# thin layers to 1.5-2x one model in float32 and 0.6-0.8x in bfloat16; for the 64 <-> 128-channel layers they were
-# slower than cuDNN's grouped convolutions (2.8-3.4x one model against 1.7-2.2x), so those stay cuDNN's.
+# vmap makes K clients' convolution one grouped convolution (groups=K), which cuDNN runs slowly where a client has
+# 1 or 2 channels on a side (D's first layer, G's last). These kernels compute it as K implicit matrix products, one
+# client per slice of the grid, with each client's weights: no im2col buffer, no block-diagonal zeros. Three
+# kernels serve a convolution and a transposed one (the input gradient of a convolution): the forward, the input
+# gradient and the weight gradient. Tensors are each client's contiguous NCHW: x (K, B, Cin, H, W), weight
+# (K, Cout, Cin, kh, kw), output (K, B, Cout, H', W'). They are used for the thin layers only: for the wide ones
+# cuDNN's grouped convolutions are faster (benchmarks/RESULTS.md).
 
 
 def _triton_jit(fn):

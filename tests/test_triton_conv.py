@@ -1,17 +1,16 @@
-"""The Triton kernels of K clients' convolutions (fedgan_utils.TritonClientConvolution) and the forms that use them.
+"""The Triton kernels of K clients' convolutions (fedgan/engine/triton_conv.py) and the form that uses them.
 
 On a CPU they run on Triton's interpreter (conftest sets TRITON_INTERPRET), which computes float32 only; on a GPU
 (FEDGAN_TEST_DEVICE=cuda) they are compiled, and bfloat16 is checked too.
 """
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fedgan_utils as fu
-from fedgan.engine import convolutions, triton_conv
 from conftest import TEST_DEVICE, with_engine
-from test_engine import ConvolutionGroups, assert_states_close, train_tiny
+from fedgan.engine import triton_conv
+from helpers import ConvolutionGroups, assert_states_close, train_tiny
 
 pytestmark = pytest.mark.skipif(triton_conv.triton is None, reason="this torch comes without Triton")
 DTYPES = [torch.float32] + ([torch.bfloat16] if TEST_DEVICE.startswith("cuda") else [])
@@ -94,21 +93,3 @@ def test_triton_form_trains_the_clients_as_vmaps_grouped_convolutions_and_repeat
         assert torch.equal({**again.g_state, **again.d_state}[key], value), key
 
 
-@pytest.mark.parametrize("clients,device,with_triton,overrides,form", [
-    (5, "cuda", True, {}, "triton"), (100, "cuda", True, {}, "triton"),  # measured faster at 10 and 100 clients
-    (100, "cuda", True, {"bfloat16": True}, "triton"),
-    (5, "cuda", True, {"deterministic": False}, None),  # autotuned cuDNN: vmap's grouped convolutions were faster
-    (1, "cuda", True, {}, None),  # one client: vmap's convolution is a plain one
-    (5, "cuda", False, {}, "block"), (5, "cpu", True, {}, "block")])  # no Triton, or no GPU: as without Triton
-def test_auto_conv_form_takes_the_triton_kernels_on_a_gpu_with_triton(monkeypatch, clients, device, with_triton,
-                                                                      overrides, form):
-    if not with_triton:
-        monkeypatch.setattr(convolutions, "triton", None)
-    mode = convolutions.client_convolutions(fu.EngineOptions(**overrides), True, clients, torch.device(device))
-    assert getattr(mode, "form", None) == form  # None: no mode, vmap's own convolutions
-
-
-def test_triton_form_on_a_gpu_without_triton_says_what_is_missing(monkeypatch):
-    monkeypatch.setattr(convolutions, "triton", None)
-    with pytest.raises(RuntimeError, match="needs the triton package"):
-        convolutions.client_convolutions(fu.EngineOptions(conv_form="triton"), True, 5, torch.device("cuda"))
