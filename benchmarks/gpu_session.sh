@@ -20,7 +20,7 @@
 # STUDY_SEEDS="0 1 2" ends with the sync study's cells at the full preset (study_cells.py) from those seeds, one
 # cell after another with all its seeds, in the time left; its JSON is rewritten after every run, so a cell cut
 # off by the budget loses only itself. STUDY_CELLS="FedAvg / dir0.1;FedAvgM / dir0.1" picks the cells (default:
-# the README table's).
+# the full-preset table of docs/study.md).
 set -u
 OUT=${OUT:-gpu-out}
 PYTHON=${PYTHON:-python3}
@@ -97,7 +97,7 @@ else
     --json "$LOGS/determinism.json"
 fi
 
-if [ -n "$STUDY_SEEDS" ]; then  # the cells of the README's full-preset table, in order of what they tell
+if [ -n "$STUDY_SEEDS" ]; then  # the cells of docs/study.md's full-preset table, in order of what they tell
   if [ -n "${STUDY_CELLS:-}" ]; then
     IFS=';' read -r -a cells <<< "$STUDY_CELLS"
   else
