@@ -6,7 +6,7 @@ import pytest
 import fedgan_utils as fu
 
 
-@pytest.mark.parametrize("field,value,allowed", [
+BAD_CONFIG_VALUES = [
     ("num_clients", 0, "integer >= 1"),
     ("num_clients", 2.5, "integer >= 1"),
     ("rounds", -1, "integer >= 1"),
@@ -50,10 +50,23 @@ import fedgan_utils as fu
     ("client_speed_sigma", -1, "number >= 0"),
     ("error_feedback", 1, "True or False"),
     ("engine", {"client_map": "vmap"}, "an EngineOptions"),
-])
-def test_a_bad_value_names_the_field_the_value_and_what_is_allowed(field, value, allowed):
+]
+BAD_ENGINE_OPTIONS = [
+    ("client_map", "pmap", "['auto', 'vmap', 'loop', 'streams', 'reference']"),
+    ("conv_form", "fft", "['auto', 'grouped', 'block', 'loop', 'triton']"),
+    ("bfloat16", "yes", "True or False"),
+    ("cuda_graphs", 1, "True or False"),
+    ("deterministic", None, "True or False"),
+    ("cuda_streams", 0, "an integer >= 1"),
+    ("conv_block_clients", 2.0, "an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("make,field,value,allowed", [(fu.FedConfig, *case) for case in BAD_CONFIG_VALUES]
+                         + [(fu.EngineOptions, *case) for case in BAD_ENGINE_OPTIONS])
+def test_a_bad_value_names_the_field_the_value_and_what_is_allowed(make, field, value, allowed):
     with pytest.raises(ValueError) as error:
-        fu.FedConfig(**{field: value})
+        make(**{field: value})
     message = str(error.value)
     assert message.startswith(f"{field}={value!r}")
     assert allowed in message
@@ -90,23 +103,6 @@ def test_smoke_is_smaller_than_cpu_which_is_smaller_than_full():
     smoke, cpu, full = (fu.preset(n) for n in ("smoke", "cpu", "full"))
     assert smoke.train_subset is not None and smoke.ngf < cpu.ngf < full.ngf
     assert cpu.rounds * cpu.local_epochs < full.rounds * full.local_epochs
-
-
-@pytest.mark.parametrize("field,value,allowed", [
-    ("client_map", "pmap", "['auto', 'vmap', 'loop', 'streams', 'reference']"),
-    ("conv_form", "fft", "['auto', 'grouped', 'block', 'loop', 'triton']"),
-    ("bfloat16", "yes", "True or False"),
-    ("cuda_graphs", 1, "True or False"),
-    ("deterministic", None, "True or False"),
-    ("cuda_streams", 0, "an integer >= 1"),
-    ("conv_block_clients", 2.0, "an integer >= 1"),
-])
-def test_a_bad_engine_option_names_the_option_the_value_and_what_is_allowed(field, value, allowed):
-    with pytest.raises(ValueError) as error:
-        fu.EngineOptions(**{field: value})
-    message = str(error.value)
-    assert message.startswith(f"{field}={value!r}")
-    assert allowed in message
 
 
 def test_engine_options_given_as_config_fields_say_where_they_go():
