@@ -169,7 +169,7 @@ def test_bfloat16_trains_both_client_maps_alike_and_keeps_float32_state(mnist_sm
         for key, value in {**low.g_state, **low.d_state}.items():  # float32 master weights and BN statistics
             assert value.dtype == {**exact.g_state, **exact.d_state}[key].dtype, key
         assert low.g_opt["exp_avg"].dtype == torch.float32
-    torch.testing.assert_close(vmapped.d_loss, looped.d_loss, atol=1e-3, rtol=0)  # vmap does not bypass the bfloat16 mode
+    torch.testing.assert_close(vmapped.d_loss, looped.d_loss, atol=1e-3, rtol=0)  # vmap does not bypass bfloat16
     # Adam's first steps move a weight by about lr whatever the gradient's size: a rounding can flip one
     moved = 2 * 3 * tiny_config().lr_g  # 3 local steps
     torch.testing.assert_close(vmapped.g_state["main.0.weight"], looped.g_state["main.0.weight"], atol=moved, rtol=0)
