@@ -308,7 +308,7 @@ def check_known(values: Mapping[str, Any]) -> None:
     known = {f.name for f in dataclasses.fields(FedConfig)}
     moved = sorted(set(values) & set(LEGACY_ENGINE_FIELDS))
     if moved:
-        raise ValueError(f"{moved} are engine options now, not FedConfig fields: pass engine=EngineOptions("
+        raise ValueError(f"{moved}: options of the engine, not FedConfig fields; pass engine=EngineOptions("
                          + ", ".join(f"{LEGACY_ENGINE_FIELDS[m]}=..." for m in moved) + ")")
     unknown = sorted(set(values) - known)
     if unknown:

@@ -106,7 +106,7 @@ def test_smoke_is_smaller_than_cpu_which_is_smaller_than_full():
 
 
 def test_engine_options_given_as_config_fields_say_where_they_go():
-    with pytest.raises(ValueError, match=r"\['amp', 'client_map'\] are engine options now, not FedConfig fields: "
+    with pytest.raises(ValueError, match=r"\['amp', 'client_map'\]: options of the engine, not FedConfig fields; "
                                          r"pass engine=EngineOptions\(bfloat16=..., client_map=...\)"):
         fu.preset("smoke", client_map="vmap", amp=True)
 
