@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
+
 from fedgan.checks import finite, is_int, is_number, non_negative_int, positive_int, positive_number, require
 from fedgan.environment import pick_device
 
@@ -56,7 +58,8 @@ FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and wh
     **{name: (positive_int, "an integer >= 1") for name in (
         "num_clients", "rounds", "batch_size", "z_dim", "embed_dim", "ngf", "ndf", "shards_per_client",
         "classes_per_client")},
-    **{name: (non_negative_int, "an integer >= 0") for name in ("min_size", "checkpoint_every", "seed")},
+    **{name: (non_negative_int, "an integer >= 0") for name in ("min_size", "checkpoint_every")},
+    "seed": (lambda v: is_int(v) and 0 <= v < 2 ** 32, "an integer from 0 to 2**32 - 1 (numpy's seeds)"),
     **{name: (lambda v: v is None or positive_int(v), "None or an integer >= 1")
        for name in ("local_steps", "train_subset", "classifier_subset")},
     "eval_every": (lambda v: v is None or non_negative_int(v), "None (never), 0 (after the last round) or N >= 1"),
@@ -106,6 +109,25 @@ LEGACY_ENGINE_FIELDS = {"client_map": "client_map", "amp": "bfloat16", "cuda_gra
                         "deterministic": "deterministic"}  # FedConfig fields before EngineOptions -> its names
 
 
+def as_python(value: Any) -> Any:
+    """numpy's scalars as the Python numbers they are (a config holds Python values: JSON and seeding take them)."""
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, (tuple, list)):
+        return tuple(as_python(v) for v in value)
+    return value
+
+
+def normalise_fields(instance: Any) -> None:
+    """Replace a frozen dataclass's numpy scalars (and lists) by Python numbers (and tuples), before validation."""
+    for field in dataclasses.fields(instance):
+        object.__setattr__(instance, field.name, as_python(getattr(instance, field.name)))
+
+
 def check_field(name: str, value: Any) -> None:
     ok, allowed = FIELD_RULES[name]
     require(ok(value), name, value, allowed)
@@ -128,13 +150,15 @@ class EngineOptions:
     deterministic: bool = True  # GPU: cuDNN's deterministic algorithms (same seed, same result); False: autotuned
 
     def __post_init__(self) -> None:
+        normalise_fields(self)
         for name, (ok, allowed) in ENGINE_FIELD_RULES.items():
             require(ok(getattr(self, name)), name, getattr(self, name), allowed)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FedConfig:
-    """Every knob of a federated cDCGAN run; validated on construction."""
+    """Every knob of a federated cDCGAN run; validated on construction, and immutable after it (another config is
+    dataclasses.replace(config, field=value), validated again)."""
 
     # data
     dataset: str = "mnist"  # one of DATASETS
@@ -225,11 +249,10 @@ class FedConfig:
     engine: EngineOptions = dataclasses.field(default_factory=EngineOptions)
 
     def __post_init__(self) -> None:
-        if isinstance(self.betas, list):
-            self.betas = tuple(self.betas)
+        normalise_fields(self)
         self.validate()
         if not self.run_name:
-            self.run_name = f"{self.dataset}_{self.partition}_k{self.num_clients}_seed{self.seed}"
+            object.__setattr__(self, "run_name", f"{self.dataset}_{self.partition}_k{self.num_clients}_seed{self.seed}")
 
     def validate(self) -> None:
         """Raise ValueError naming the first field whose value is not allowed."""

@@ -5,7 +5,9 @@ import contextlib
 import gzip
 import io
 import os
-import shutil
+import math
+import struct
+import zlib
 from pathlib import Path
 from typing import Iterable
 
@@ -29,7 +31,7 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def cache_dir() -> Path:
-    """A writable folder for decompressed datasets and cached weights ($FEDGAN_CACHE or ~/.cache/fedgan)."""
+    """A writable folder for cached weights: the metric classifiers ($FEDGAN_CACHE or ~/.cache/fedgan)."""
     return Path(os.environ.get("FEDGAN_CACHE") or Path.home() / ".cache" / "fedgan")
 
 
@@ -85,22 +87,79 @@ def _find_cifar_folder(roots: Iterable[Path]) -> Path | None:
     return None
 
 
-def _stage_idx_files(folder: Path, name: str) -> Path:
-    """Copy (decompressing .gz) the idx files into a writable cache laid out as torchvision expects."""
-    info = DATASETS[name]
-    root = cache_dir() / name
-    raw = root / info.torchvision_class / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for stem in MNIST_FILES[True] + MNIST_FILES[False]:
-        source, target = _idx_file(folder, stem), raw / stem
-        if target.is_file() and target.stat().st_mtime >= source.stat().st_mtime:
-            continue
-        partial = target.with_suffix(".partial")
-        opener = gzip.open if source.suffix == ".gz" else open
-        with opener(source, "rb") as src, open(partial, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(partial, target)
-    return root
+IDX_MAGIC = {1: "00000801", 3: "00000803"}  # unsigned bytes; 1 dim (labels) or 3 (images)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file of unsigned bytes (raw or .gz) as a uint8 array of the shape its header gives, read whole:
+    a damaged file is a ValueError naming it, never a partial array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except EOFError as error:  # gzip's stream ended early
+        raise ValueError(f"{path} is truncated ({error})") from error
+    except (OSError, zlib.error) as error:
+        raise ValueError(f"{path} could not be read ({type(error).__name__}: {error})") from error
+    magic = data[:4].hex()
+    if len(data) < 4 or data[:3] != b"\0\0\x08" or data[3] not in IDX_MAGIC:
+        raise ValueError(f"{path} is not an idx file of unsigned bytes: its magic number {magic} is not "
+                         f"{IDX_MAGIC[3]} (images) or {IDX_MAGIC[1]} (labels)")
+    header = 4 + 4 * data[3]
+    dims = struct.unpack(f">{data[3]}I", data[4:header]) if len(data) >= header else ()
+    needed = header + math.prod(dims) if dims else header
+    if len(data) != needed:
+        raise ValueError(f"{path} holds {len(data):,} bytes where its header needs {needed:,}: truncated or damaged")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+
+
+def check_labels(labels: Tensor, name: str, source: object) -> None:
+    """Labels of dataset `name` must be 1-D integers in its class range; `source` names where they came from."""
+    num_classes = DATASETS[name].num_classes
+    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"{source}: labels must be a 1-D integer tensor, got {labels.dtype} of shape "
+                         f"{tuple(labels.shape)}")
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if len(outside):
+        raise ValueError(f"{source} holds label {int(outside[0])}: {name} has classes 0 to {num_classes - 1}")
+
+
+def check_data(images: Tensor, labels: Tensor, name: str) -> None:
+    """Images and labels given for dataset `name` must be what load_dataset gives: uint8 [N, C, H, W] in [0, 255]
+    and int labels [N] in its class range (float images in [0, 1] would train on the wrong scale)."""
+    shape = DATASETS[name].image_shape
+    if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != shape:
+        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"data: images must be a tensor [N, {', '.join(map(str, shape))}] for {name}, got {got}")
+    if images.dtype != torch.uint8:
+        raise ValueError(f"data: images must be uint8 in [0, 255], as load_dataset gives them, got {images.dtype} in "
+                         f"[{images.min().item():.3g}, {images.max().item():.3g}]; e.g. (images * 255).round()"
+                         ".to(torch.uint8) for floats in [0, 1]")
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"data: labels must be a tensor, got {type(labels).__name__}")
+    check_labels(labels, name, "data")
+    if len(images) != len(labels):
+        raise ValueError(f"data: {len(images):,} images and {len(labels):,} labels; they must be as many")
+
+
+def _read_idx_dataset(folder: Path, name: str, train: bool) -> tuple[Tensor, Tensor]:
+    """One split of an MNIST-like dataset from its two idx files, checked against each other and the dataset."""
+    images_path, labels_path = (_idx_file(folder, stem) for stem in MNIST_FILES[train])
+    try:
+        images, labels = read_idx(images_path), read_idx(labels_path)
+    except ValueError as error:
+        raise ValueError(f"the {name} idx files in {folder} could not be read: {error}; "
+                         "replace them with the four standard files") from error
+    expected = DATASETS[name].image_shape[1:]
+    if images.ndim != 3 or images.shape[1:] != expected or labels.ndim != 1:
+        raise ValueError(f"{images_path} holds images of shape {images.shape[1:]} and {labels_path} labels of "
+                         f"{labels.ndim} dims: {name} has {expected} images and 1-D labels")
+    if len(images) != len(labels):
+        raise ValueError(f"{images_path.name} holds {len(images):,} images and {labels_path.name} "
+                         f"{len(labels):,} labels (in {folder}): the two files must come from one split")
+    labels = torch.from_numpy(labels.astype(np.int64))
+    check_labels(labels, name, labels_path)
+    return torch.from_numpy(images.copy()).unsqueeze(1), labels  # (N, H, W) -> (N, 1, H, W)
 
 
 def _torchvision_dataset(name: str, root: Path, train: bool, download: bool):
@@ -120,6 +179,9 @@ def _as_tensors(dataset, name: str) -> tuple[Tensor, Tensor]:
     expected = DATASETS[name].image_shape
     if tuple(images.shape[1:]) != expected:
         raise ValueError(f"{name} images have shape {tuple(images.shape[1:])}, expected {expected}")
+    if len(images) != len(labels):
+        raise ValueError(f"{name}: {len(images):,} images and {len(labels):,} labels; they must be as many")
+    check_labels(labels, name, f"the {name} files in {getattr(dataset, 'root', '?')}")
     return images, labels
 
 
@@ -129,7 +191,7 @@ def load_dataset(name: str = "mnist", root: str | os.PathLike | None = None, tra
 
     Looks in `root`, $FEDGAN_DATA, ./data and /kaggle/input (recursively), then tries torchvision's
     download into ./data (skipped when `download` is False or $FEDGAN_OFFLINE is set). MNIST-like
-    idx files, raw or .gz, work from a read-only folder: they are staged into cache_dir().
+    idx files, raw or .gz, are read where they are (a read-only folder works): nothing is copied or cached.
     """
     if name not in DATASETS:
         raise ValueError(f"dataset={name!r} is not known; datasets: {sorted(DATASETS)}")
@@ -141,13 +203,7 @@ def load_dataset(name: str = "mnist", root: str | os.PathLike | None = None, tra
     else:
         folder = _find_idx_folder(roots, name)
         if folder is not None:
-            staged = _stage_idx_files(folder, name)
-            try:
-                dataset = _torchvision_dataset(name, staged, train, download=False)
-            except Exception as error:  # torchvision reads the files: any failure means bad files
-                raise ValueError(f"the {name} idx files in {folder} could not be read ({error}); "
-                                 "replace them with the four standard files") from error
-            return _as_tensors(dataset, name)
+            return _read_idx_dataset(folder, name, train)
     failure = "download skipped (download=False or FEDGAN_OFFLINE set)"
     if download and not os.environ.get("FEDGAN_OFFLINE"):
         captured = io.StringIO()

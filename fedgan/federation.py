@@ -17,7 +17,7 @@ from fedgan.aggregation import fedavg_stacked, fednova_rescale, scale_updates, s
 from fedgan.checkpoints import latest_checkpoint, newest_loadable, pick_run_dir, save_checkpoint, set_aside_after
 from fedgan.compression import compress_updates
 from fedgan.config import DATASETS, FedConfig, clients_per_round
-from fedgan.data import load_dataset, training_images
+from fedgan.data import check_data, load_dataset, training_images
 from fedgan.engine.precision import bfloat16_compute
 from fedgan.engine.stacked import ADAM_MOMENTS, broadcast, fresh_adam_state, map_tensors, slice_client, stack_clients
 from fedgan.engine.trainer import train_clients
@@ -61,6 +61,8 @@ class Federation:
                 and torch.cuda.get_device_capability(self.device)[0] < 8):
             warn(f"engine.bfloat16 on a {torch.cuda.get_device_name(self.device)}: GPUs before Ampere (e.g. Kaggle's "
                  "T4 and P100) have no bfloat16 tensor cores, so it is likely slower than float32 there")
+        if data is not None:
+            check_data(*data, config.dataset)
         images, labels = training_images(config, *(data if data is not None else
                                                     load_dataset(config.dataset, config.data_root)))
         self.images, self.labels = images.to(self.device), labels.to(self.device)  # uint8 and int64, resident

@@ -1,6 +1,8 @@
 """FedConfig: validation of every field, JSON round trip, presets; EngineOptions."""
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 import fedgan_utils as fu
@@ -30,7 +32,7 @@ BAD_CONFIG_VALUES = [
     ("krum_m", 0, "integer >= 1"),
     ("classes_per_client", 11, "from 1 to 10"),
     ("sigma", -1.0, "number >= 0"),
-    ("seed", -3, "integer >= 0"),
+    ("seed", -3, "an integer from 0 to 2**32 - 1"),
     ("device", "tpu", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
     ("train_subset", 5, "at least num_clients=10"),
     ("run_name", "a/b", "letters, digits"),
@@ -157,3 +159,29 @@ def test_combinations_that_cannot_work_are_refused_with_the_reason():
         fu.FedConfig(sync_mode="async", round_deadline=5.0)
     with pytest.raises(ValueError, match=r"async_buffer=6 .* at most the 5 clients in flight"):
         fu.FedConfig(sync_mode="async", num_clients=10, client_fraction=0.5, async_buffer=6)
+
+
+def test_numpy_numbers_are_taken_as_the_python_numbers_they_are():
+    config = fu.FedConfig(seed=np.int64(3), batch_size=np.int32(16), lr_g=np.float32(0.5), dp_delta=np.float64(1e-6),
+                          error_feedback=np.bool_(False), betas=(np.float64(0.5), np.float32(0.75)))
+    assert type(config.seed) is int and type(config.batch_size) is int and config.batch_size == 16
+    assert type(config.lr_g) is float and config.lr_g == 0.5 and type(config.error_feedback) is bool
+    assert all(type(b) is float for b in config.betas) and config.betas == (0.5, 0.75)
+    assert fu.FedConfig.from_json(config.to_json()) == config  # a checkpoint can hold it
+    assert type(fu.EngineOptions(cuda_streams=np.int64(4)).cuda_streams) is int
+
+
+def test_seeds_are_what_numpy_and_torch_both_take():
+    assert fu.FedConfig(seed=2 ** 32 - 1).seed == 2 ** 32 - 1
+    with pytest.raises(ValueError, match=r"seed=4294967296 is not allowed: an integer from 0 to 2\*\*32 - 1"):
+        fu.FedConfig(seed=2 ** 32)
+
+
+def test_a_config_cannot_be_changed_behind_its_validation():
+    config = fu.FedConfig()
+    with pytest.raises(AttributeError, match="batch_size"):
+        config.batch_size = 0
+    with pytest.raises(ValueError, match="batch_size=0"):
+        dataclasses.replace(config, batch_size=0)  # the way to another config: validated again
+    with pytest.raises(AttributeError, match="client_map"):
+        config.engine.client_map = "warp"

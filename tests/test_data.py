@@ -2,6 +2,8 @@
 import gzip
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -51,7 +53,7 @@ def test_a_read_only_folder_of_gz_files_is_left_untouched(tmp_path, private_cach
     images, labels = fu.load_dataset("mnist", root=folder, train=False)
     assert len(labels) == 10000
     assert sorted(p.name for p in folder.iterdir()) == before
-    assert (private_cache / "mnist" / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file()
+    assert not private_cache.exists()  # read where they are: nothing staged, nothing to go stale
 
 
 def test_raw_idx_files_in_torchvisions_layout_work(tmp_path, private_cache, monkeypatch):
@@ -125,3 +127,96 @@ def test_examples_per_label_are_label_major_and_scaled(mnist):
     assert grid.min() >= -1 and grid.max() <= 1
     first_sevens = torch.nonzero(labels == 7).flatten()[:3]
     torch.testing.assert_close(grid[21:24], fu.to_float_images(images[first_sevens]))
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
+    """An idx file of unsigned bytes as the MNIST distribution writes them: magic, big-endian dims, the bytes."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def write_mnist(folder: Path, images: np.ndarray, labels: np.ndarray, *, gz: bool = False) -> Path:
+    """The four idx files of a small MNIST-like dataset: the same images and labels as train and test split."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "t10k"):
+        write_idx(folder / f"{split}-images-idx3-ubyte", images, gz)
+        write_idx(folder / f"{split}-labels-idx1-ubyte", labels, gz)
+    return folder
+
+
+def small_mnist(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (count, 28, 28), dtype=np.uint8), rng.integers(0, 10, count, dtype=np.uint8)
+
+
+def test_another_folder_gives_its_own_images_and_labels_not_a_cached_copy_of_the_first(tmp_path, private_cache,
+                                                                                          monkeypatch):
+    shared = shared_mnist()
+    monkeypatch.delenv("FEDGAN_DATA")
+    first = fu.load_dataset("mnist", root=shared, train=False)
+    images, labels = small_mnist(100)
+    other = fu.load_dataset("mnist", root=write_mnist(tmp_path / "b" / "MNIST", images, labels), train=False)
+    assert other[0].shape == (100, 1, 28, 28) and len(other[1]) == 100
+    assert torch.equal(other[0][:, 0], torch.from_numpy(images)) and other[1].tolist() == labels.tolist()
+    again = fu.load_dataset("mnist", root=shared, train=False)
+    assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+
+
+def test_two_processes_loading_one_folder_into_an_empty_cache_at_once_both_get_it(tmp_path, monkeypatch):
+    script = ("import sys, fedgan_utils as fu; images, labels = fu.load_dataset('mnist', root=sys.argv[1]); "
+              "print(len(labels), int(images.sum()))")
+    env = {**os.environ, "FEDGAN_CACHE": str(tmp_path / "empty-cache"), "PYTHONPATH": str(Path(fu.__file__).parent)}
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(shared_mnist())], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [err[-500:] for _, err in outputs]
+    assert outputs[0][0] == outputs[1][0] and outputs[0][0].split()[0] == "60000"
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda data: data[: len(data) // 2], "truncated"),  # a download cut short
+    (lambda data: b"\x1f\x8b" + data[2:40], "could not be read"),  # not even a whole gzip header after the magic
+])
+def test_a_damaged_gz_file_gives_an_error_naming_it_and_leaves_nothing_behind(tmp_path, private_cache, monkeypatch,
+                                                                               damage, reason):
+    monkeypatch.delenv("FEDGAN_DATA")
+    folder = write_mnist(tmp_path / "MNIST", *small_mnist(50), gz=True)
+    path = folder / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError, match=f"{path.name}.*{reason}|{reason}.*{path.name}") as error:
+        fu.load_dataset("mnist", root=folder, train=False)
+    assert str(folder) in str(error.value)
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_images_and_labels_of_different_counts_are_refused_naming_both(tmp_path, private_cache, monkeypatch):
+    monkeypatch.delenv("FEDGAN_DATA")
+    images, labels = small_mnist(100)
+    folder = write_mnist(tmp_path / "MNIST", images, labels)
+    write_idx(folder / "t10k-images-idx3-ubyte", images[:60])
+    with pytest.raises(ValueError, match="60 images.*100 labels"):
+        fu.load_dataset("mnist", root=folder, train=False)
+
+
+def test_a_label_outside_the_classes_is_refused_naming_the_file(tmp_path, private_cache, monkeypatch):
+    monkeypatch.delenv("FEDGAN_DATA")
+    images, labels = small_mnist(100)
+    labels[7] = 200
+    folder = write_mnist(tmp_path / "MNIST", images, labels)
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte holds label 200.*mnist has classes 0 to 9"):
+        fu.load_dataset("mnist", root=folder, train=False)
+
+
+def test_a_wrong_magic_number_is_named_with_the_one_expected(tmp_path, private_cache, monkeypatch):
+    monkeypatch.delenv("FEDGAN_DATA")
+    folder = write_mnist(tmp_path / "MNIST", *small_mnist(20))
+    path = folder / "t10k-images-idx3-ubyte"
+    path.write_bytes(b"\x00\x00\x0d\x03" + path.read_bytes()[4:])  # 0x0d: float32, not unsigned bytes
+    with pytest.raises(ValueError, match=r"magic number 00000d03.*00000803"):
+        fu.load_dataset("mnist", root=folder, train=False)

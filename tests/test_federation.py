@@ -236,3 +236,14 @@ def test_a_custom_strategy_object_plugs_into_the_federation(mnist_small, tiny_co
     assert record["server"]["g"] == {"kept": 2} and record["server"]["d"] == {"kept": 2}
     with pytest.raises(TypeError, match="strategy must be a Strategy"):
         fu.Federation(tiny_config(), data=mnist_small, strategy="median")
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda images, labels: (images.float() / 255, labels), r"images must be uint8 in \[0, 255\].*float32"),
+    (lambda images, labels: (images[:, 0], labels), r"images must be a tensor \[N, 1, 28, 28\]"),
+    (lambda images, labels: (images, labels[:-5]), "1,200 images and 1,195 labels"),
+    (lambda images, labels: (images, labels + 5), "holds label 10: mnist has classes 0 to 9"),
+])
+def test_data_given_to_a_federation_is_checked_as_load_dataset_gives_it(mnist_small, tiny_config, make, message):
+    with pytest.raises(ValueError, match=message):
+        fu.Federation(tiny_config(), data=make(*mnist_small), log=False)
