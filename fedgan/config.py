@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fedgan.checks import finite, is_int, is_number, non_negative_int, positive_int, positive_number, require
-from fedgan.environment import pick_device
+from fedgan.environment import pick_device, warn
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ STRAGGLER_POLICIES = ("partial", "drop")
 STEP_NORMALISATIONS = ("none", "fednova")
 COMPRESSIONS = ("none", "topk", "int8")
 ATTACKS = ("none", "sign_flip", "noise", "nan", "label_flip")  # nan: a broken client sending NaN
+SERVER_LR_STRATEGIES = ("fedavgm", "damped", "fedadagrad", "fedadam", "fedyogi")  # the rules server_lr sets
 DP_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "damped", "fedadagrad", "fedadam", "fedyogi")
 CHOICES: dict[str, tuple[str, ...]] = {}  # filled below FedConfig: field -> allowed names
 PRESETS = ("smoke", "cpu", "full")
@@ -291,6 +292,25 @@ class FedConfig:
             require(self.sync_mode == "sync", "sync_mode", self.sync_mode, "'sync' with dp_clip")
         require(not self.server_generator or self.sync_networks == "both", "sync_networks", self.sync_networks,
                  "'both' with server_generator=True (G is sent to the clients, D both ways)")
+        attackers = round(self.attack_fraction * self.num_clients)  # rounds.attacker_ids draws as many
+        if self.attack == "none":
+            require(self.attack_fraction == 0, "attack_fraction", self.attack_fraction,
+                    "0 with attack='none' (set attack to what the attackers do)")
+        else:
+            require(attackers >= 1, "attack_fraction", self.attack_fraction,
+                    f"a fraction giving at least one attacker with attack={self.attack!r}: it gives {attackers} of the "
+                    f"{self.num_clients} clients (round(attack_fraction x num_clients))")
+        require(self.server_lr is None or self.strategy in SERVER_LR_STRATEGIES, "server_lr", self.server_lr,
+                f"None with strategy={self.strategy!r}: only {list(SERVER_LR_STRATEGIES)} have a server learning rate")
+        if self.strategy == "krum":
+            require(self.krum_f < per_round, "krum_f", self.krum_f,
+                    f"an integer from 0 to {per_round - 1}: Krum assumes fewer faulty clients than the {per_round} "
+                    "clients selected a round")
+            require(self.krum_m <= per_round, "krum_m", self.krum_m,
+                    f"an integer from 1 to {per_round}, the clients selected a round")
+        if self.local_steps is not None and self.local_epochs != FedConfig.local_epochs:
+            warn(f"local_steps={self.local_steps} is set, so local_epochs={self.local_epochs} is not used "
+                 "(local_steps overrides it)")
         if self.sync_mode == "async":
             require(self.round_deadline is None, "round_deadline", self.round_deadline,
                      "None with sync_mode='async' (asynchronous clients have no round to be late for)")

@@ -185,3 +185,25 @@ def test_a_config_cannot_be_changed_behind_its_validation():
         dataclasses.replace(config, batch_size=0)  # the way to another config: validated again
     with pytest.raises(AttributeError, match="client_map"):
         config.engine.client_map = "warp"
+
+
+@pytest.mark.parametrize("values,message", [
+    (dict(attack_fraction=0.2), r"attack_fraction=0.2 is not allowed: 0 with attack='none'"),
+    (dict(attack="sign_flip", attack_fraction=0.04), r"attack_fraction=0.04 is not allowed: .*0 of the 10 clients"),
+    (dict(attack="noise"), r"attack_fraction=0.0 is not allowed: .*0 of the 10 clients"),
+    (dict(strategy="median", server_lr=0.5), r"server_lr=0.5 is not allowed: None with strategy='median'"),
+    (dict(strategy="krum", krum_f=10), r"krum_f=10 is not allowed: an integer from 0 to 9: .*10 clients"),
+    (dict(strategy="krum", num_clients=10, client_fraction=0.5, krum_m=6), r"krum_m=6 is not allowed: .*1 to 5"),
+])
+def test_settings_that_would_be_ignored_or_fail_after_a_round_are_refused_at_construction(values, message):
+    with pytest.raises(ValueError, match=message):
+        fu.FedConfig(**values)
+
+
+def test_local_epochs_next_to_local_steps_is_named_as_unused(capsys):
+    fu.FedConfig(local_steps=5)  # the default local_epochs: nothing to say
+    assert capsys.readouterr().err == ""
+    config = fu.FedConfig(local_steps=5, local_epochs=0.5)
+    assert fu.local_steps_for(1000, config) == 5
+    assert capsys.readouterr().err.strip() == ("warning: local_steps=5 is set, so local_epochs=0.5 is not used "
+                                               "(local_steps overrides it)")
