@@ -1,13 +1,15 @@
 """The conditional DCGAN: generator and discriminator, their initialisation, and sampling."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fedgan.config import DATASETS, FedConfig
+from fedgan.checks import is_int, require
+from fedgan.config import DATASETS, FedConfig, as_python
 
 Tensor = torch.Tensor
 
@@ -116,25 +118,47 @@ def norm_state_keys(module: nn.Module) -> set[str]:
     return keys
 
 
+GENERATE_CHUNK = 1000  # images a forward pass of generate(): a large request costs one chunk's activations
+
+
+def _as_labels(labels: Any, num_classes: int) -> Tensor:
+    """A request's labels as an int64 tensor [N]; anything but a non-empty 1-D list of class indices is refused."""
+    allowed = f"labels must be a non-empty list of integers in [0, {num_classes - 1}]"
+    try:
+        array = np.asarray(labels.detach().cpu() if isinstance(labels, Tensor) else labels)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{allowed}, got {labels!r:.80}") from error
+    if (array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer)
+            or array.min() < 0 or array.max() >= num_classes):
+        raise ValueError(f"{allowed}, got {array.tolist()[:20]!r:.120} ({array.dtype}, shape {array.shape})")
+    return torch.from_numpy(array.astype(np.int64))
+
+
 @torch.no_grad()
 def generate(generator: Generator, labels: Sequence[int] | Tensor, seed: int = 0,
              noise: Tensor | None = None) -> Tensor:
     """Images in [-1, 1] for the requested labels: [len(labels), C, H, W], on the generator's device.
 
-    Uses the generator in eval mode (BatchNorm running statistics); `noise` [N, z_dim] overrides `seed`.
+    Uses the generator in eval mode (BatchNorm running statistics), GENERATE_CHUNK images at a time; `noise`
+    [N, z_dim] overrides `seed`, whose noise is drawn a chunk at a time from one generator.
     """
     device = next(generator.parameters()).device
-    labels = torch.as_tensor(labels, dtype=torch.int64).flatten()
-    if labels.numel() == 0 or labels.min() < 0 or labels.max() >= generator.num_classes:
-        raise ValueError(f"labels must be a non-empty list of integers in [0, {generator.num_classes - 1}], "
-                         f"got {labels.tolist()[:20]}")
-    if noise is None:
-        noise = torch.randn(len(labels), generator.z_dim, generator=torch.Generator().manual_seed(seed))
-    if tuple(noise.shape) != (len(labels), generator.z_dim):
-        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected ({len(labels)}, {generator.z_dim})")
+    labels = _as_labels(labels, generator.num_classes)
+    seed = as_python(seed)
+    require(is_int(seed) and 0 <= seed < 2 ** 63, "seed", seed, "an integer from 0 to 2**63 - 1")
+    if noise is not None and (not isinstance(noise, Tensor) or tuple(noise.shape) != (len(labels), generator.z_dim)):
+        shape = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+        raise ValueError(f"noise has shape {shape}, expected ({len(labels)}, {generator.z_dim})")
+    draws = torch.Generator().manual_seed(seed)
     was_training = generator.training
     generator.eval()
     try:
-        return generator(noise.to(device), labels.to(device))
+        images = []
+        for start in range(0, len(labels), GENERATE_CHUNK):
+            chunk = labels[start:start + GENERATE_CHUNK]
+            z = (noise[start:start + GENERATE_CHUNK] if noise is not None
+                 else torch.randn(len(chunk), generator.z_dim, generator=draws))
+            images.append(generator(z.to(device), chunk.to(device)))
+        return torch.cat(images)
     finally:
         generator.train(was_training)

@@ -1,4 +1,5 @@
 """Generator, Discriminator and generate(): shapes for MNIST and CIFAR, conditioning, DCGAN init."""
+import numpy as np
 import pytest
 import torch
 
@@ -83,3 +84,33 @@ def test_generate_refuses_labels_outside_the_classes(labels):
 def test_generate_checks_the_noise_shape():
     with pytest.raises(ValueError, match=r"noise has shape \(2, 5\), expected \(2, 16\)"):
         fu.generate(fu.Generator(z_dim=16, ngf=8), [1, 2], noise=torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize("labels", [[1.5, 2.0], torch.tensor([1.0, float("nan")]), [[1, 2], [3, 4]], [True, False],
+                                    "7", [None]])
+def test_generate_refuses_labels_that_are_not_a_list_of_integers(labels):
+    with pytest.raises(ValueError, match=r"labels must be a non-empty list of integers in \[0, 9\]"):
+        fu.generate(fu.Generator(z_dim=16, ngf=8), labels)
+
+
+@pytest.mark.parametrize("seed", [1.5, -1, "0", None, 2 ** 64])
+def test_generate_refuses_a_seed_that_is_not_an_integer_torch_takes(seed):
+    with pytest.raises(ValueError, match=r"seed=.* is not allowed: an integer from 0 to 2\*\*63 - 1"):
+        fu.generate(fu.Generator(z_dim=16, ngf=8), [1], seed=seed)
+
+
+def test_a_large_request_is_drawn_in_chunks_that_match_drawing_them_one_by_one(monkeypatch):
+    from fedgan import models
+
+    generator = fu.Generator(z_dim=16, ngf=8)
+    labels = torch.arange(25) % 10
+    whole = fu.generate(generator, labels, seed=3)
+    batches = []
+    forward = generator.forward
+    monkeypatch.setattr(generator, "forward", lambda z, y: batches.append(len(y)) or forward(z, y))
+    monkeypatch.setattr(models, "GENERATE_CHUNK", 10)
+    noise = torch.randn(25, 16, generator=torch.Generator().manual_seed(3))
+    chunked = fu.generate(generator, labels, noise=noise)
+    assert batches == [10, 10, 5]  # never more than a chunk through the network at once
+    torch.testing.assert_close(chunked, whole)  # up to 25 images the noise is drawn in one piece, as before
+    assert fu.generate(generator, labels, seed=np.int64(3)).shape == (25, 1, 28, 28)
