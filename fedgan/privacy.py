@@ -1,7 +1,7 @@
 """Client-level differential privacy: DP-FedAvg's clip and noise, and epsilon from an RDP accountant."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -19,6 +19,12 @@ def _dp_accounting():
     return dp_accounting
 
 
+def _check_accounting(sample_rate: Any, rounds: Any, delta: Any) -> None:
+    require(is_number(sample_rate) and 0 < sample_rate <= 1, "sample_rate", sample_rate, "a number in (0, 1]")
+    require(positive_int(rounds), "rounds", rounds, "an integer >= 1")
+    require(is_number(delta) and 0 < delta < 1, "delta", delta, "a number in (0, 1)")
+
+
 def dp_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
     """Epsilon after `rounds` releases of a Poisson-subsampled Gaussian mechanism (dp-accounting's RDP accountant).
 
@@ -26,9 +32,7 @@ def dp_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: 
     clip norm. Selection here draws a fixed number of clients a round, which the Poisson analysis approximates.
     """
     require(positive_number(noise_multiplier), "noise_multiplier", noise_multiplier, "a number > 0")
-    require(is_number(sample_rate) and 0 < sample_rate <= 1, "sample_rate", sample_rate, "a number in (0, 1]")
-    require(positive_int(rounds), "rounds", rounds, "an integer >= 1")
-    require(is_number(delta) and 0 < delta < 1, "delta", delta, "a number in (0, 1)")
+    _check_accounting(sample_rate, rounds, delta)
     accounting = _dp_accounting()
     event = accounting.SelfComposedDpEvent(
         accounting.PoissonSampledDpEvent(float(sample_rate), accounting.GaussianDpEvent(float(noise_multiplier))),
@@ -40,12 +44,17 @@ def dp_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: 
 
 def dp_noise_multiplier(target_epsilon: float, sample_rate: float, rounds: int, delta: float,
                         tolerance: float = 1e-3) -> float:
-    """The smallest noise multiplier (to `tolerance`) whose dp_epsilon is at most target_epsilon."""
-    require(positive_number(target_epsilon), "target_epsilon", target_epsilon, "a number > 0")
+    """The smallest noise multiplier (to `tolerance`, relative) whose dp_epsilon is at most target_epsilon."""
+    require(positive_number(target_epsilon), "target_epsilon", target_epsilon, "a finite number > 0")
+    _check_accounting(sample_rate, rounds, delta)
+    require(is_number(tolerance) and 0 < tolerance < 1, "tolerance", tolerance, "a number in (0, 1)")
     low, high = 0.0, 1.0
-    while dp_epsilon(high, sample_rate, rounds, delta) > target_epsilon:
+    while (epsilon := dp_epsilon(high, sample_rate, rounds, delta)) > target_epsilon:
         low, high = high, 2 * high
         require(high < 1e6, "target_epsilon", target_epsilon, "an epsilon some noise multiplier below 1e6 reaches")
+    require(epsilon > 0, "target_epsilon", target_epsilon,
+            f"an epsilon the accountant resolves: at noise multiplier {high:g} it reports 0 (underflow), so no "
+            "multiplier can be said to reach this one")
     while high - low > tolerance * high:
         middle = (low + high) / 2
         low, high = (middle, high) if dp_epsilon(middle, sample_rate, rounds, delta) > target_epsilon else (low, middle)

@@ -82,3 +82,20 @@ def test_dp_fedavg_gan_trains_the_generator_only_on_the_server(mnist_small, tiny
     resumed.run(rounds=1, progress=False)
     again = fu.Federation(resumed.config, data=mnist_small, log=False, resume=True).run(progress=False)
     assert states_equal(again.generator.state_dict(), federation.generator.state_dict())
+
+
+def test_an_epsilon_below_what_the_accountant_resolves_is_refused_not_answered():
+    with pytest.raises(ValueError, match=r"target_epsilon=1e-09 is not allowed: .*the accountant"):
+        fu.dp_noise_multiplier(1e-9, 0.1, 10, 1e-5)
+    z = fu.dp_noise_multiplier(1.0, 0.1, 10, 1e-5)  # a reachable target still gets its multiplier
+    assert 0 < fu.dp_epsilon(z, 0.1, 10, 1e-5) <= 1.0
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(sample_rate=0), "sample_rate"), (dict(rounds=0), "rounds"), (dict(delta=1.0), "delta"),
+    (dict(tolerance=0), "tolerance"), (dict(tolerance=1.5), "tolerance"), (dict(target_epsilon=float("inf")),
+                                                                             "target_epsilon")])
+def test_the_noise_search_checks_its_own_parameters_before_searching(kw, name):
+    values = {**dict(target_epsilon=2.0, sample_rate=0.1, rounds=10, delta=1e-5), **kw}
+    with pytest.raises(ValueError, match=f"^{name}="):
+        fu.dp_noise_multiplier(**values)
