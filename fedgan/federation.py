@@ -337,7 +337,8 @@ class Federation:
             if config.step_normalisation == "fednova" and config.dp_clip is None:
                 effective = fednova_rescale(global_state, effective, steps, weights, floats)
             strategy = self.strategies[which]
-            model.load_state_dict(strategy.aggregate(global_state, effective, client_weights, info))
+            model.load_state_dict(checked_state(strategy.aggregate(global_state, effective, client_weights, info),
+                                                global_state, strategy, which))
             if strategy.last_log:
                 log["server"][which] = dict(strategy.last_log)
         if config.server_generator:
@@ -451,18 +452,23 @@ class Federation:
         """Select, broadcast, train locally, aggregate, log: one communication round (async: one server update)."""
         config = self.config
         start = time.perf_counter()
-        if config.sync_mode == "async":
-            updates, log = self._async_updates(self.round + 1)
-        else:
-            plan = plan_round(config, self.parts, self.round + 1, self.client_losses())
-            updates = self._train(plan) if len(plan.client_ids) else None
-            log = {"dropped_out": plan.dropped_out, "late": plan.late, "sim_time": plan.sim_time,
-                   "images": int(plan.steps.sum()) * config.batch_size,
-                   "bytes_down": self._bytes_down() * len(plan.client_ids)}
-        if updates is not None:
-            log.update(self._aggregate(updates, self.round + 1))
-        elif self.log:
-            print(f"round {self.round + 1}: no client reported back; the global models stay as they were")
+        before = self._round_state()
+        try:  # a round applies all of its training and aggregation, or none of it
+            if config.sync_mode == "async":
+                updates, log = self._async_updates(self.round + 1)
+            else:
+                plan = plan_round(config, self.parts, self.round + 1, self.client_losses())
+                updates = self._train(plan) if len(plan.client_ids) else None
+                log = {"dropped_out": plan.dropped_out, "late": plan.late, "sim_time": plan.sim_time,
+                       "images": int(plan.steps.sum()) * config.batch_size,
+                       "bytes_down": self._bytes_down() * len(plan.client_ids)}
+            if updates is not None:
+                log.update(self._aggregate(updates, self.round + 1))
+            elif self.log:
+                print(f"round {self.round + 1}: no client reported back; the global models stay as they were")
+        except BaseException:
+            self._return_to(before)
+            raise
 
         self.round += 1
         self.clock += log["sim_time"]
@@ -495,6 +501,24 @@ class Federation:
         if (every and self.round % every == 0) or self.round == config.rounds:
             self.save_checkpoint()
         return record
+
+    def _round_state(self) -> dict[str, Any]:
+        """What a round changes, copied: the global models, the clients' and the server's state, asynchrony's."""
+        return copy.deepcopy({
+            "generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict(),
+            "client_store": self.client_store, "strategies": self.strategies, "in_flight": self.in_flight,
+            "clock": self.clock, "server_g_opt": self.server_g_opt.state_dict() if self.server_g_opt else None})
+
+    def _return_to(self, state: dict[str, Any]) -> None:
+        """Undo a round that failed part way: every piece of _round_state as it was before it."""
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.client_store, self.strategies = state["client_store"], state["strategies"]
+        self.in_flight, self.clock = state["in_flight"], state["clock"]
+        if state["server_g_opt"] is None:
+            self.server_g_opt = None
+        else:
+            self.server_g_opt.load_state_dict(state["server_g_opt"])
 
     def evaluate(self) -> dict[str, Any]:
         """Metrics of the global generator against the real test set (see Evaluator; its `reference` too)."""
@@ -548,6 +572,26 @@ class Federation:
             "rng": rng_state(),  # the rounds draw from (seed, round)-derived generators; this is the caller's
         })
         return path
+
+
+def checked_state(result: Any, global_state: Mapping[str, Tensor], strategy: Strategy, which: str) -> dict:
+    """A strategy's new global state, refused with the strategy's name unless it has the global state's keys and
+    shapes (a user's rule can return anything)."""
+    network = "generator" if which == "g" else "discriminator"
+    name = f"strategy {type(strategy).__name__} for the {network}"
+    if not isinstance(result, Mapping):
+        raise ValueError(f"{name} returned {type(result).__name__}, not a state dict {{name: tensor}}")
+    missing, extra = sorted(set(global_state) - set(result)), sorted(set(result) - set(global_state))
+    if missing:
+        raise ValueError(f"{name} returned a state that lacks {missing[:5]}")
+    if extra:
+        raise ValueError(f"{name} returned a state that has keys {extra[:5]} the {network} does not")
+    for key, value in global_state.items():
+        got = result[key]
+        if not isinstance(got, Tensor) or got.shape != value.shape:
+            shape = tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__
+            raise ValueError(f"{name} returned {key} of shape {shape}; the {network}'s is {tuple(value.shape)}")
+    return dict(result)
 
 
 def format_round(record: Mapping[str, Any]) -> str:

@@ -1,5 +1,6 @@
 """Federation and run_federation: history, determinism, resume, run folders, BN and optimizer policies, what
 clients send, G- or D-only sync, asynchrony, and strategy objects."""
+import copy
 import dataclasses
 import json
 import math
@@ -247,3 +248,55 @@ def test_a_custom_strategy_object_plugs_into_the_federation(mnist_small, tiny_co
 def test_data_given_to_a_federation_is_checked_as_load_dataset_gives_it(mnist_small, tiny_config, make, message):
     with pytest.raises(ValueError, match=message):
         fu.Federation(tiny_config(), data=make(*mnist_small), log=False)
+
+
+class Returns(fu.Strategy):
+    """A broken custom rule: returns what `make` makes of the global state."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def aggregate(self, global_state, client_states, weights, info=None):
+        return self.make(dict(global_state))
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda state: None, "returned NoneType, not a state dict"),
+    (lambda state: {k: v for k, v in list(state.items())[1:]},
+     r"returned a state that lacks \['label_embedding.weight'\]"),
+    (lambda state: {**state, "extra": torch.zeros(1)},
+     r"returned a state that has keys \['extra'\] the generator does not"),
+    (lambda state: {**state, "label_embedding.weight": torch.zeros(2, 2)},
+     r"returned label_embedding.weight of shape \(2, 2\)"),
+])
+def test_a_strategy_returning_something_else_than_a_state_is_named(mnist_small, tiny_config, make, message):
+    federation = fu.Federation(tiny_config(), data=mnist_small, log=False, strategy=Returns(make))
+    with pytest.raises(ValueError, match=f"strategy Returns for the generator {message}"):
+        federation.run_round()
+
+
+def trees_equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(trees_equal(a[k], b[k]) for k in a)
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_a_round_whose_aggregation_fails_applies_none_of_it(mnist_small, tiny_config):
+    config = tiny_config(optimizer_state="keep", compression="topk", topk_fraction=0.1, bn_policy="local",
+                         strategy="fedadam")
+    federation = fu.Federation(config, data=mnist_small, log=False)
+    federation.run_round()  # a good round first: client and server state to keep or lose
+    before = {"g": {k: v.clone() for k, v in federation.generator.state_dict().items()},
+              "store": copy.deepcopy(federation.client_store),
+              "server": copy.deepcopy(federation.strategies["g"].state_dict())}
+
+    def broken(*args):
+        raise RuntimeError("the rule broke")
+    federation.strategies["d"].aggregate = broken  # D's rule fails after G's has run
+    with pytest.raises(RuntimeError, match="the rule broke"):
+        federation.run_round()
+    assert federation.round == 1 and len(federation.history) == 1
+    assert states_equal(federation.generator.state_dict(), before["g"])  # G was aggregated, then given back
+    assert trees_equal(federation.client_store, before["store"])  # residuals, kept Adam states, local BN layers
+    assert trees_equal(federation.strategies["g"].state_dict(), before["server"])  # FedAdam's moments
