@@ -30,7 +30,7 @@ from fedgan.privacy import dp_epsilon, privatize_updates
 from fedgan.rounds import (
     RNG_ATTACK, RNG_DP, RNG_DROPOUT, RNG_NOISE, RNG_SELECTION, RoundPlan, attacker_ids, choose_clients, client_speeds,
     derive_seed, plan_clients, plan_round, poison_update)
-from fedgan.strategies import Strategy, bound_copy, make_strategy
+from fedgan.strategies import Strategy, bound_copy, checked_state, make_strategy
 
 Tensor = torch.Tensor
 
@@ -572,26 +572,6 @@ class Federation:
             "rng": rng_state(),  # the rounds draw from (seed, round)-derived generators; this is the caller's
         })
         return path
-
-
-def checked_state(result: Any, global_state: Mapping[str, Tensor], strategy: Strategy, which: str) -> dict:
-    """A strategy's new global state, refused with the strategy's name unless it has the global state's keys and
-    shapes (a user's rule can return anything)."""
-    network = "generator" if which == "g" else "discriminator"
-    name = f"strategy {type(strategy).__name__} for the {network}"
-    if not isinstance(result, Mapping):
-        raise ValueError(f"{name} returned {type(result).__name__}, not a state dict {{name: tensor}}")
-    missing, extra = sorted(set(global_state) - set(result)), sorted(set(result) - set(global_state))
-    if missing:
-        raise ValueError(f"{name} returned a state that lacks {missing[:5]}")
-    if extra:
-        raise ValueError(f"{name} returned a state that has keys {extra[:5]} the {network} does not")
-    for key, value in global_state.items():
-        got = result[key]
-        if not isinstance(got, Tensor) or got.shape != value.shape:
-            shape = tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__
-            raise ValueError(f"{name} returned {key} of shape {shape}; the {network}'s is {tuple(value.shape)}")
-    return dict(result)
 
 
 def format_round(record: Mapping[str, Any]) -> str:
