@@ -5,10 +5,14 @@ import hashlib
 import io
 import json
 import os
+import re
+import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
+import torch.nn as nn
 
 from fedgan.models import Generator
 
@@ -19,8 +23,25 @@ class CheckpointError(ValueError):
     """A checkpoint file that is truncated, corrupted or not a checkpoint."""
 
 
+MAX_GENERATOR_PARAMETERS = 10 ** 9  # load_generator refuses a generator_config beyond this (4 GB of float32)
+CLAIM = "claim.json"  # in a run's checkpoint folder: the run that took the folder
+
+
+def plain(tree: Any) -> Any:
+    """numpy scalars and arrays as Python numbers and tensors, at any depth: what weights_only=True loads back."""
+    if isinstance(tree, np.generic):
+        return tree.item()
+    if isinstance(tree, np.ndarray):
+        return torch.from_numpy(tree.copy())
+    if isinstance(tree, Mapping):
+        return {k: plain(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(plain(v) for v in tree)
+    return tree
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     with open(partial, "wb") as f:
         f.write(data)
         f.flush()
@@ -38,15 +59,22 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path
     """Write atomically (temporary file, fsync, rename) with a SHA-256 file; never replaces an existing checkpoint.
 
     The checksum is written first, so a run killed at any moment leaves either a complete checkpoint with its
-    checksum or no checkpoint of that round (a stray checksum or .partial file is ignored and replaced).
+    checksum or no checkpoint of that round (a stray checksum or .partial file is ignored and replaced). numpy
+    values are saved as the Python numbers and tensors they are, and the bytes are loaded back with weights_only
+    before anything is written: a checkpoint that saves always loads.
     """
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} exists; checkpoints are never overwritten")
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    torch.save(dict(payload), buffer)
+    torch.save(plain(dict(payload)), buffer)
     data = buffer.getvalue()
+    try:
+        torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as error:  # an object of a user's class, say, in a strategy's state or log
+        raise CheckpointError(f"{path} would not load with weights_only=True, so it is not written: "
+                              f"{str(error).strip().splitlines()[0][:300]}") from error
+    path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(checksum_path(path), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())
     _write_atomically(path, data)
     return path
@@ -118,39 +146,109 @@ def save_history(history: Sequence[Mapping[str, Any]], out_dir: str | os.PathLik
     return json_path, csv_path
 
 
+def _generator_from(path: Path, config: Any) -> Generator:
+    """A generator of a checkpoint's `generator_config`, sized on the meta device before any memory is taken."""
+    def refuse(reason: str) -> CheckpointError:
+        return CheckpointError(f"{path}: its generator_config {config!r:.200} {reason}")
+    if not isinstance(config, Mapping):
+        raise refuse("is not a mapping of Generator's arguments")
+    try:
+        with torch.device("meta"):
+            size = sum(p.numel() for p in Generator(**config).parameters())
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise refuse(f"does not make a Generator ({type(error).__name__}: {error})") from error
+    if size > MAX_GENERATOR_PARAMETERS:
+        raise refuse(f"makes a generator of {size:,} parameters, over the {MAX_GENERATOR_PARAMETERS:,} allowed")
+    return Generator(**config)
+
+
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> Generator:
     """Rebuild the global generator saved in a checkpoint, in eval mode."""
     checkpoint = load_checkpoint(path, device)
-    generator = Generator(**checkpoint["generator_config"]).to(device)
-    generator.load_state_dict(checkpoint["generator"])
+    generator = _generator_from(Path(path), checkpoint.get("generator_config")).to(device)
+    try:
+        generator.load_state_dict(checkpoint["generator"])
+    except (KeyError, RuntimeError, TypeError) as error:
+        raise CheckpointError(f"{path}: its generator does not load ({type(error).__name__}: {error})") from error
     return generator.eval()
 
 
-def pick_run_dir(checkpoint_dir: Path, out_dir: Path, run_name: str, resume: bool) -> Path:
-    """checkpoint_dir/run_name, or run_name-2, -3, ... so that no earlier run's files are overwritten.
+def run_folders(checkpoint_dir: Path, run_name: str) -> list[Path]:
+    """The folders of the runs named `run_name`: run_name itself and run_name-2, -3, ... (not run_name-big)."""
+    own = re.compile(re.escape(run_name) + r"(-\d+)?")
+    return [p for p in checkpoint_dir.glob(run_name + "*") if p.is_dir() and own.fullmatch(p.name)]
 
-    A name is free when neither checkpoint_dir/name nor out_dir/name holds anything; `resume` takes the most
-    recent run of this name that has a checkpoint.
-    """
-    numbered = sorted(checkpoint_dir.glob(run_name + "-*"), key=lambda p: p.stat().st_mtime)
-    existing = [checkpoint_dir / run_name] + numbered
-    existing = [p for p in existing if latest_checkpoint(p) is not None]
-    if resume and existing:
-        return existing[-1]
+
+def claim_run_dir(checkpoint_dir: Path, out_dir: Path, run_name: str) -> Path:
+    """A new run's folder, checkpoint_dir/run_name or run_name-2, -3, ...: the first whose checkpoint and output
+    folders hold nothing, taken by creating its claim file exclusively, so that two runs starting at once never
+    share one. Writing the claim also finds a folder checkpoints cannot be written in, before any training."""
     candidate, n = run_name, 1
-    while any(d.is_dir() and any(d.iterdir()) for d in (checkpoint_dir / candidate, out_dir / candidate)):
+    while True:
+        folder = checkpoint_dir / candidate
+        if not any(d.is_dir() and any(d.iterdir()) for d in (folder, out_dir / candidate)):
+            try:
+                write_claim(folder, run_name, exclusive=True)
+                return folder
+            except FileExistsError:  # another run claimed it first
+                pass
         n += 1
         candidate = f"{run_name}-{n}"
-    return checkpoint_dir / candidate
 
 
-def set_aside_after(run_dir: Path, good: Path, log: bool) -> None:
-    """Rename a run's checkpoints newer than `good` (they failed to load) to *.bad, so the run can write them again."""
-    for path in list_checkpoints(run_dir):
-        if path.name > good.name:
-            aside = path.with_name(path.name + ".bad")
-            path.rename(aside)
-            if checksum_path(path).exists():
-                checksum_path(path).rename(checksum_path(aside))
+def write_claim(folder: Path, run_name: str, *, exclusive: bool) -> None:
+    """Write a run's claim file in its checkpoint folder (`exclusive`: only if there is none yet, else
+    FileExistsError); any other failure means checkpoints cannot be written there: a clear PermissionError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / CLAIM, "x" if exclusive else "w") as claim:
+            json.dump({"run_name": run_name, "pid": os.getpid(), "time": time.time()}, claim)
+    except FileExistsError:
+        if folder.is_dir():
+            raise
+        raise PermissionError(f"checkpoints cannot be written in {folder.parent}: a file named {folder.name} "
+                              "stands in the way; set checkpoint_dir to a writable folder") from None
+    except OSError as error:
+        raise PermissionError(f"checkpoints cannot be written in {folder.parent} ({error}); set checkpoint_dir "
+                              "to a writable folder") from error
+
+
+def restore_newest(run_dir: Path, restore: Callable[[Path, dict], None], log: bool) -> Path | None:
+    """Hand `restore` the newest checkpoint of a run that loads and restores, and return its path; each newer one
+    that fails (its checksum, loading, or `restore` raising CheckpointError) is set aside. None: none did."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            restore(path, load_checkpoint(path))
+            return path
+        except CheckpointError as error:
             if log:
-                print(f"set aside {path} as {aside.name}: it did not pass its checksum or did not load")
+                print(f"skipping a bad checkpoint: {error}")
+            set_aside(path, log)
+    return None
+
+
+def flat_adam_states(client_store: Mapping[int, dict], models: Mapping[str, nn.Module]) -> None:
+    """Format 2 checkpoints kept each client's Adam moments by parameter name: flattened in place into the one
+    format ({"step", "exp_avg": [P], "exp_avg_sq": [P]}, the module's named_parameters order)."""
+    for store in client_store.values():
+        for which, model in models.items():
+            kept = store.get(f"{which}_opt")
+            if kept is not None and isinstance(kept["exp_avg"], Mapping):
+                store[f"{which}_opt"] = {"step": kept["step"], **{
+                    m: torch.cat([kept[m][name].flatten() for name, _ in model.named_parameters()])
+                    for m in ("exp_avg", "exp_avg_sq")}}
+
+
+def set_aside(path: Path, log: bool) -> Path:
+    """Rename a checkpoint that did not pass its checksum or did not load (and its checksum file) to *.bad, or
+    *.bad-2, -3, ... beside an earlier one: never deleted, never overwritten; the run can write the round again."""
+    aside, n = path.with_name(path.name + ".bad"), 1
+    while aside.exists() or checksum_path(aside).exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.bad-{n}")
+    path.rename(aside)
+    if checksum_path(path).exists():
+        checksum_path(path).rename(checksum_path(aside))
+    if log:
+        print(f"set aside {path} as {aside.name}: it did not pass its checksum or did not load")
+    return aside

@@ -4,8 +4,8 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
-import os
 import math
+import os
 import struct
 import zlib
 from pathlib import Path

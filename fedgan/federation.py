@@ -14,21 +14,23 @@ import torch
 import torch.nn as nn
 
 from fedgan.aggregation import fedavg_stacked, fednova_rescale, scale_updates, staleness_weight
-from fedgan.checkpoints import latest_checkpoint, newest_loadable, pick_run_dir, save_checkpoint, set_aside_after
+from fedgan.checkpoints import (
+    CheckpointError, claim_run_dir, flat_adam_states, latest_checkpoint, restore_newest, run_folders, save_checkpoint,
+    write_claim)
 from fedgan.compression import compress_updates
 from fedgan.config import DATASETS, FedConfig, clients_per_round
 from fedgan.data import check_data, load_dataset, training_images
 from fedgan.engine.precision import bfloat16_compute
-from fedgan.engine.stacked import ADAM_MOMENTS, broadcast, fresh_adam_state, map_tensors, slice_client, stack_clients
+from fedgan.engine.stacked import broadcast, fresh_adam_state, map_tensors, slice_client, stack_clients
 from fedgan.engine.trainer import train_clients
 from fedgan.environment import env_report, pick_device, rng_state, seed_everything, set_rng_state, warn
-from fedgan.gan import LocalTraining, generator_loss
+from fedgan.gan import LocalTraining, generator_steps
 from fedgan.metrics import Evaluator, make_evaluator
 from fedgan.models import build_models, generate, norm_state_keys
 from fedgan.partition import partition
-from fedgan.privacy import dp_epsilon, privatize_updates
+from fedgan.privacy import private_round
 from fedgan.rounds import (
-    RNG_ATTACK, RNG_DP, RNG_DROPOUT, RNG_NOISE, RNG_SELECTION, RoundPlan, attacker_ids, choose_clients, client_speeds,
+    RNG_ATTACK, RNG_DROPOUT, RNG_NOISE, RNG_SELECTION, RoundPlan, attacker_ids, choose_clients, client_speeds,
     derive_seed, plan_clients, plan_round, poison_update)
 from fedgan.strategies import Strategy, bound_copy, checked_state, make_strategy
 
@@ -103,33 +105,57 @@ class Federation:
         self.evaluator: Evaluator | None = None  # built on the first evaluation (trains the metric classifier)
         self.grid_snapshots: dict[int, Tensor] = {}  # round -> fixed-noise grid images, CPU
         self.round = 0
-        self.run_dir = pick_run_dir(Path(config.checkpoint_dir), Path(config.out_dir), config.run_name, resume)
+        self.run_dir = self._open_run(resume)
         self.out_dir = Path(config.out_dir) / self.run_dir.name
-        good, checkpoint = newest_loadable(self.run_dir, log) if resume else (None, None)
-        if good is not None:
-            set_aside_after(self.run_dir, good, log)
-            self._restore(good, checkpoint)
-        else:
+        if self.round == 0:
             self.grid_snapshots[0] = self.sample_grid()
 
     # -- set-up ---------------------------------------------------------------------------------
+    def _open_run(self, resume: bool) -> Path:
+        """The run's checkpoint folder. With `resume`, the newest run of this name (run_name or run_name-N),
+        restored from its newest checkpoint that restores (the ones that do not are set aside); else, or with no
+        such run, a new folder claimed for this run."""
+        config, log = self.config, self.log
+        checkpoint_dir = Path(config.checkpoint_dir)
+        runs = [f for f in run_folders(checkpoint_dir, config.run_name) if latest_checkpoint(f)] if resume else []
+        if resume and not runs and log:
+            print(f"resume=True: no run named {config.run_name} has a checkpoint in {checkpoint_dir}; a new run "
+                  "starts")
+        if not runs:
+            return claim_run_dir(checkpoint_dir, Path(config.out_dir), config.run_name)
+        run_dir = max(runs, key=lambda folder: latest_checkpoint(folder).stat().st_mtime)
+        write_claim(run_dir, config.run_name, exclusive=False)  # this run continues it; and it can be written
+        fresh = self._round_state(), self.history, self.grid_snapshots
+        if restore_newest(run_dir, self._restore, log) is None:
+            self._return_to(fresh[0])
+            self.round, self.history, self.grid_snapshots = 0, fresh[1], fresh[2]
+            if log:
+                print(f"no checkpoint of {run_dir} restores: the run starts again from round 0")
+        return run_dir
+
     def _restore(self, path: Path, checkpoint: Mapping[str, Any]) -> None:
-        saved = FedConfig.from_json(checkpoint["config"])
+        """Take the run's state from a checkpoint; CheckpointError when its contents do not restore."""
+        try:
+            saved = FedConfig.from_json(checkpoint["config"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{path}: its config does not load ({type(error).__name__}: {error})") from error
         differs = [f.name for f in dataclasses.fields(FedConfig)
                    if f.name not in ("rounds", "device") and getattr(saved, f.name) != getattr(self.config, f.name)]
-        if differs:
+        if differs:  # the caller's to fix, not a damaged file: no fallback
             raise ValueError(f"cannot resume from {path}: the config differs in {differs}; "
                              "resume with the saved config (only rounds and device may change)")
+        try:
+            self._take_state(checkpoint)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
+            raise CheckpointError(f"{path} does not restore ({type(error).__name__}: {str(error)[:300]})") from error
+        if self.log:
+            print(f"resumed from {path} (round {self.round})")
+
+    def _take_state(self, checkpoint: Mapping[str, Any]) -> None:
         self.generator.load_state_dict(checkpoint["generator"])
         self.discriminator.load_state_dict(checkpoint["discriminator"])
         self.client_store = {int(k): v for k, v in checkpoint["client_store"].items()}
-        for store in self.client_store.values():  # format 2 kept Adam moments by parameter name: flattened here
-            for which, model in (("g", self.generator), ("d", self.discriminator)):
-                kept = store.get(f"{which}_opt")
-                if kept is not None and isinstance(kept["exp_avg"], dict):
-                    store[f"{which}_opt"] = {"step": kept["step"], **{
-                        m: torch.cat([kept[m][name].flatten() for name, _ in model.named_parameters()])
-                        for m in ADAM_MOMENTS}}
+        flat_adam_states(self.client_store, {"g": self.generator, "d": self.discriminator})
         self.history = checkpoint["history"]
         self.grid_snapshots = {int(k): v for k, v in checkpoint["grid_snapshots"].items()}
         self.round = checkpoint["round"]
@@ -137,13 +163,12 @@ class Federation:
             strategy.load_state_dict(map_tensors(checkpoint["strategies"][which], lambda t: t.to(self.device)))
         # format 1 checkpoints (before asynchrony and the server generator) lack these; simulated time restarts at 0
         self.clock, self.in_flight = checkpoint.get("clock", 0.0), checkpoint.get("in_flight", [])
+        self.server_g_opt = None
         if checkpoint.get("server_g_opt") is not None:
             self.server_g_opt = torch.optim.Adam(self.generator.parameters(), lr=self.config.lr_g,
                                                  betas=self.config.betas)
             self.server_g_opt.load_state_dict(checkpoint["server_g_opt"])
         set_rng_state(checkpoint["rng"])
-        if self.log:
-            print(f"resumed from {path} (round {self.round})")
 
     # -- one round ------------------------------------------------------------------------------
     def synced(self, which: str) -> bool:
@@ -312,8 +337,8 @@ class Federation:
                 final, start = (usable_rows({k: updates[part][which][k] for k in buffers})
                                 for part in ("final", "start"))
                 buffer_changes[which] = {k: final[k] - start[k] for k in buffers}
-            noisy = self._privatize({which: {**received[which], **buffer_changes[which]} for which in received},
-                                    round_index, log)
+            noisy = private_round({which: {**received[which], **buffer_changes[which]} for which in received},
+                                  config, round_index, log, self.device)
         for which, model in (("g", self.generator), ("d", self.discriminator)):
             final = usable_rows(updates["final"][which])
             if not self.synced(which):  # nothing is sent; the average only serves to sample from
@@ -345,42 +370,16 @@ class Federation:
             log["server_g_loss"] = self._train_server_generator(round_index, int(round(float(np.mean(steps)))))
         return log
 
-    def _privatize(self, received: Mapping[str, Mapping[str, Tensor]], round_index: int,
-                   log: dict[str, Any]) -> dict[str, dict[str, Tensor]]:
-        """DP-FedAvg on what the clients sent (G and D together): clipped, summed, noised; epsilon into the log."""
-        config = self.config
-        expected = clients_per_round(config.num_clients, config.client_fraction)
-        noise = torch.Generator(device=self.device).manual_seed(derive_seed(config.seed, round_index, RNG_DP))
-        which = list(received)
-        noisy, norms = privatize_updates([received[w] for w in which], config.dp_clip, config.dp_noise_multiplier,
-                                         expected, noise)
-        log["dp_clipped"] = int((norms > config.dp_clip).sum())
-        log["dp_norm_median"] = float(norms.median())
-        log["epsilon"] = (dp_epsilon(config.dp_noise_multiplier, expected / config.num_clients, round_index,
-                                     config.dp_delta) if config.dp_noise_multiplier > 0 else math.inf)
-        return dict(zip(which, noisy))
-
     def _train_server_generator(self, round_index: int, steps: int) -> float:
         """DP-FedAvg-GAN's server step: G trained against a copy of the aggregated D; returns G's mean loss."""
         config = self.config
-        steps = config.server_g_steps or max(1, steps)
         if self.server_g_opt is None:
             self.server_g_opt = torch.optim.Adam(self.generator.parameters(), lr=config.lr_g, betas=config.betas)
         critic = copy.deepcopy(self.discriminator).train().requires_grad_(False)
         draws = torch.Generator(device=self.device).manual_seed(derive_seed(config.seed, round_index, RNG_NOISE, 1))
-        num_classes = DATASETS[config.dataset].num_classes
-        total = torch.zeros((), device=self.device)
-        self.generator.train()
-        for _ in range(steps):
-            z = torch.randn((config.batch_size, config.z_dim), generator=draws, device=self.device)
-            y = torch.randint(num_classes, (config.batch_size,), generator=draws, device=self.device)
-            with bfloat16_compute(config.engine.bfloat16):
-                loss = generator_loss(critic, self.generator(z, y), y)
-            self.server_g_opt.zero_grad()
-            loss.backward()
-            self.server_g_opt.step()
-            total += loss.detach()
-        return float(total) / steps
+        return generator_steps(self.generator, critic, self.server_g_opt, steps=config.server_g_steps or max(1, steps),
+                               batch_size=config.batch_size, num_classes=DATASETS[config.dataset].num_classes,
+                               draws=draws, compute=lambda: bfloat16_compute(config.engine.bfloat16))
 
     def _watchdog(self, record: Mapping[str, Any]) -> None:
         """Stop with a clear message when the global model went NaN/Inf or D's loss collapsed for several rounds."""
@@ -490,16 +489,21 @@ class Federation:
             **log,
         }
         self._watchdog(record)
-        every = config.eval_every
+        every, failed = config.eval_every, None
         if every is not None and ((every and self.round % every == 0) or self.round == config.rounds):
             eval_start = time.perf_counter()
-            record["metrics"] = self.evaluate()
+            try:
+                record["metrics"] = self.evaluate()
+            except Exception as error:  # out of memory while scoring, say: the round's training is kept
+                failed, record["eval_error"] = error, f"{type(error).__name__}: {error}"
             record["eval_seconds"] = time.perf_counter() - eval_start
         self.history.append(record)
         self.grid_snapshots[self.round] = self.sample_grid()
         every = config.checkpoint_every
-        if (every and self.round % every == 0) or self.round == config.rounds:
+        if (every and self.round % every == 0) or self.round == config.rounds or failed:
             self.save_checkpoint()
+        if failed:
+            raise failed
         return record
 
     def _round_state(self) -> dict[str, Any]:

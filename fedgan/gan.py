@@ -8,10 +8,12 @@ the fast path runs this math, it does not restate it.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from fedgan.checks import finite, is_number, positive_number, require
@@ -81,3 +83,23 @@ def gan_step(*, generator: Callable[[Tensor, Tensor], Tensor], d_loss: Callable[
     loss_g = g_loss(fake, labels)
     update_g(loss_g)
     return loss_d.detach(), loss_g.detach()
+
+
+def generator_steps(generator: nn.Module, discriminator: Discriminate, optimizer: torch.optim.Optimizer, *,
+                    steps: int, batch_size: int, num_classes: int, draws: torch.Generator,
+                    compute: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
+    """G trained alone against a fixed D, as DP-FedAvg-GAN's server does (Augenstein et al., ICLR 2020): `steps`
+    steps of generator_loss on fresh noise and labels drawn uniformly from `draws`; returns G's mean loss."""
+    device = next(generator.parameters()).device
+    total = torch.zeros((), device=device)
+    generator.train()
+    for _ in range(steps):
+        z = torch.randn((batch_size, generator.z_dim), generator=draws, device=device)
+        y = torch.randint(num_classes, (batch_size,), generator=draws, device=device)
+        with compute():
+            loss = generator_loss(discriminator, generator(z, y), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+    return float(total) / steps

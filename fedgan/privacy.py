@@ -1,11 +1,14 @@
 """Client-level differential privacy: DP-FedAvg's clip and noise, and epsilon from an RDP accountant."""
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from fedgan.checks import is_int, is_number, positive_int, positive_number, require
+from fedgan.config import FedConfig, clients_per_round
+from fedgan.rounds import RNG_DP, derive_seed
 
 Tensor = torch.Tensor
 
@@ -87,3 +90,19 @@ def privatize_updates(updates: Sequence[Mapping[str, Tensor]], clip: float, nois
             noise = torch.randn(total.shape, generator=generator, device=v.device, dtype=v.dtype)
             noisy[-1][k] = (total + noise_multiplier * clip * noise) / expected_clients
     return noisy, norms
+
+
+def private_round(received: Mapping[str, Mapping[str, Tensor]], config: FedConfig, round_index: int,
+                  log: dict[str, Any], device: torch.device) -> dict[str, dict[str, Tensor]]:
+    """A federation's DP-FedAvg step on what its clients sent (G and D together, one clip over both): clipped,
+    summed and noised from the round's own random stream; the clipped count, median norm and epsilon into `log`."""
+    expected = clients_per_round(config.num_clients, config.client_fraction)
+    noise = torch.Generator(device=device).manual_seed(derive_seed(config.seed, round_index, RNG_DP))
+    which = list(received)
+    noisy, norms = privatize_updates([received[w] for w in which], config.dp_clip, config.dp_noise_multiplier,
+                                     expected, noise)
+    log["dp_clipped"] = int((norms > config.dp_clip).sum())
+    log["dp_norm_median"] = float(norms.median())
+    log["epsilon"] = (dp_epsilon(config.dp_noise_multiplier, expected / config.num_clients, round_index,
+                                 config.dp_delta) if config.dp_noise_multiplier > 0 else math.inf)
+    return dict(zip(which, noisy))

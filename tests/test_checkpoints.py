@@ -1,4 +1,5 @@
 """Checkpoints: names with the round, config as JSON, weights_only loading, no overwrite, clear errors."""
+import numpy as np
 import pytest
 import torch
 
@@ -49,3 +50,29 @@ def test_a_corrupted_checkpoint_gives_an_error_naming_the_file(finished):
         fu.load_generator(path)
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         fu.load_checkpoint(path.with_name("round_0099.pt"))
+
+
+def test_a_numpy_value_in_a_checkpoint_is_saved_as_the_python_number_it_is(tmp_path):
+    path = fu.save_checkpoint(tmp_path / "x.pt", {"log": {"kept": np.int64(3), "norm": np.float32(0.5)},
+                                                  "state": {"m": np.zeros(2)}})
+    loaded = fu.load_checkpoint(path)  # weights_only=True: numpy objects would not load
+    assert loaded["log"] == {"kept": 3, "norm": 0.5} and type(loaded["log"]["kept"]) is int
+    assert torch.equal(loaded["state"]["m"], torch.zeros(2, dtype=torch.float64))
+
+
+def test_a_payload_that_would_not_load_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(fu.CheckpointError, match=r"x.pt would not load with weights_only=True"):
+        fu.save_checkpoint(tmp_path / "x.pt", {"strategy": object()})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("config", [
+    {"image_shape": (1, 28, 28), "num_classes": 10, "z_dim": 100, "embed_dim": 10, "ngf": 2 ** 20},  # terabytes
+    {"image_shape": (1, 28, 28), "num_classes": 10, "z_dim": 100, "embed_dim": 10, "ngf": -4},
+    {"image_shape": (1, 28, 28), "weights": "elsewhere"},
+    "not a dict",
+])
+def test_load_generator_refuses_a_crafted_generator_config_without_building_it(tmp_path, config):
+    path = fu.save_checkpoint(tmp_path / "round_0001.pt", {"generator_config": config, "generator": {}})
+    with pytest.raises(fu.CheckpointError, match=r"round_0001.pt: its generator_config"):
+        fu.load_generator(path)

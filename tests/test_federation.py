@@ -4,6 +4,10 @@ import copy
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -300,3 +304,105 @@ def test_a_round_whose_aggregation_fails_applies_none_of_it(mnist_small, tiny_co
     assert states_equal(federation.generator.state_dict(), before["g"])  # G was aggregated, then given back
     assert trees_equal(federation.client_store, before["store"])  # residuals, kept Adam states, local BN layers
     assert trees_equal(federation.strategies["g"].state_dict(), before["server"])  # FedAdam's moments
+
+
+CONCURRENT_RUN = """
+import sys
+import fedgan_utils as fu
+images, labels = fu.load_dataset("mnist")
+fu.run_federation(fu.FedConfig.from_json(sys.argv[1]), data=(images[:1200], labels[:1200]), progress=False)
+"""
+
+
+def test_two_processes_starting_one_run_name_at_once_write_into_their_own_folders(tiny_config, tmp_path):
+    configs = [tiny_config(seed=seed, run_name="same", rounds=2) for seed in (1, 2)]
+    env = {**os.environ, "PYTHONPATH": str(Path(fu.__file__).parent)}
+    processes = [subprocess.Popen([sys.executable, "-c", CONCURRENT_RUN, c.to_json()], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in configs]
+    errors = [p.communicate(timeout=300)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [e[-800:] for e in errors]
+    folders = sorted(Path(configs[0].checkpoint_dir).iterdir())
+    assert [f.name for f in folders] == ["same", "same-2"]
+    seeds = [{fu.FedConfig.from_json(fu.load_checkpoint(p)["config"]).seed for p in fu.list_checkpoints(f)}
+             for f in folders]
+    assert sorted(seeds, key=min) == [{1}, {2}]  # each folder holds one run's two rounds, nothing of the other
+    assert all(len(fu.list_checkpoints(f)) == 2 for f in folders)
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_found_before_any_training(mnist_small, tiny_config, tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with pytest.raises(PermissionError, match=f"checkpoints cannot be written in {blocked}"):
+        fu.Federation(tiny_config(checkpoint_dir=str(blocked / "checkpoints")), data=mnist_small, log=False)
+
+
+def test_resume_matches_its_own_run_not_one_whose_name_it_begins(mnist_small, tiny_config, capsys):
+    fu.run_federation(tiny_config(rounds=1, run_name="exp"), data=mnist_small, progress=False)
+    fu.run_federation(tiny_config(rounds=2, run_name="exp-big"), data=mnist_small, progress=False)
+    resumed = fu.Federation(tiny_config(rounds=3, run_name="exp"), data=mnist_small, resume=True)
+    assert resumed.run_dir.name == "exp" and resumed.round == 1
+
+
+def test_resume_with_no_run_of_its_name_says_it_starts_a_new_one(mnist_small, tiny_config, capsys):
+    federation = fu.Federation(tiny_config(run_name="never-ran"), data=mnist_small, resume=True)
+    assert federation.round == 0
+    assert "resume=True: no run named never-ran has a checkpoint" in capsys.readouterr().out
+
+
+def test_resume_with_no_loadable_checkpoint_sets_them_aside_and_starts_over(mnist_small, tiny_config):
+    config = tiny_config(rounds=2, run_name="empty")
+    run_dir = Path(config.checkpoint_dir) / "empty"
+    run_dir.mkdir(parents=True)
+    (run_dir / "round_0001.pt").write_bytes(b"")  # a 0-byte file without its checksum
+    federation = fu.Federation(config, data=mnist_small, resume=True, log=False)
+    assert federation.round == 0 and federation.run_dir == run_dir
+    federation.run(progress=False)  # no FileExistsError on the file that would not load
+    assert (run_dir / "round_0001.pt.bad").read_bytes() == b""  # set aside, never deleted
+    assert [p.name for p in fu.list_checkpoints(run_dir)] == ["round_0001.pt", "round_0002.pt"]
+
+
+def test_a_second_fallback_at_the_same_round_keeps_the_first_set_aside_file(mnist_small, tiny_config):
+    config = tiny_config(rounds=2)
+    first = fu.run_federation(config, data=mnist_small, progress=False)
+    latest = fu.latest_checkpoint(first.run_dir)
+    for damage in (b"first", b"second"):
+        latest.write_bytes(damage)
+        fu.Federation(config, data=mnist_small, resume=True, log=False).run(progress=False)
+    assert (first.run_dir / "round_0002.pt.bad").read_bytes() == b"first"
+    assert (first.run_dir / "round_0002.pt.bad-2").read_bytes() == b"second"
+
+
+@pytest.mark.parametrize("damage", [
+    lambda c: {**c, "generator": {**c["generator"], "main.1.weight": torch.zeros(3)}},  # a wrong-shaped tensor
+    lambda c: {k: v for k, v in c.items() if k != "history"},
+    lambda c: {**c, "config": c["config"][:-10]},  # a broken config string
+])
+def test_a_checkpoint_that_passes_its_checksum_but_does_not_restore_falls_back(mnist_small, tiny_config, damage):
+    config = tiny_config(rounds=3)
+    straight = fu.run_federation(dataclasses.replace(config, run_name="straight"), data=mnist_small, progress=False)
+    broken = fu.run_federation(config, data=mnist_small, progress=False)
+    latest = fu.latest_checkpoint(broken.run_dir)
+    payload = damage(fu.load_checkpoint(latest))
+    latest.unlink()
+    fu.checksum_path(latest).unlink()
+    fu.save_checkpoint(latest, payload)  # a valid checksum over contents that do not restore
+    resumed = fu.Federation(config, data=mnist_small, resume=True, log=False)
+    assert resumed.round == 2 and (broken.run_dir / "round_0003.pt.bad").is_file()
+    resumed.run(progress=False)
+    assert states_equal(resumed.generator.state_dict(), straight.generator.state_dict())
+
+
+class FailingEvaluator:
+    def __call__(self, generator):
+        raise RuntimeError("out of memory while scoring")
+
+
+def test_a_failing_evaluation_keeps_the_rounds_checkpoint(mnist_small, tiny_config):
+    config = tiny_config(rounds=2, eval_every=1, checkpoint_every=0)
+    federation = fu.Federation(config, data=mnist_small, log=False)
+    federation.evaluator = FailingEvaluator()
+    with pytest.raises(RuntimeError, match="out of memory while scoring"):
+        federation.run_round()
+    assert [p.name for p in fu.list_checkpoints(federation.run_dir)] == ["round_0001.pt"]
+    resumed = fu.Federation(config, data=mnist_small, resume=True, log=False)
+    assert resumed.round == 1 and "metrics" not in resumed.history[0]
