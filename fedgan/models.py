@@ -8,10 +8,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fedgan.checks import is_int, require
+from fedgan.checks import is_int, positive_int, require
 from fedgan.config import DATASETS, FedConfig, as_python
 
 Tensor = torch.Tensor
+
+
+def _check_sizes(image_shape: Any, **sizes: Any) -> tuple[int, int, int]:
+    """A network's arguments: an image shape (C, H, W) with square sides, and each size an integer >= 1."""
+    for name, value in sizes.items():
+        require(positive_int(value), name, value, "an integer >= 1")
+    shape = tuple(image_shape) if isinstance(image_shape, (tuple, list)) else ()
+    require(len(shape) == 3 and all(positive_int(v) for v in shape) and shape[1] == shape[2], "image_shape",
+            image_shape, "three integers >= 1, (C, H, W) with H == W: only square images are supported")
+    return shape
 
 
 def _resolution_plan(size: int) -> tuple[int, int]:
@@ -41,9 +51,8 @@ class Generator(nn.Module):
     def __init__(self, *, image_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10, z_dim: int = 100,
                  embed_dim: int = 10, ngf: int = 64):
         super().__init__()
-        channels, height, width = image_shape
-        if height != width:
-            raise ValueError(f"image_shape={tuple(image_shape)}: only square images are supported")
+        channels, height, width = _check_sizes(image_shape, num_classes=num_classes, z_dim=z_dim, embed_dim=embed_dim,
+                                               ngf=ngf)
         base, doublings = _resolution_plan(height)
         self.config = dict(image_shape=tuple(image_shape), num_classes=num_classes, z_dim=z_dim,
                            embed_dim=embed_dim, ngf=ngf)
@@ -75,9 +84,7 @@ class Discriminator(nn.Module):
 
     def __init__(self, *, image_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10, ndf: int = 64):
         super().__init__()
-        channels, height, width = image_shape
-        if height != width:
-            raise ValueError(f"image_shape={tuple(image_shape)}: only square images are supported")
+        channels, height, width = _check_sizes(image_shape, num_classes=num_classes, ndf=ndf)
         base, doublings = _resolution_plan(height)
         self.config = dict(image_shape=tuple(image_shape), num_classes=num_classes, ndf=ndf)
         self.num_classes, self.image_size = num_classes, height

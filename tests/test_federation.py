@@ -406,3 +406,31 @@ def test_a_failing_evaluation_keeps_the_rounds_checkpoint(mnist_small, tiny_conf
     assert [p.name for p in fu.list_checkpoints(federation.run_dir)] == ["round_0001.pt"]
     resumed = fu.Federation(config, data=mnist_small, resume=True, log=False)
     assert resumed.round == 1 and "metrics" not in resumed.history[0]
+
+
+class NumpyMomentum(fu.FedAvg):
+    """A user's rule that keeps numpy values in its server state and its log."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = np.int64(0)
+
+    def aggregate(self, global_state, client_states, weights, info=None):
+        self.calls += 1
+        self.last_log = {"calls": self.calls, "mean_weight": np.float32(np.mean(weights))}
+        return super().aggregate(global_state, client_states, weights, info)
+
+    def state_dict(self):
+        return {"calls": self.calls, "trace": np.arange(3)}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+def test_a_strategy_keeping_numpy_values_writes_checkpoints_that_resume(mnist_small, tiny_config):
+    config = tiny_config(rounds=2)
+    fu.Federation(dataclasses.replace(config, rounds=1), data=mnist_small, log=False,
+                  strategy=NumpyMomentum()).run(progress=False)
+    resumed = fu.Federation(config, data=mnist_small, resume=True, log=False, strategy=NumpyMomentum())
+    assert resumed.round == 1 and resumed.strategies["g"].calls == 1
+    assert resumed.history[0]["server"]["g"] == {"calls": 1, "mean_weight": 400.0}

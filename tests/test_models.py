@@ -114,3 +114,14 @@ def test_a_large_request_is_drawn_in_chunks_that_match_drawing_them_one_by_one(m
     assert batches == [10, 10, 5]  # never more than a chunk through the network at once
     torch.testing.assert_close(chunked, whole)  # up to 25 images the noise is drawn in one piece, as before
     assert fu.generate(generator, labels, seed=np.int64(3)).shape == (25, 1, 28, 28)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: fu.Generator(ngf=0), "ngf=0 is not allowed: an integer >= 1"),
+    (lambda: fu.Generator(z_dim=2.5), "z_dim=2.5 is not allowed"),
+    (lambda: fu.Discriminator(num_classes=-1), "num_classes=-1 is not allowed"),
+    (lambda: fu.Discriminator(image_shape=(1, 28)), r"image_shape=\(1, 28\) is not allowed: three integers"),
+])
+def test_networks_refuse_sizes_they_cannot_be_built_with(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
