@@ -112,12 +112,8 @@ LEGACY_ENGINE_FIELDS = {"client_map": "client_map", "amp": "bfloat16", "cuda_gra
 
 def as_python(value: Any) -> Any:
     """numpy's scalars as the Python numbers they are (a config holds Python values: JSON and seeding take them)."""
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
+    if isinstance(value, np.generic):
+        return value.item()
     if isinstance(value, (tuple, list)):
         return tuple(as_python(v) for v in value)
     return value

@@ -9,7 +9,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -124,6 +124,12 @@ def check_labels(labels: Tensor, name: str, source: object) -> None:
         raise ValueError(f"{source} holds label {int(outside[0])}: {name} has classes 0 to {num_classes - 1}")
 
 
+def check_counts(images: Any, labels: Any, source: object) -> None:
+    """As many images as labels, or a ValueError saying how many of each `source` holds."""
+    if len(images) != len(labels):
+        raise ValueError(f"{source}: {len(images):,} images and {len(labels):,} labels; they must be as many")
+
+
 def check_data(images: Tensor, labels: Tensor, name: str) -> None:
     """Images and labels given for dataset `name` must be what load_dataset gives: uint8 [N, C, H, W] in [0, 255]
     and int labels [N] in its class range (float images in [0, 1] would train on the wrong scale)."""
@@ -138,8 +144,7 @@ def check_data(images: Tensor, labels: Tensor, name: str) -> None:
     if not isinstance(labels, Tensor):
         raise ValueError(f"data: labels must be a tensor, got {type(labels).__name__}")
     check_labels(labels, name, "data")
-    if len(images) != len(labels):
-        raise ValueError(f"data: {len(images):,} images and {len(labels):,} labels; they must be as many")
+    check_counts(images, labels, "data")
 
 
 def _read_idx_dataset(folder: Path, name: str, train: bool) -> tuple[Tensor, Tensor]:
@@ -154,9 +159,7 @@ def _read_idx_dataset(folder: Path, name: str, train: bool) -> tuple[Tensor, Ten
     if images.ndim != 3 or images.shape[1:] != expected or labels.ndim != 1:
         raise ValueError(f"{images_path} holds images of shape {images.shape[1:]} and {labels_path} labels of "
                          f"{labels.ndim} dims: {name} has {expected} images and 1-D labels")
-    if len(images) != len(labels):
-        raise ValueError(f"{images_path.name} holds {len(images):,} images and {labels_path.name} "
-                         f"{len(labels):,} labels (in {folder}): the two files must come from one split")
+    check_counts(images, labels, f"{images_path.name} and {labels_path.name} in {folder} (one split's two files)")
     labels = torch.from_numpy(labels.astype(np.int64))
     check_labels(labels, name, labels_path)
     return torch.from_numpy(images.copy()).unsqueeze(1), labels  # (N, H, W) -> (N, 1, H, W)
@@ -179,8 +182,7 @@ def _as_tensors(dataset, name: str) -> tuple[Tensor, Tensor]:
     expected = DATASETS[name].image_shape
     if tuple(images.shape[1:]) != expected:
         raise ValueError(f"{name} images have shape {tuple(images.shape[1:])}, expected {expected}")
-    if len(images) != len(labels):
-        raise ValueError(f"{name}: {len(images):,} images and {len(labels):,} labels; they must be as many")
+    check_counts(images, labels, f"the {name} files in {getattr(dataset, 'root', '?')}")
     check_labels(labels, name, f"the {name} files in {getattr(dataset, 'root', '?')}")
     return images, labels
 

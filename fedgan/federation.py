@@ -117,18 +117,19 @@ class Federation:
         such run, a new folder claimed for this run."""
         config, log = self.config, self.log
         checkpoint_dir = Path(config.checkpoint_dir)
-        runs = [f for f in run_folders(checkpoint_dir, config.run_name) if latest_checkpoint(f)] if resume else []
+        folders = run_folders(checkpoint_dir, config.run_name) if resume else []
+        runs = {folder: path for folder in folders if (path := latest_checkpoint(folder)) is not None}  # newest each
         if resume and not runs and log:
             print(f"resume=True: no run named {config.run_name} has a checkpoint in {checkpoint_dir}; a new run "
                   "starts")
         if not runs:
             return claim_run_dir(checkpoint_dir, Path(config.out_dir), config.run_name)
-        run_dir = max(runs, key=lambda folder: latest_checkpoint(folder).stat().st_mtime)
+        run_dir = max(runs, key=lambda folder: runs[folder].stat().st_mtime)
         write_claim(run_dir, config.run_name, exclusive=False)  # this run continues it; and it can be written
-        fresh = self._round_state(), self.history, self.grid_snapshots
+        fresh, history, snapshots = self._round_state(), self.history, self.grid_snapshots
         if restore_newest(run_dir, self._restore, log) is None:
-            self._return_to(fresh[0])
-            self.round, self.history, self.grid_snapshots = 0, fresh[1], fresh[2]
+            self._return_to(fresh)
+            self.round, self.history, self.grid_snapshots = 0, history, snapshots
             if log:
                 print(f"no checkpoint of {run_dir} restores: the run starts again from round 0")
         return run_dir
