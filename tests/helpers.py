@@ -1,4 +1,8 @@
-"""Helpers shared by the test files: state comparisons, a one-round local training, a convolution counter."""
+"""Helpers shared by the test files: state comparisons, a one-round local training, a convolution counter, small
+MNIST-like idx files."""
+import gzip
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -62,3 +66,31 @@ def random_states(count, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return [{"w": torch.randn(3, 4, generator=generator), "b": torch.randn(5, generator=generator),
              "num_batches_tracked": torch.tensor(i)} for i in range(count)]
+
+
+STEMS = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
+    """An idx file of unsigned bytes as the MNIST distribution writes them: magic, big-endian dims, the bytes."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def write_mnist(folder: Path, images: np.ndarray, labels: np.ndarray, *, gz: bool = False) -> Path:
+    """The four idx files of a small MNIST-like dataset: the same images and labels as train and test split."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "t10k"):
+        write_idx(folder / f"{split}-images-idx3-ubyte", images, gz)
+        write_idx(folder / f"{split}-labels-idx1-ubyte", labels, gz)
+    return folder
+
+
+def small_mnist(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (count, 28, 28), dtype=np.uint8), rng.integers(0, 10, count, dtype=np.uint8)

@@ -5,17 +5,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 import torchvision
 
 import fedgan_utils as fu
-from fedgan import data as fedgan_data
-
-STEMS = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+from helpers import STEMS, small_mnist, write_idx, write_mnist
 
 
 @pytest.fixture
@@ -97,14 +93,6 @@ def test_cifar10_offline_names_the_folder_it_needs(tmp_path, private_cache, monk
         fu.load_dataset("cifar10")
 
 
-def test_cifar_arrays_become_channels_first_tensors():
-    data = np.arange(2 * 32 * 32 * 3, dtype=np.uint8).reshape(2, 32, 32, 3)  # as torchvision's CIFAR10.data
-    images, labels = fedgan_data._as_tensors(SimpleNamespace(data=data, targets=[3, 9]), "cifar10")
-    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
-    assert torch.equal(images[1, 2], torch.from_numpy(data[1, :, :, 2]))
-    assert labels.tolist() == [3, 9] and labels.dtype == torch.int64
-
-
 def test_malformed_idx_files_give_an_error_naming_the_folder(tmp_path, private_cache, monkeypatch):
     folder = tmp_path / "broken_mnist"
     folder.mkdir()
@@ -127,31 +115,6 @@ def test_examples_per_label_are_label_major_and_scaled(mnist):
     assert grid.min() >= -1 and grid.max() <= 1
     first_sevens = torch.nonzero(labels == 7).flatten()[:3]
     torch.testing.assert_close(grid[21:24], fu.to_float_images(images[first_sevens]))
-
-
-def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
-    """An idx file of unsigned bytes as the MNIST distribution writes them: magic, big-endian dims, the bytes."""
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        data = gzip.compress(data)
-    path.write_bytes(data)
-    return path
-
-
-def write_mnist(folder: Path, images: np.ndarray, labels: np.ndarray, *, gz: bool = False) -> Path:
-    """The four idx files of a small MNIST-like dataset: the same images and labels as train and test split."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "t10k"):
-        write_idx(folder / f"{split}-images-idx3-ubyte", images, gz)
-        write_idx(folder / f"{split}-labels-idx1-ubyte", labels, gz)
-    return folder
-
-
-def small_mnist(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (count, 28, 28), dtype=np.uint8), rng.integers(0, 10, count, dtype=np.uint8)
 
 
 def test_another_folder_gives_its_own_images_and_labels_not_a_cached_copy_of_the_first(tmp_path, private_cache,
