@@ -46,8 +46,8 @@ from fedgan.metrics import (
     Classifier, classifier_outputs, train_classifier, frechet_distance, kernel_distance, inception_score, Evaluator,
     evaluate, make_evaluator, inception_fid)
 from fedgan.checkpoints import (
-    CheckpointError, checksum_path, save_checkpoint, load_checkpoint, list_checkpoints, latest_checkpoint,
-    latest_good_checkpoint, save_history, load_generator)
+    CheckpointError, CheckpointWriteError, checksum_path, save_checkpoint, prune_checkpoints, load_checkpoint,
+    list_checkpoints, latest_checkpoint, latest_good_checkpoint, save_history, load_generator)
 from fedgan.plots import (
     image_grid, plot_images, plot_label_grid, plot_grid_evolution, plot_losses, plot_partition, draw_checkpoint_samples,
     browse_checkpoints, plot_metrics, plot_per_class_accuracy, plot_metric_curves, plot_lines, plot_seed_spread,
@@ -76,7 +76,8 @@ __all__ = [
     "CENTRALIZED_FIELDS", "centralized_config", "centralized_baseline", "format_table", "describe_partition",
     "run_ablation", "run_seeds", "Classifier", "classifier_outputs", "train_classifier", "frechet_distance",
     "kernel_distance", "inception_score", "Evaluator", "evaluate", "make_evaluator", "inception_fid", "CheckpointError",
-    "checksum_path", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
+    "CheckpointWriteError", "checksum_path", "save_checkpoint", "prune_checkpoints", "load_checkpoint",
+    "list_checkpoints", "latest_checkpoint",
     "latest_good_checkpoint", "save_history", "load_generator", "image_grid", "plot_images", "plot_label_grid",
     "plot_grid_evolution", "plot_losses", "plot_partition", "draw_checkpoint_samples", "browse_checkpoints",
     "plot_metrics", "plot_per_class_accuracy", "plot_metric_curves", "plot_lines", "plot_seed_spread",

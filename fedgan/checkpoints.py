@@ -23,6 +23,10 @@ class CheckpointError(ValueError):
     """A checkpoint file that is truncated, corrupted or not a checkpoint."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk, a file-size limit); the ones before it are untouched."""
+
+
 MAX_GENERATOR_PARAMETERS = 10 ** 9  # load_generator refuses a generator_config beyond this (4 GB of float32)
 CLAIM = "claim.json"  # in a run's checkpoint folder: the run that took the folder
 
@@ -42,10 +46,14 @@ def plain(tree: Any) -> Any:
 
 def _write_atomically(path: Path, data: bytes) -> None:
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    with open(partial, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(partial, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk, a size limit, Ctrl-C: no partial file is left to fill the disk further
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, path)
 
 
@@ -75,9 +83,30 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path
         raise CheckpointError(f"{path} would not load with weights_only=True, so it is not written: "
                               f"{str(error).strip().splitlines()[0][:300]}") from error
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(checksum_path(path), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())
-    _write_atomically(path, data)
+    try:
+        _write_atomically(checksum_path(path), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())
+        _write_atomically(path, data)
+    except OSError as error:
+        checksum_path(path).unlink(missing_ok=True)
+        before = [p.name for p in list_checkpoints(path.parent) if p != path]
+        kept = (f"the newest checkpoint there, {before[-1]}, is untouched" if before else
+                "no earlier checkpoint is there")
+        raise CheckpointWriteError(
+            f"{path.name} ({len(data) / 1e6:.1f} MB) could not be written into {path.parent}: "
+            f"{error.strerror or error}; {kept}. Free space there (or set keep_checkpoints to keep fewer), then "
+            "resume the run (resume=True) to continue from it") from error
     return path
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int | None) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints of a run (None: keep all), with their SHA-256 files; returns
+    what was deleted. Files set aside as bad are not checkpoints and stay."""
+    found = list_checkpoints(run_dir)
+    old = found[:-keep] if keep is not None else []
+    for path in old:
+        path.unlink()
+        checksum_path(path).unlink(missing_ok=True)
+    return old
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:

@@ -62,7 +62,9 @@ FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and wh
     **{name: (non_negative_int, "an integer >= 0") for name in ("min_size", "checkpoint_every")},
     "seed": (lambda v: is_int(v) and 0 <= v < 2 ** 32, "an integer from 0 to 2**32 - 1 (numpy's seeds)"),
     **{name: (lambda v: v is None or positive_int(v), "None or an integer >= 1")
-       for name in ("local_steps", "train_subset", "classifier_subset")},
+       for name in ("local_steps", "train_subset", "classifier_subset", "keep_checkpoints")},
+    "tensorboard": (lambda v: isinstance(v, bool) or (isinstance(v, str) and v.strip() != ""),
+                    "False, True (out_dir/tensorboard) or a folder name"),
     "eval_every": (lambda v: v is None or non_negative_int(v), "None (never), 0 (after the last round) or N >= 1"),
     "server_lr": (lambda v: v is None or positive_number(v), "None (the rule's default) or a number > 0"),
     **{name: (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")
@@ -241,6 +243,8 @@ class FedConfig:
     out_dir: str = "outputs"  # plots and tables go to out_dir/<run_name>/
     checkpoint_dir: str = "checkpoints"  # checkpoints go to checkpoint_dir/<run_name>/
     checkpoint_every: int = 1  # save every this many rounds (0: never; the last round is always saved)
+    keep_checkpoints: int | None = None  # keep only the newest N checkpoints of the run (None: all; grid cells: 1)
+    tensorboard: bool | str = False  # True or a folder: losses, metrics, bytes, epsilon and the grid, a round each
     run_name: str = ""  # "" derives one from dataset, partition, K and seed
     # how local training is computed: speed, not results
     engine: EngineOptions = dataclasses.field(default_factory=EngineOptions)

@@ -96,7 +96,8 @@ def run_ablation(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], *,
                  ) -> tuple[list[dict[str, Any]], dict[str, Federation]]:
     """One federation per cell, each `base` with the cell's overrides, on the same data, seed and metric classifier.
 
-    A cell's "strategy" may be a Strategy object instead of a name. The metric classifier is `evaluator`'s when
+    A cell's "strategy" may be a Strategy object instead of a name. A cell keeps only its newest checkpoint (what
+    resume needs) unless the cell or `base` sets keep_checkpoints. The metric classifier is `evaluator`'s when
     given (to score on the scale of an earlier grid), else the first cell's. Returns a table row a cell (the cell's
     overrides; final metrics; images seen; training seconds, evaluation excluded; simulated time;
     megabytes sent; epsilon of a DP run) and the federations, for curves and sample grids.
@@ -108,7 +109,8 @@ def run_ablation(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], *,
         overrides = dict(overrides)
         rule = overrides.pop("strategy") if isinstance(overrides.get("strategy"), Strategy) else None
         slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
-        config = dataclasses.replace(base, **overrides, run_name=f"{base.run_name}-{slug}")
+        keep = {} if "keep_checkpoints" in overrides or base.keep_checkpoints is not None else {"keep_checkpoints": 1}
+        config = dataclasses.replace(base, **overrides, **keep, run_name=f"{base.run_name}-{slug}")
         federation = Federation(config, data=data, log=False, strategy=rule)
         federation.evaluator = evaluator  # one metric classifier and real reference for every cell
         stopped = ""

@@ -15,8 +15,8 @@ import torch.nn as nn
 
 from fedgan.aggregation import fedavg_stacked, fednova_rescale, scale_updates, staleness_weight
 from fedgan.checkpoints import (
-    CheckpointError, claim_run_dir, flat_adam_states, latest_checkpoint, restore_newest, run_folders, save_checkpoint,
-    write_claim)
+    CheckpointError, claim_run_dir, flat_adam_states, latest_checkpoint, prune_checkpoints, restore_newest, run_folders,
+    save_checkpoint, write_claim)
 from fedgan.compression import compress_updates
 from fedgan.config import DATASETS, FedConfig, clients_per_round
 from fedgan.data import check_data, load_dataset, training_images
@@ -33,6 +33,7 @@ from fedgan.rounds import (
     RNG_ATTACK, RNG_DROPOUT, RNG_NOISE, RNG_SELECTION, RoundPlan, attacker_ids, choose_clients, client_speeds,
     derive_seed, plan_clients, plan_round, poison_update)
 from fedgan.strategies import Strategy, bound_copy, checked_state, make_strategy
+from fedgan.tensorboard_log import open_board
 
 Tensor = torch.Tensor
 
@@ -107,6 +108,7 @@ class Federation:
         self.round = 0
         self.run_dir = self._open_run(resume)
         self.out_dir = Path(config.out_dir) / self.run_dir.name
+        self.board = open_board(config, self.run_dir.name)  # TensorBoard, when config.tensorboard asks for it
         if self.round == 0:
             self.grid_snapshots[0] = self.sample_grid()
 
@@ -500,6 +502,8 @@ class Federation:
             record["eval_seconds"] = time.perf_counter() - eval_start
         self.history.append(record)
         self.grid_snapshots[self.round] = self.sample_grid()
+        if self.board is not None:
+            self.board.write(record, self.grid_snapshots[self.round])
         every = config.checkpoint_every
         if (every and self.round % every == 0) or self.round == config.rounds or failed:
             self.save_checkpoint()
@@ -576,6 +580,7 @@ class Federation:
             "server_g_opt": self.server_g_opt.state_dict() if self.server_g_opt is not None else None,
             "rng": rng_state(),  # the rounds draw from (seed, round)-derived generators; this is the caller's
         })
+        prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
         return path
 
 

@@ -1,9 +1,16 @@
-"""Checkpoints: names with the round, config as JSON, weights_only loading, no overwrite, clear errors."""
+"""Checkpoints: names with the round, config as JSON, weights_only loading, no overwrite, clear errors, how many are
+kept, and a write that fails for want of space."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import fedgan_utils as fu
+from helpers import states_equal
 
 
 @pytest.fixture
@@ -76,3 +83,65 @@ def test_load_generator_refuses_a_crafted_generator_config_without_building_it(t
     path = fu.save_checkpoint(tmp_path / "round_0001.pt", {"generator_config": config, "generator": {}})
     with pytest.raises(fu.CheckpointError, match=r"round_0001.pt: its generator_config"):
         fu.load_generator(path)
+
+
+def test_keep_checkpoints_keeps_the_newest_and_a_resumed_run_goes_on_from_them(mnist_small, tiny_config):
+    config = tiny_config(rounds=4, keep_checkpoints=2)
+    federation = fu.Federation(config, data=mnist_small, log=False).run(rounds=3, progress=False)
+    assert [p.name for p in fu.list_checkpoints(federation.run_dir)] == ["round_0002.pt", "round_0003.pt"]
+    assert not list(federation.run_dir.glob("round_0001*"))  # its SHA-256 file went with it
+    resumed = fu.Federation(config, data=mnist_small, resume=True, log=False)
+    assert resumed.round == 3
+    resumed.run(progress=False)
+    assert [p.name for p in fu.list_checkpoints(resumed.run_dir)] == ["round_0003.pt", "round_0004.pt"]
+
+
+def test_grid_cells_keep_only_their_newest_checkpoint_unless_told(mnist_small, tiny_config):
+    base = tiny_config(rounds=3, eval_every=None, eval_samples=50, classifier_epochs=1, classifier_subset=500)
+    _, runs = fu.run_ablation(base, {"a": {}, "b": {"keep_checkpoints": 2}}, data=mnist_small, log=False)
+    assert [p.name for p in fu.list_checkpoints(runs["a"].run_dir)] == ["round_0003.pt"]
+    assert [p.name for p in fu.list_checkpoints(runs["b"].run_dir)] == ["round_0002.pt", "round_0003.pt"]
+    single = fu.run_federation(base, data=mnist_small, progress=False)  # a federation on its own keeps all
+    assert len(fu.list_checkpoints(single.run_dir)) == 3
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "2"])
+def test_keep_checkpoints_refuses_what_is_not_none_or_a_count(tiny_config, value):
+    with pytest.raises(ValueError, match=rf"keep_checkpoints={value!r} is not allowed: None or an integer >= 1"):
+        tiny_config(keep_checkpoints=value)
+
+
+LIMITED_RUNNER = """
+import resource, sys
+import fedgan_utils as fu
+images, labels = fu.load_dataset("mnist")
+config = fu.FedConfig.from_json(sys.argv[1])
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # no file may grow past this: as a disk that is full
+fu.run_federation(config, data=(images[:1200], labels[:1200]), resume=True, progress=False)
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_the_run_resumes_from_the_one_before(
+        mnist_small, tiny_config, tmp_path):
+    config = tiny_config(rounds=4, checkpoint_dir=str(tmp_path / "limited"))
+    first = fu.Federation(config, data=mnist_small, log=False).run(rounds=2, progress=False)
+    before = first.run_dir / "round_0002.pt"
+    # a checkpoint holds the sample grid of every round so far: round 3's is larger than round 2's, so a file-size
+    # limit just over round 2's lets the resumed run restore and train, then fails writing round 3's checkpoint
+    env = {**os.environ, "PYTHONPATH": str(Path(fu.__file__).parent), "PYTHONDONTWRITEBYTECODE": "1"}
+    process = subprocess.run([sys.executable, "-c", LIMITED_RUNNER, config.to_json(),
+                              str(before.stat().st_size + 4096)], env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode != 0
+    error = process.stderr.strip().splitlines()[-1]
+    assert error.startswith("fedgan.checkpoints.CheckpointWriteError: round_0003.pt (")
+    assert f"could not be written into {first.run_dir}: File too large" in error
+    assert "the newest checkpoint there, round_0002.pt, is untouched" in error and "resume" in error
+    assert sorted(p.name for p in first.run_dir.iterdir()) == [
+        "claim.json", "round_0001.pt", "round_0001.pt.sha256", "round_0002.pt", "round_0002.pt.sha256"]
+    assert fu.load_checkpoint(before)["round"] == 2  # its checksum still matches
+    resumed = fu.run_federation(config, data=mnist_small, resume=True, progress=False)
+    straight = fu.run_federation(tiny_config(rounds=4, checkpoint_dir=str(tmp_path / "straight")), data=mnist_small,
+                                 progress=False)
+    assert [r["g_loss"] for r in resumed.history] == [r["g_loss"] for r in straight.history]
+    assert states_equal(resumed.generator.state_dict(), straight.generator.state_dict())
