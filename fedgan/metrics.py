@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -230,20 +231,53 @@ def make_evaluator(config: FedConfig, train_images: Tensor, device: str | torch.
     return evaluator
 
 
-def inception_fid(real_images: Tensor, fake_images: Tensor, device: str | torch.device = "cpu",
-                  batch_size: int = 200) -> float | None:
-    """The standard FID in Inception-v3 features, when torch-fidelity and its weights can be had.
+INCEPTION_WEIGHTS_ENV = "FEDGAN_INCEPTION_WEIGHTS"
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's, of its v0.2.0 release
+INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
+INCEPTION_SHAPES = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "fc.weight": (1008, 2048)}  # two of its tensors
 
-    Offline or without torch-fidelity it prints one line saying it was skipped and why, and returns None.
+
+def check_inception_weights(path: Path) -> None:
+    """`path` must be torch-fidelity's Inception-v3 state dict: loaded here with weights_only=True first, since
+    torch-fidelity itself unpickles it without that guard."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{INCEPTION_WEIGHTS_ENV}={path}: no such file; it should be {INCEPTION_WEIGHTS_FILE} "
+                                f"from {INCEPTION_WEIGHTS_URL}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # not a torch file, or one holding more than tensors
+        raise ValueError(f"{path} is not a state dict of tensors that loads with weights_only=True ({error})"
+                         ) from error
+    shapes = {key: tuple(state[key].shape) for key in INCEPTION_SHAPES if isinstance(state, dict) and key in state}
+    if shapes != INCEPTION_SHAPES:
+        raise ValueError(f"{path} is not torch-fidelity's Inception-v3 weights: it should hold {INCEPTION_SHAPES}, "
+                         f"it holds {shapes or 'neither'}; the file is {INCEPTION_WEIGHTS_FILE} from "
+                         f"{INCEPTION_WEIGHTS_URL}")
+
+
+def inception_fid(real_images: Tensor, fake_images: Tensor, device: str | torch.device = "cpu",
+                  batch_size: int = 200, weights: str | os.PathLike | None = None) -> float | None:
+    """The standard FID in Inception-v3 features, computed by torchmetrics (through torch-fidelity).
+
+    `weights` (default: $FEDGAN_INCEPTION_WEIGHTS) is a local copy of torch-fidelity's weights file, for machines
+    without internet; given, every failure is an error. Without it the weights are downloaded, and offline or
+    without torch-fidelity one line says the FID was skipped and why, and None is returned.
     Images: float in [-1, 1] or uint8, [N, C, H, W]; grey images are repeated to 3 channels.
     """
+    weights = weights or os.environ.get(INCEPTION_WEIGHTS_ENV) or None
+    if weights is not None:
+        check_inception_weights(Path(weights))
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        metric = FrechetInceptionDistance(feature=2048, normalize=True).to(device)
+        metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=(
+            str(weights) if weights is not None else None)).to(device)
     except Exception as error:  # torch-fidelity missing, weights not downloadable: both mean "not here"
+        if weights is not None:
+            raise
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"Inception FID skipped: {reason}")
+        print(f"Inception FID skipped: {reason} (offline: set {INCEPTION_WEIGHTS_ENV} to a local copy of "
+              f"{INCEPTION_WEIGHTS_FILE})")
         return None
     for images, real in ((real_images, True), (fake_images, False)):
         for start in range(0, len(images), batch_size):

@@ -7,6 +7,7 @@ from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
 import fedgan_utils as fu
+from fedgan.metrics import INCEPTION_WEIGHTS_FILE
 
 
 class Identity(torch.nn.Module):
@@ -157,3 +158,53 @@ def test_images_of_the_wrong_shape_are_refused_by_the_metric_classifier():
     with pytest.raises(ValueError, match=r"images of shape \(4, 3, 28, 28\) given; the classifier takes a tensor "
                                          r"\[N, 1, 28, 28\]"):
         fu.classifier_outputs(classifier, torch.zeros(4, 3, 28, 28))
+
+
+def write_inception_weights(path, seed=0):
+    """A weights file in torch-fidelity's format: its Inception-v3 state dict, here of seeded random weights (the
+    real file cannot be downloaded here)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # build the layers, load nothing
+            return None
+
+    empty = path.with_name("empty.pth")
+    torch.save({}, empty)
+    torch.manual_seed(seed)
+    model = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    for module in model.modules():  # He initialisation: features that keep their scale through 90 layers
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    return write_inception_weights(tmp_path_factory.mktemp("inception") / INCEPTION_WEIGHTS_FILE)
+
+
+def test_inception_fid_reads_its_weights_from_the_file_the_environment_names(inception_weights, mnist_test,
+                                                                              monkeypatch, capsys):
+    real, noise = mnist_test[0][:8], torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    monkeypatch.setenv("FEDGAN_INCEPTION_WEIGHTS", str(inception_weights))
+    first = fu.inception_fid(real, noise)  # each call takes seconds: the 2048 x 2048 matrix square root
+    assert first > 0 and "skipped" not in capsys.readouterr().out
+    # the weights really are the file's: another file gives another distance
+    second = write_inception_weights(inception_weights.with_name("second.pth"), seed=1)
+    assert fu.inception_fid(real, noise, weights=second) != pytest.approx(first, rel=1e-3)
+
+
+def test_inception_weights_that_are_missing_or_not_inceptions_are_a_clear_error(tmp_path, mnist_test):
+    images = mnist_test[0][:4]
+    with pytest.raises(FileNotFoundError, match=r"FEDGAN_INCEPTION_WEIGHTS=.*nowhere.pth: no such file; it should be "
+                                                r"weights-inception-2015-12-05-6726825d.pth from https://github.com"):
+        fu.inception_fid(images, images, weights=tmp_path / "nowhere.pth")
+    torch.save({"fc.weight": torch.zeros(10, 2048)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"is not torch-fidelity's Inception-v3 weights: .* it holds \{'fc.weight': "
+                                         r"\(10, 2048\)\}"):
+        fu.inception_fid(images, images, weights=tmp_path / "other.pth")
+    torch.save({"fc.weight": fu.FedConfig()}, tmp_path / "pickled.pth")  # more than tensors: not unpickled at all
+    with pytest.raises(ValueError, match="not a state dict of tensors that loads with weights_only=True"):
+        fu.inception_fid(images, images, weights=tmp_path / "pickled.pth")
