@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fedgan_utils as fu
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -104,7 +106,7 @@ def test_study_cells_runs_the_named_cells_from_each_seed_scored_by_one_classifie
     listed = subprocess.run([*study, "--preset", "cpu", "--list"], cwd=REPO, capture_output=True, text=True,
                             timeout=60).stdout
     half_epoch = next(line for line in listed.splitlines() if line.startswith("half epoch / iid"))
-    assert "'local_epochs': 0.5" in half_epoch and "'rounds': 16" in half_epoch  # cpu: 8 rounds of one epoch
+    assert "'local_epochs': 0.5" in half_epoch and f"'rounds': {2 * fu.preset('cpu').rounds}" in half_epoch
     wrong = subprocess.run([*study, "--cells", "FedAvg / IID"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "['FedAvg / IID'] not known" in wrong.stderr and "'FedAvg / iid'" in wrong.stderr
     twice = subprocess.run([*study, "--seeds", "1", "1"], cwd=REPO, capture_output=True, text=True, timeout=60)
