@@ -49,6 +49,8 @@ STRAGGLER_POLICIES = ("partial", "drop")
 STEP_NORMALISATIONS = ("none", "fednova")
 COMPRESSIONS = ("none", "topk", "int8")
 ATTACKS = ("none", "sign_flip", "noise", "nan", "label_flip")  # nan: a broken client sending NaN
+GAN_LOSSES = ("bce", "hinge")  # gan.py: the non-saturating GAN's cross-entropy, or the hinge loss
+D_CONDITIONINGS = ("channel", "projection")  # models.py: how D sees the label
 SERVER_LR_STRATEGIES = ("fedavgm", "damped", "fedadagrad", "fedadam", "fedyogi")  # the rules server_lr sets
 DP_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "damped", "fedadagrad", "fedadam", "fedyogi")
 CHOICES: dict[str, tuple[str, ...]] = {}  # filled below FedConfig: field -> allowed names
@@ -98,6 +100,7 @@ FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and wh
     **{name: (lambda v: is_number(v) and finite(v) and v >= 0, "a number >= 0")
        for name in ("sigma", "client_speed_sigma")},
     "client_fraction": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "label_smoothing": (lambda v: is_number(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
 }
 
 
@@ -227,11 +230,14 @@ class FedConfig:
     lr_g: float = 2e-4  # generator Adam learning rate
     lr_d: float = 2e-4  # discriminator Adam learning rate
     betas: tuple[float, float] = (0.5, 0.999)  # Adam betas (DCGAN: 0.5, 0.999)
+    gan_loss: str = "bce"  # "bce" (the non-saturating GAN) or "hinge" (gan.py)
+    label_smoothing: float = 0.0  # bce: D's targets for real images are 1 - this (one-sided smoothing)
     # model
     z_dim: int = 100  # latent noise size
     embed_dim: int = 10  # size of the generator's label embedding
     ngf: int = 64  # generator width
     ndf: int = 64  # discriminator width
+    d_conditioning: str = "channel"  # D sees the label as an extra input "channel" or by "projection" (models.py)
     # evaluation in a metric classifier's features (metrics.py)
     eval_every: int | None = 0  # evaluate every this many rounds and after the last (0: only the last; None: never)
     eval_samples: int = 10000  # generated (and real reference) images per evaluation
@@ -281,6 +287,8 @@ class FedConfig:
                  "None or a folder path")
         require(all(c.isalnum() or c in "-_." for c in self.run_name), "run_name", self.run_name,
                  "letters, digits, '-', '_' and '.' only (it names folders)")
+        require(self.label_smoothing == 0 or self.gan_loss == "bce", "label_smoothing", self.label_smoothing,
+                "0 with gan_loss='hinge' (smoothing moves the cross-entropy's targets; the hinge loss has none)")
         require(not (self.strategy == "fedprox" and self.prox_mu == 0), "prox_mu", self.prox_mu,
                  "a number > 0 (or None: 0.01) with strategy='fedprox'")
         per_round = clients_per_round(self.num_clients, self.client_fraction)
@@ -363,7 +371,7 @@ CHOICES.update(dataset=tuple(sorted(DATASETS)), partition=PARTITIONS, bn_policy=
                selection=SELECTIONS, sync_networks=SYNC_NETWORKS, sync_mode=SYNC_MODES, staleness=STALENESS_RULES,
                threshold_rule=THRESHOLD_RULES, threshold_action=THRESHOLD_ACTIONS,
                straggler_policy=STRAGGLER_POLICIES, step_normalisation=STEP_NORMALISATIONS, compression=COMPRESSIONS,
-               attack=ATTACKS)
+               attack=ATTACKS, gan_loss=GAN_LOSSES, d_conditioning=D_CONDITIONINGS)
 
 PARTITION_PARAMS: dict[str, tuple[str, ...]] = {
     "iid": (),

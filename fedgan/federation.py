@@ -90,8 +90,7 @@ class Federation:
                            for which, model in networks}
         self.strategy_name = config.strategy if strategy is None else type(strategy).__name__
         self._param_names = {which: {n for n, _ in model.named_parameters()} for which, model in networks}
-        self.local_training = LocalTraining(lr_g=config.lr_g, lr_d=config.lr_d, betas=config.betas,
-                                            prox_mu=config.client_prox_mu, train_generator=not config.server_generator)
+        self.local_training = LocalTraining.of(config)
         self.speeds = client_speeds(config.num_clients, config.client_speed_sigma, config.seed)
         self.clock = 0.0  # simulated time, in local steps of a speed-1 client
         self.in_flight: list[dict[str, Any]] = []  # async: clients training, with their results and finish time
@@ -382,7 +381,8 @@ class Federation:
         draws = torch.Generator(device=self.device).manual_seed(derive_seed(config.seed, round_index, RNG_NOISE, 1))
         return generator_steps(self.generator, critic, self.server_g_opt, steps=config.server_g_steps or max(1, steps),
                                batch_size=config.batch_size, num_classes=DATASETS[config.dataset].num_classes,
-                               draws=draws, compute=lambda: bfloat16_compute(config.engine.bfloat16))
+                               draws=draws, loss=config.gan_loss,
+                               compute=lambda: bfloat16_compute(config.engine.bfloat16))
 
     def _watchdog(self, record: Mapping[str, Any]) -> None:
         """Stop with a clear message when the global model went NaN/Inf or D's loss collapsed for several rounds."""

@@ -1,7 +1,8 @@
 """What one client computes in a local step of a conditional GAN: (1) update D, (2) update G, written once.
 
 The losses are the non-saturating GAN of Goodfellow et al. (2014) on logits, conditioned on the label as in
-Mirza & Osindero (2014). `gan_step` is called by the reference loop (engine/reference.py) with nn.Modules and
+Mirza & Osindero (2014), with one-sided label smoothing (Salimans et al. 2016) as an option, or the hinge loss
+(Lim & Ye 2017; Miyato et al. 2018). `gan_step` is called by the reference loop (engine/reference.py) with nn.Modules and
 torch.optim.Adam, and by the batched engine (engine/trainer.py) with the same losses mapped over K clients'
 stacked parameters (functional_call, then vmap, a loop or CUDA streams; replayed from CUDA graphs on a GPU):
 the fast path runs this math, it does not restate it.
@@ -9,6 +10,7 @@ the fast path runs this math, it does not restate it.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -17,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fedgan.checks import finite, is_number, positive_number, require
+from fedgan.config import GAN_LOSSES, FedConfig
 
 Tensor = torch.Tensor
 Discriminate = Callable[[Tensor, Tensor], Tensor]  # (images [B, C, H, W], labels [B]) -> logits [B]
@@ -31,25 +34,55 @@ class LocalTraining:
     betas: tuple[float, float]  # Adam's betas, both networks
     prox_mu: float = 0.0  # FedProx's mu: proximal_term added to both networks' losses (0: plain local training)
     train_generator: bool = True  # False: only D trains, G only draws the fakes (DP-FedAvg-GAN's clients)
+    gan_loss: str = "bce"  # "bce" or "hinge": discriminator_loss and generator_loss
+    label_smoothing: float = 0.0  # bce: D's target for real images is 1 - label_smoothing
 
     def __post_init__(self) -> None:
         for name in ("lr_g", "lr_d"):
             require(positive_number(getattr(self, name)), name, getattr(self, name), "a number > 0")
         require(is_number(self.prox_mu) and finite(self.prox_mu) and self.prox_mu >= 0, "prox_mu", self.prox_mu,
                 "a number >= 0")
+        require(self.gan_loss in GAN_LOSSES, "gan_loss", self.gan_loss, f"one of {list(GAN_LOSSES)}")
+        require(is_number(self.label_smoothing) and 0 <= self.label_smoothing < 0.5
+                and (self.label_smoothing == 0 or self.gan_loss == "bce"), "label_smoothing", self.label_smoothing,
+                "a number in [0, 0.5), and 0 with the hinge loss")
+
+    @classmethod
+    def of(cls, config: FedConfig) -> LocalTraining:
+        """The local training a federation of `config` gives its clients."""
+        return cls(lr_g=config.lr_g, lr_d=config.lr_d, betas=config.betas, prox_mu=config.client_prox_mu,
+                   train_generator=not config.server_generator, gan_loss=config.gan_loss,
+                   label_smoothing=config.label_smoothing)
+
+    def losses(self, discriminator: Discriminate) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+        """discriminator_loss and generator_loss of this training, bound to `discriminator`."""
+        return (functools.partial(discriminator_loss, discriminator, loss=self.gan_loss,
+                                  label_smoothing=self.label_smoothing),
+                functools.partial(generator_loss, discriminator, loss=self.gan_loss))
 
 
-def discriminator_loss(discriminator: Discriminate, real: Tensor, fake: Tensor, labels: Tensor) -> Tensor:
-    """D's loss: real images should be called real (1), generated ones fake (0); binary cross-entropy on logits."""
+def discriminator_loss(discriminator: Discriminate, real: Tensor, fake: Tensor, labels: Tensor, *,
+                       loss: str = "bce", label_smoothing: float = 0.0) -> Tensor:
+    """D's loss: real images should be called real, generated ones fake.
+
+    "bce": binary cross-entropy on logits with targets 1 - label_smoothing for the real images (one-sided: the
+    fakes' target stays 0, so D is kept from overconfidence without rewarding G's samples) and 0 for the fakes.
+    "hinge": mean(relu(1 - D(real))) + mean(relu(1 + D(fake))): D is paid nothing for logits past the margins.
+    """
     real_logits = discriminator(real, labels).float()  # float32 also where D computes in bfloat16
     fake_logits = discriminator(fake, labels).float()
-    return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+    if loss == "hinge":
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    return (F.binary_cross_entropy_with_logits(real_logits, torch.full_like(real_logits, 1 - label_smoothing))
             + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
 
 
-def generator_loss(discriminator: Discriminate, fake: Tensor, labels: Tensor) -> Tensor:
-    """G's loss, the non-saturating one: D should call the generated images real (1)."""
+def generator_loss(discriminator: Discriminate, fake: Tensor, labels: Tensor, *, loss: str = "bce") -> Tensor:
+    """G's loss: "bce", the non-saturating one (D should call the generated images real, 1); "hinge": -mean(D(fake)),
+    the generator's side of the hinge loss."""
     logits = discriminator(fake, labels).float()
+    if loss == "hinge":
+        return -logits.mean()
     return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
 
 
@@ -86,7 +119,7 @@ def gan_step(*, generator: Callable[[Tensor, Tensor], Tensor], d_loss: Callable[
 
 
 def generator_steps(generator: nn.Module, discriminator: Discriminate, optimizer: torch.optim.Optimizer, *,
-                    steps: int, batch_size: int, num_classes: int, draws: torch.Generator,
+                    steps: int, batch_size: int, num_classes: int, draws: torch.Generator, loss: str = "bce",
                     compute: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
     """G trained alone against a fixed D, as DP-FedAvg-GAN's server does (Augenstein et al., ICLR 2020): `steps`
     steps of generator_loss on fresh noise and labels drawn uniformly from `draws`; returns G's mean loss."""
@@ -97,9 +130,9 @@ def generator_steps(generator: nn.Module, discriminator: Discriminate, optimizer
         z = torch.randn((batch_size, generator.z_dim), generator=draws, device=device)
         y = torch.randint(num_classes, (batch_size,), generator=draws, device=device)
         with compute():
-            loss = generator_loss(discriminator, generator(z, y), y)
+            value = generator_loss(discriminator, generator(z, y), y, loss=loss)
         optimizer.zero_grad()
-        loss.backward()
+        value.backward()
         optimizer.step()
-        total += loss.detach()
+        total += value.detach()
     return float(total) / steps

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fedgan.checks import is_int, positive_int, require
-from fedgan.config import DATASETS, FedConfig, as_python
+from fedgan.config import D_CONDITIONINGS, DATASETS, FedConfig, as_python
 
 Tensor = torch.Tensor
 
@@ -80,16 +80,24 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Conditional DCGAN discriminator: the label enters as an extra learned image channel."""
+    """Conditional DCGAN discriminator. conditioning="channel": the label enters as an extra learned image channel;
+    "projection" (Miyato & Koyama, ICLR 2018): D's logit is psi(phi(x)) + <embed(y), phi(x)>, the inner product of a
+    learned embedding of the label with the features phi(x) that the last layer reads."""
 
-    def __init__(self, *, image_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10, ndf: int = 64):
+    def __init__(self, *, image_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10, ndf: int = 64,
+                 conditioning: str = "channel"):
         super().__init__()
         channels, height, width = _check_sizes(image_shape, num_classes=num_classes, ndf=ndf)
+        require(conditioning in D_CONDITIONINGS, "conditioning", conditioning, f"one of {list(D_CONDITIONINGS)}")
         base, doublings = _resolution_plan(height)
-        self.config = dict(image_shape=tuple(image_shape), num_classes=num_classes, ndf=ndf)
-        self.num_classes, self.image_size = num_classes, height
-        self.label_channel = nn.Embedding(num_classes, height * width)
-        layers: list[nn.Module] = [nn.Conv2d(channels + 1, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
+        self.config = dict(image_shape=tuple(image_shape), num_classes=num_classes, ndf=ndf, conditioning=conditioning)
+        self.num_classes, self.image_size, self.conditioning = num_classes, height, conditioning
+        if conditioning == "channel":  # made first: the order the random initialisation draws in
+            self.label_channel = nn.Embedding(num_classes, height * width)
+        else:  # one phi(x)-sized vector a label; phi(x) has the width of the last block times base x base
+            self.label_projection = nn.Embedding(num_classes, ndf * 2 ** (doublings - 1) * base * base)
+        in_channels = channels + 1 if conditioning == "channel" else channels
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
         width_mult = 1
         for _ in range(doublings - 1):  # each block halves the resolution and doubles the width
             layers += [nn.Conv2d(ndf * width_mult, ndf * width_mult * 2, 4, 2, 1, bias=False),
@@ -98,13 +106,20 @@ class Discriminator(nn.Module):
         layers += [nn.Conv2d(ndf * width_mult, 1, base, 1, 0, bias=False)]  # (B, 1, 1, 1)
         self.main = nn.Sequential(*layers)
         dcgan_init_(self)
+        if conditioning == "projection":
+            nn.init.normal_(self.label_projection.weight, 0.0, 0.02)  # on the scale of the last layer's weights
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
-        size = self.image_size
-        label_map = self.label_channel(labels).view(-1, 1, size, size)  # (B, 1, H, W)
-        features = self.main[:-1](torch.cat([images, label_map], dim=1))  # (B, C', base, base)
+        if self.conditioning == "channel":
+            size = self.image_size
+            label_map = self.label_channel(labels).view(-1, 1, size, size)  # (B, 1, H, W)
+            images = torch.cat([images, label_map], dim=1)
+        features = self.main[:-1](images).flatten(1)  # (B, C', base, base) -> (B, F): phi(x)
         # the last layer's kernel covers the whole map: a matrix product, computed as one (as in the Generator)
-        return F.linear(features.flatten(1), self.main[-1].weight.flatten(1)).flatten()  # (B,) logits
+        logits = F.linear(features, self.main[-1].weight.flatten(1)).flatten()  # (B,)
+        if self.conditioning == "projection":
+            logits = logits + (self.label_projection(labels) * features).sum(1)  # + <embed(y), phi(x)>
+        return logits
 
 
 def build_models(config: FedConfig) -> tuple[Generator, Discriminator]:
@@ -112,7 +127,8 @@ def build_models(config: FedConfig) -> tuple[Generator, Discriminator]:
     info = DATASETS[config.dataset]
     generator = Generator(image_shape=info.image_shape, num_classes=info.num_classes, z_dim=config.z_dim,
                           embed_dim=config.embed_dim, ngf=config.ngf)
-    discriminator = Discriminator(image_shape=info.image_shape, num_classes=info.num_classes, ndf=config.ndf)
+    discriminator = Discriminator(image_shape=info.image_shape, num_classes=info.num_classes, ndf=config.ndf,
+                                  conditioning=config.d_conditioning)
     return generator, discriminator
 
 

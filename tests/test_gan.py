@@ -93,3 +93,35 @@ def test_local_training_refuses_what_cannot_train(field, value):
     values = {**dict(lr_g=1e-3, lr_d=1e-3, betas=(0.5, 0.999)), field: value}
     with pytest.raises(ValueError, match=f"{field}="):
         fu.LocalTraining(**values)
+
+
+def test_one_sided_label_smoothing_moves_only_the_real_target():
+    # BCE of logit a against target t: t softplus(-a) + (1 - t) softplus(a); the fakes' target stays 0
+    loss = fu.discriminator_loss(fixed_logits(2.0, -1.0), REAL, FAKE, LABELS, label_smoothing=0.1)
+    assert loss.item() == pytest.approx(0.9 * softplus(-2.0) + 0.1 * softplus(2.0) + softplus(-1.0))
+    # G's loss is not smoothed
+    assert fu.generator_loss(fixed_logits(0.0, 0.5), FAKE, LABELS).item() == pytest.approx(softplus(-0.5))
+
+
+def test_the_hinge_loss_pays_only_inside_the_margins():
+    # D: mean(relu(1 - real)) + mean(relu(1 + fake)); each image here has its own logit
+    def discriminator(images, labels):
+        return images.flatten(1)[:, 0]
+
+    real, fake = torch.tensor([2.0, 0.5]).view(2, 1, 1, 1), torch.tensor([-3.0, 0.0]).view(2, 1, 1, 1)
+    loss = fu.discriminator_loss(discriminator, real, fake, LABELS, loss="hinge")
+    assert loss.item() == pytest.approx((0.0 + 0.5) / 2 + (0.0 + 1.0) / 2)
+    assert fu.generator_loss(discriminator, fake, LABELS, loss="hinge").item() == pytest.approx(1.5)  # -mean(D(fake))
+
+
+def test_local_training_binds_its_losses_and_refuses_smoothing_with_the_hinge():
+    local = fu.LocalTraining(lr_g=1e-3, lr_d=1e-3, betas=(0.5, 0.999), gan_loss="bce", label_smoothing=0.2)
+    d_loss, g_loss = local.losses(fixed_logits(1.0, -1.0))
+    assert d_loss(REAL, FAKE, LABELS).item() == pytest.approx(0.8 * softplus(-1.0) + 0.2 * softplus(1.0)
+                                                              + softplus(-1.0))
+    assert g_loss(FAKE, LABELS).item() == pytest.approx(softplus(1.0))
+    with pytest.raises(ValueError, match=r"label_smoothing=0.2 is not allowed: .* 0 with the hinge loss"):
+        fu.LocalTraining(lr_g=1e-3, lr_d=1e-3, betas=(0.5, 0.999), gan_loss="hinge", label_smoothing=0.2)
+    with pytest.raises(ValueError, match=r"label_smoothing=0.1 is not allowed: 0 with gan_loss='hinge'"):
+        fu.FedConfig(gan_loss="hinge", label_smoothing=0.1)
+    assert fu.LocalTraining.of(fu.FedConfig(gan_loss="hinge")).gan_loss == "hinge"

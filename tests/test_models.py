@@ -125,3 +125,23 @@ def test_a_large_request_is_drawn_in_chunks_that_match_drawing_them_one_by_one(m
 def test_networks_refuse_sizes_they_cannot_be_built_with(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_the_projection_discriminator_adds_the_inner_product_of_the_label_embedding_and_the_features():
+    torch.manual_seed(0)
+    discriminator = fu.Discriminator(ndf=8, conditioning="projection").eval()
+    images, labels = torch.randn(3, 1, 28, 28), torch.tensor([0, 4, 9])
+    features = discriminator.main[:-1](images).flatten(1)  # phi(x): (3, 16 * 7 * 7)
+    assert discriminator.label_projection.weight.shape == (10, features.shape[1])
+    psi = features @ discriminator.main[-1].weight.flatten()
+    expected = psi + (discriminator.label_projection.weight[labels] * features).sum(1)
+    torch.testing.assert_close(discriminator(images, labels), expected)
+    # the label changes the logit by exactly the difference of the two embeddings' inner products
+    other = torch.tensor([1, 4, 2])
+    torch.testing.assert_close(discriminator(images, other) - discriminator(images, labels),
+                               ((discriminator.label_projection.weight[other]
+                                 - discriminator.label_projection.weight[labels]) * features).sum(1))
+    assert discriminator.main[0].in_channels == 1 and not hasattr(discriminator, "label_channel")
+    assert fu.build_models(fu.FedConfig(d_conditioning="projection", ndf=8))[1].conditioning == "projection"
+    with pytest.raises(ValueError, match=r"conditioning='label' is not allowed: one of \['channel', 'projection'\]"):
+        fu.Discriminator(conditioning="label")

@@ -17,7 +17,7 @@ from fedgan.config import EngineOptions
 from fedgan.data import to_float_images
 from fedgan.engine.precision import bfloat16_compute, cudnn_algorithms
 from fedgan.engine.stacked import ADAM_MOMENTS, FlatParams, LocalResult, fresh_adam_state
-from fedgan.gan import LocalTraining, discriminator_loss, gan_step, generator_loss, proximal_term
+from fedgan.gan import LocalTraining, gan_step, proximal_term
 from fedgan.models import Discriminator, Generator
 from fedgan.rounds import RoundPlan
 
@@ -86,9 +86,9 @@ def train_clients_one_by_one(generator: Generator, discriminator: Discriminator,
             d_total = g_total = torch.zeros((), device=device)
             for step in range(int(plan.steps[row])):
                 idx = plan.batch_indices[row, step].to(device)  # (B,)
+                d_loss_of, g_loss_of = local.losses(client_d)
                 d_loss, g_loss = gan_step(
-                    generator=client_g, d_loss=functools.partial(discriminator_loss, client_d),
-                    g_loss=functools.partial(generator_loss, client_d),
+                    generator=client_g, d_loss=d_loss_of, g_loss=g_loss_of,
                     update_d=functools.partial(optimizer_step, d_adam, client_d, d_anchors, local.prox_mu),
                     update_g=functools.partial(optimizer_step, g_adam, client_g, g_anchors, local.prox_mu),
                     real=to_float_images(images[idx]), labels=labels[idx], noise=noise[step][row],

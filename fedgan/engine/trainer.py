@@ -21,7 +21,7 @@ from fedgan.engine.graphs import CudaGraphStep
 from fedgan.engine.precision import bfloat16_compute, cudnn_algorithms
 from fedgan.engine.reference import train_clients_one_by_one
 from fedgan.engine.stacked import FlatParams, LocalResult, StackedAdam, fresh_adam_state, map_clients, map_tensors
-from fedgan.gan import LocalTraining, discriminator_loss, gan_step, generator_loss
+from fedgan.gan import LocalTraining, gan_step
 from fedgan.models import Discriminator, Generator
 from fedgan.rounds import RoundPlan
 
@@ -131,11 +131,11 @@ class LocalTrainer:
 
         @in_compute_modes
         def client_d_loss(params, buffers, real, fake, y):
-            return discriminator_loss(client_discriminator(params, buffers), real, fake, y)
+            return local.losses(client_discriminator(params, buffers))[0](real, fake, y)
 
         @in_compute_modes
         def client_g_loss(params, buffers, fake, y):
-            return generator_loss(client_discriminator(params, buffers), fake, y)
+            return local.losses(client_discriminator(params, buffers))[1](fake, y)
 
         def local_step(idx: Tensor, z: Tensor, on_steps: list[bool] | None) -> tuple[Tensor, Tensor]:
             """gan_step for the clients `on_steps` (None: all) on images `idx` [K, B] and noise z [K, B, z_dim]."""
