@@ -2,10 +2,10 @@
 
 The losses are the non-saturating GAN of Goodfellow et al. (2014) on logits, conditioned on the label as in
 Mirza & Osindero (2014), with one-sided label smoothing (Salimans et al. 2016) as an option, or the hinge loss
-(Lim & Ye 2017; Miyato et al. 2018). `gan_step` is called by the reference loop (engine/reference.py) with nn.Modules and
-torch.optim.Adam, and by the batched engine (engine/trainer.py) with the same losses mapped over K clients'
-stacked parameters (functional_call, then vmap, a loop or CUDA streams; replayed from CUDA graphs on a GPU):
-the fast path runs this math, it does not restate it.
+(Lim & Ye 2017; Miyato et al. 2018). `gan_step` is called by the reference loop (engine/reference.py) with
+nn.Modules and torch.optim.Adam, and by the batched engine (engine/trainer.py) with the same losses mapped over K
+clients' stacked parameters (functional_call, then vmap, a loop or CUDA streams; replayed from CUDA graphs on a
+GPU): the fast path runs this math, it does not restate it.
 """
 from __future__ import annotations
 
