@@ -57,6 +57,17 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(partial, path)
 
 
+def pack_grid(images: Tensor) -> Tensor:
+    """A sample grid in [-1, 1] as uint8, as a checkpoint keeps it: a quarter of float32's bytes, and the 256 levels
+    that a saved picture of it has anyway (the grids of all rounds are most of a late checkpoint)."""
+    return images.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+
+
+def unpack_grid(images: Tensor) -> Tensor:
+    """pack_grid's uint8 back as float in [-1, 1] (a checkpoint from before pack_grid holds the floats: kept)."""
+    return images.float().div(127.5).sub(1) if images.dtype == torch.uint8 else images
+
+
 def checksum_path(path: str | os.PathLike) -> Path:
     """The SHA-256 file beside a checkpoint (`sha256sum -c` reads it)."""
     path = Path(path)

@@ -15,8 +15,8 @@ import torch.nn as nn
 
 from fedgan.aggregation import fedavg_stacked, fednova_rescale, scale_updates, staleness_weight
 from fedgan.checkpoints import (
-    CheckpointError, claim_run_dir, flat_adam_states, latest_checkpoint, prune_checkpoints, restore_newest, run_folders,
-    save_checkpoint, write_claim)
+    CheckpointError, claim_run_dir, flat_adam_states, latest_checkpoint, pack_grid, prune_checkpoints, restore_newest,
+    run_folders, save_checkpoint, unpack_grid, write_claim)
 from fedgan.compression import compress_updates
 from fedgan.config import DATASETS, FedConfig, clients_per_round
 from fedgan.data import check_data, load_dataset, training_images
@@ -159,7 +159,7 @@ class Federation:
         self.client_store = {int(k): v for k, v in checkpoint["client_store"].items()}
         flat_adam_states(self.client_store, {"g": self.generator, "d": self.discriminator})
         self.history = checkpoint["history"]
-        self.grid_snapshots = {int(k): v for k, v in checkpoint["grid_snapshots"].items()}
+        self.grid_snapshots = {int(k): unpack_grid(v) for k, v in checkpoint["grid_snapshots"].items()}
         self.round = checkpoint["round"]
         for which, strategy in self.strategies.items():  # the server state computes on this run's device
             strategy.load_state_dict(map_tensors(checkpoint["strategies"][which], lambda t: t.to(self.device)))
@@ -573,7 +573,7 @@ class Federation:
             "discriminator": self.discriminator.state_dict(),
             "client_store": {str(k): v for k, v in self.client_store.items()},
             "history": self.history,
-            "grid_snapshots": {str(k): v for k, v in self.grid_snapshots.items()},
+            "grid_snapshots": {str(k): pack_grid(v) for k, v in self.grid_snapshots.items()},
             "strategies": {which: strategy.state_dict() for which, strategy in self.strategies.items()},
             "clock": self.clock,
             "in_flight": self.in_flight,

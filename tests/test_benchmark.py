@@ -111,3 +111,15 @@ def test_study_cells_runs_the_named_cells_from_each_seed_scored_by_one_classifie
     assert wrong.returncode == 2 and "['FedAvg / IID'] not known" in wrong.stderr and "'FedAvg / iid'" in wrong.stderr
     twice = subprocess.run([*study, "--seeds", "1", "1"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert twice.returncode == 2 and "--seeds [1, 1]: distinct integers >= 0 allowed" in twice.stderr
+
+
+def test_the_laptop_preset_benchmark_lists_its_candidates_and_refuses_unknown_ones():
+    script = [sys.executable, "benchmarks/laptop_preset.py"]
+    listed = subprocess.run([*script, "--list"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0
+    lines = {line.split("  ")[0].strip(): line for line in listed.stdout.splitlines()}
+    assert "'client_fraction': 0.2, 'rounds': 30" in lines["fifth x30"]  # the one the cpu preset took
+    assert (fu.preset("cpu").client_fraction, fu.preset("cpu").rounds) == (0.2, 30)
+    wrong = subprocess.run([*script, "--candidates", "fifth x31"], cwd=REPO, capture_output=True, text=True,
+                           timeout=60)
+    assert wrong.returncode == 2 and "['fifth x31'] not known" in wrong.stderr and "'fifth x30'" in wrong.stderr

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fedgan_utils as fu
+from fedgan.checkpoints import pack_grid
 from helpers import states_equal
 
 
@@ -145,3 +146,16 @@ def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_the_run_resume
                                  progress=False)
     assert [r["g_loss"] for r in resumed.history] == [r["g_loss"] for r in straight.history]
     assert states_equal(resumed.generator.state_dict(), straight.generator.state_dict())
+
+
+def test_sample_grids_are_kept_as_uint8_in_checkpoints_and_come_back_to_a_256th(mnist_small, tiny_config):
+    federation = fu.run_federation(tiny_config(rounds=2), data=mnist_small, progress=False)
+    saved = fu.load_checkpoint(fu.latest_checkpoint(federation.run_dir))["grid_snapshots"]
+    assert sorted(saved) == ["0", "1", "2"] and all(grid.dtype == torch.uint8 for grid in saved.values())
+    resumed = fu.Federation(federation.config, data=mnist_small, resume=True, log=False)
+    for index, grid in federation.grid_snapshots.items():
+        back = resumed.grid_snapshots[index]
+        assert back.dtype == torch.float32 and (back - grid).abs().max() <= 1 / 255 + 1e-6
+    # pack_grid is what a saved picture keeps: the levels of (x + 1) * 127.5, rounded
+    grid = torch.tensor([-1.0, -0.5, 0.0, 0.999, 1.2])
+    assert pack_grid(grid).tolist() == [0, 64, 128, 255, 255]
