@@ -304,7 +304,8 @@ def load_dataset(name: str = "mnist", root: str | os.PathLike | None = None, tra
               "the four idx files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
               "t10k-labels-idx1-ubyte; '-idx' or '.idx', raw or .gz, or each alone in a folder of its name) or "
               f"the two CSV files {' and '.join(CSV_FILES[name])}")
-    where = "a folder whose path contains 'fashion'" if name == "fashion_mnist" else "a folder"
+    where = ("a folder (the idx files: one whose path contains 'fashion', as MNIST's have the same names)"
+             if name == "fashion_mnist" else "a folder")
     raise DatasetNotFoundError(
         f"{name} not found. Looked in:\n{looked}\nand the {failure}.\n"
         f"Fix: put {wanted} in {where} and set FEDGAN_DATA=/that/folder (or pass root=...); "
