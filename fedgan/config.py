@@ -39,7 +39,7 @@ CLIENT_MAPS = ("auto", "vmap", "loop", "streams", "reference")
 CONV_FORMS = ("auto", "grouped", "block", "loop", "triton")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "damped", "fedadagrad", "fedadam", "fedyogi", "median",
               "trimmed_mean", "krum")
-SELECTIONS = ("uniform", "proportional", "power_of_choice")
+SELECTIONS = ("uniform", "proportional", "power_of_choice", "stratified")
 SYNC_NETWORKS = ("both", "g", "d")
 SYNC_MODES = ("sync", "async")
 STALENESS_RULES = ("constant", "polynomial", "hinge")
@@ -195,7 +195,7 @@ class FedConfig:
     staleness_a: float = 0.5  # polynomial: (1 + s)^-a; hinge: 1 / (a (s - b) + 1) past b
     staleness_b: int = 4  # hinge: updates up to b rounds stale count fully
     # clients: selection, stragglers, communication
-    selection: str = "uniform"  # "uniform", "proportional" (to data size), "power_of_choice" (highest loss)
+    selection: str = "uniform"  # "uniform", "proportional" (size), "power_of_choice" (loss), "stratified" (label)
     poc_candidates: int | None = None  # power_of_choice: candidates drawn (proportional to size); None: 2x selected
     client_speed_sigma: float = 0.0  # lognormal sigma of client speeds (0: all equally fast)
     round_deadline: float | None = None  # time limit of a round, in local steps of a speed-1 client; None: wait

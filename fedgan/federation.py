@@ -31,7 +31,7 @@ from fedgan.partition import partition
 from fedgan.privacy import private_round
 from fedgan.rounds import (
     RNG_ATTACK, RNG_DROPOUT, RNG_NOISE, RNG_SELECTION, RoundPlan, attacker_ids, choose_clients, client_speeds,
-    derive_seed, plan_clients, plan_round, poison_update)
+    derive_seed, dominant_labels, flipped_labels, plan_clients, plan_round, poison_update)
 from fedgan.strategies import Strategy, bound_copy, checked_state, make_strategy
 from fedgan.tensorboard_log import open_board
 
@@ -72,11 +72,10 @@ class Federation:
         self.parts = partition(labels, config.num_clients, config.partition, seed=config.seed,
                                **config.partition_kwargs())
         self.attackers = attacker_ids(config.num_clients, config.attack_fraction, config.seed)
-        self.client_labels = self.labels  # what the clients train on: label-flipping attackers poison their own
-        if config.attack == "label_flip" and self.attackers:
-            poisoned = torch.as_tensor(np.concatenate([self.parts[c] for c in self.attackers]), device=self.device)
-            self.client_labels = self.labels.clone()
-            self.client_labels[poisoned] = DATASETS[config.dataset].num_classes - 1 - self.labels[poisoned]
+        num_classes, flipping = DATASETS[config.dataset].num_classes, config.attack == "label_flip"
+        # what the clients train on: label-flipping attackers poison their own images' labels
+        self.client_labels = flipped_labels(self.labels, self.parts, self.attackers if flipping else [], num_classes)
+        self.groups = dominant_labels(self.labels, self.parts, num_classes)  # stratified selection's groups
         seed_everything(config.seed)
         generator, discriminator = build_models(config)
         self.generator, self.discriminator = generator.to(self.device), discriminator.to(self.device)
@@ -420,7 +419,7 @@ class Federation:
             rng = np.random.default_rng(derive_seed(config.seed, round_index, RNG_SELECTION))
             ids = choose_clients(idle, concurrency - len(self.in_flight), rng, policy=config.selection,
                                  sizes=[len(p) for p in self.parts], losses=self.client_losses(),
-                                 candidates=config.poc_candidates)
+                                 candidates=config.poc_candidates, groups=self.groups)
             trained = self._train(plan_clients(config, self.parts, ids, round_index))
             for row, client in enumerate(ids):
                 self.in_flight.append({
@@ -459,7 +458,7 @@ class Federation:
             if config.sync_mode == "async":
                 updates, log = self._async_updates(self.round + 1)
             else:
-                plan = plan_round(config, self.parts, self.round + 1, self.client_losses())
+                plan = plan_round(config, self.parts, self.round + 1, self.client_losses(), self.groups)
                 updates = self._train(plan) if len(plan.client_ids) else None
                 log = {"dropped_out": plan.dropped_out, "late": plan.late, "sim_time": plan.sim_time,
                        "images": int(plan.steps.sum()) * config.batch_size,

@@ -43,11 +43,14 @@ class RoundPlan:
 
 def choose_clients(pool: Sequence[int], count: int, rng: np.random.Generator, *, policy: str = "uniform",
                    sizes: Sequence[int] | None = None, losses: Mapping[int, float] | None = None,
-                   candidates: int | None = None) -> np.ndarray:
-    """`count` clients of `pool`, sorted: uniform, proportional to data size, or power-of-choice.
+                   candidates: int | None = None, groups: Sequence[int] | None = None) -> np.ndarray:
+    """`count` clients of `pool`, sorted: uniform, proportional to data size, power-of-choice or stratified.
 
     power_of_choice (Cho et al., 2022): draw `candidates` (default 2 x count) proportional to size, keep the
     `count` with the highest last local loss (`losses`; a client never seen counts as highest).
+    stratified: `groups` gives each client's group (e.g. its dominant label, dominant_labels); the groups of the pool
+    are taken in a seeded order and one client drawn from each in turn, until `count`: as many groups as can be
+    are present each round, however unequal their sizes (a skewed split's rare labels are not left out by chance).
     """
     pool = np.asarray(pool, dtype=np.int64)
     require(is_int(count) and 1 <= count <= len(pool), "count", count, f"an integer from 1 to {len(pool)}")
@@ -56,6 +59,16 @@ def choose_clients(pool: Sequence[int], count: int, rng: np.random.Generator, *,
         return np.sort(pool)
     if policy == "uniform":
         return np.sort(rng.choice(pool, size=count, replace=False))
+    if policy == "stratified":
+        require(groups is not None, "groups", groups, "one group per client for policy='stratified'")
+        of_pool = np.asarray(groups)[pool]
+        members = {g: list(rng.permutation(pool[of_pool == g])) for g in rng.permutation(np.unique(of_pool))}
+        chosen: list[int] = []
+        while len(chosen) < count:  # one from each group in turn; a group with no clients left is passed over
+            for group in list(members):
+                if len(chosen) < count and members[group]:
+                    chosen.append(int(members[group].pop()))
+        return np.sort(np.array(chosen, dtype=np.int64))
     require(sizes is not None, "sizes", sizes, f"one data size per client for policy={policy!r}")
     p = np.asarray(sizes, dtype=np.float64)[pool]
     p = p / p.sum()
@@ -67,14 +80,31 @@ def choose_clients(pool: Sequence[int], count: int, rng: np.random.Generator, *,
     return np.sort(shortlist[np.argsort(-loss, kind="stable")[:count]])
 
 
+def dominant_labels(labels: Tensor, parts: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
+    """Each client's most frequent label (the lowest on a tie): [K], the groups of stratified selection."""
+    counts = np.stack([np.bincount(labels[torch.as_tensor(p, dtype=torch.long)].cpu().numpy(), minlength=num_classes)
+                       for p in parts])  # (K, num_classes)
+    return counts.argmax(1)
+
+
+def flipped_labels(labels: Tensor, parts: Sequence[np.ndarray], attackers: Sequence[int], num_classes: int) -> Tensor:
+    """The labels the clients train on: a label-flipping attacker's own images labelled num_classes - 1 - y."""
+    if not attackers:
+        return labels
+    poisoned = torch.as_tensor(np.concatenate([parts[c] for c in attackers]), device=labels.device)
+    flipped = labels.clone()
+    flipped[poisoned] = num_classes - 1 - labels[poisoned]
+    return flipped
+
+
 def select_clients(num_clients: int, fraction: float, seed: int, round_index: int, *, policy: str = "uniform",
                    sizes: Sequence[int] | None = None, losses: Mapping[int, float] | None = None,
-                   candidates: int | None = None) -> np.ndarray:
+                   candidates: int | None = None, groups: Sequence[int] | None = None) -> np.ndarray:
     """max(1, round(fraction * K)) clients by `policy` (see choose_clients), from a generator of its own per round."""
     count = clients_per_round(num_clients, fraction)
     rng = np.random.default_rng(derive_seed(seed, round_index, RNG_SELECTION))
     return choose_clients(np.arange(num_clients), count, rng, policy=policy, sizes=sizes, losses=losses,
-                          candidates=candidates)
+                          candidates=candidates, groups=groups)
 
 
 def client_speeds(num_clients: int, sigma: float, seed: int) -> np.ndarray:
@@ -131,7 +161,7 @@ def plan_clients(config: FedConfig, parts: Sequence[np.ndarray], client_ids: Seq
 
 
 def plan_round(config: FedConfig, parts: Sequence[np.ndarray], round_index: int,
-               client_losses: Mapping[int, float] | None = None) -> RoundPlan:
+               client_losses: Mapping[int, float] | None = None, groups: Sequence[int] | None = None) -> RoundPlan:
     """Select clients, apply dropout and the deadline, and draw the batches of those that train.
 
     Time is counted in local steps of a speed-1 client: a client of speed v needs steps / v. Past
@@ -141,7 +171,7 @@ def plan_round(config: FedConfig, parts: Sequence[np.ndarray], round_index: int,
     sizes = [len(p) for p in parts]
     selected = select_clients(len(parts), config.client_fraction, config.seed, round_index,
                               policy=config.selection, sizes=sizes, losses=client_losses,
-                              candidates=config.poc_candidates)
+                              candidates=config.poc_candidates, groups=groups)
     reports = np.random.default_rng(derive_seed(config.seed, round_index, RNG_DROPOUT)).random(len(selected))
     dropped_out = selected[reports < config.dropout].tolist()
     ids = selected[reports >= config.dropout]

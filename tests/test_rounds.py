@@ -75,3 +75,36 @@ def test_selection_differs_between_rounds_but_not_between_calls():
     assert len(set(rounds)) == 5
     assert all(len(r) == 10 for r in rounds)
     assert tuple(fu.select_clients(100, 0.1, seed=0, round_index=1)) == rounds[0]
+
+
+def test_stratified_selection_takes_one_client_of_each_group_in_turn():
+    groups = [0, 0, 0, 0, 0, 0, 0, 1, 2, 3]  # seven clients of one dominant label, three of their own
+    counts = np.zeros(10)
+    for r in range(1, 4001):
+        chosen = fu.select_clients(10, 0.4, seed=0, round_index=r, policy="stratified", groups=groups)
+        assert sorted(np.asarray(groups)[chosen].tolist()) == [0, 1, 2, 3]  # every group, once, every round
+        counts[chosen] += 1
+    np.testing.assert_allclose(counts[:7] / 4000, 1 / 7, atol=0.02)  # the big group's one seat, shared evenly
+    counts = np.zeros(10)
+    for r in range(1, 4001):  # two seats for four groups: each group half the rounds, whatever its size
+        chosen = fu.select_clients(10, 0.2, seed=1, round_index=r, policy="stratified", groups=groups)
+        assert len(set(np.asarray(groups)[chosen].tolist())) == 2
+        counts[chosen] += 1
+    np.testing.assert_allclose(counts[7:] / 4000, 0.5, atol=0.03)
+    np.testing.assert_allclose(counts[:7].sum() / 4000, 0.5, atol=0.03)
+    # more seats than groups: the turn comes round again, past the groups with no one left
+    for r in range(1, 50):
+        chosen = fu.select_clients(4, 0.75, seed=2, round_index=r, policy="stratified", groups=[0, 0, 0, 1])
+        assert 3 in chosen.tolist() and len(chosen) == 3
+    with pytest.raises(ValueError, match=r"groups=None is not allowed: one group per client for policy='stratified'"):
+        fu.select_clients(10, 0.2, seed=0, round_index=1, policy="stratified")
+
+
+def test_a_federation_selects_stratified_by_each_clients_dominant_label(mnist_small, tiny_config):
+    config = tiny_config(num_clients=10, partition="classes", classes_per_client=1, client_fraction=0.5,
+                         selection="stratified", rounds=1)
+    federation = fu.Federation(config, data=mnist_small, log=False)
+    expected = [int(np.bincount(mnist_small[1][p].numpy(), minlength=10).argmax()) for p in federation.parts]
+    assert federation.groups.tolist() == expected
+    record = federation.run_round()
+    assert len(set(federation.groups[record["clients"]].tolist())) == len(record["clients"]) == 5
