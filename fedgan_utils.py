@@ -45,6 +45,7 @@ from fedgan.experiments import (
 from fedgan.metrics import (
     Classifier, classifier_outputs, train_classifier, frechet_distance, kernel_distance, inception_score, Evaluator,
     evaluate, make_evaluator, inception_fid)
+from fedgan.manifolds import knn_radii, manifold_metrics
 from fedgan.checkpoints import (
     CheckpointError, CheckpointWriteError, checksum_path, save_checkpoint, prune_checkpoints, load_checkpoint,
     list_checkpoints, latest_checkpoint, latest_good_checkpoint, save_history, load_generator)
@@ -75,10 +76,9 @@ __all__ = [
     "TritonClientConvolution", "BFloat16Compute", "DivergenceError", "Federation", "format_round", "run_federation",
     "CENTRALIZED_FIELDS", "centralized_config", "centralized_baseline", "format_table", "describe_partition",
     "run_ablation", "run_seeds", "Classifier", "classifier_outputs", "train_classifier", "frechet_distance",
-    "kernel_distance", "inception_score", "Evaluator", "evaluate", "make_evaluator", "inception_fid", "CheckpointError",
-    "CheckpointWriteError", "checksum_path", "save_checkpoint", "prune_checkpoints", "load_checkpoint",
-    "list_checkpoints", "latest_checkpoint",
-    "latest_good_checkpoint", "save_history", "load_generator", "image_grid", "plot_images", "plot_label_grid",
+    "kernel_distance", "inception_score", "Evaluator", "evaluate", "make_evaluator", "inception_fid", "knn_radii",
+    "manifold_metrics", "CheckpointError", "CheckpointWriteError", "checksum_path", "save_checkpoint",
+    "prune_checkpoints", "load_checkpoint", "list_checkpoints", "latest_checkpoint", "latest_good_checkpoint", "save_history", "load_generator", "image_grid", "plot_images", "plot_label_grid",
     "plot_grid_evolution", "plot_losses", "plot_partition", "draw_checkpoint_samples", "browse_checkpoints",
     "plot_metrics", "plot_per_class_accuracy", "plot_metric_curves", "plot_lines", "plot_seed_spread",
     "plot_sample_grids", "plot_tradeoff", "save_round_grids", "save_grid_gif",

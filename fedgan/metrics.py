@@ -16,9 +16,14 @@ from fedgan.checks import positive_int, require
 from fedgan.config import DATASETS, FedConfig
 from fedgan.data import cache_dir, load_dataset, to_float_images
 from fedgan.environment import pick_device
+from fedgan.manifolds import knn_radii, manifold_metrics
 from fedgan.models import Generator, generate
 
 Tensor = torch.Tensor
+
+
+MANIFOLD_K = 5  # k of the k-NN balls of precision, recall, density and coverage (Naeem et al.'s choice)
+MANIFOLD_METRICS = ("precision", "recall", "density", "coverage")
 
 
 # The standard FID needs Inception weights downloaded at run time; for MNIST-like data the field computes the
@@ -186,29 +191,47 @@ class Evaluator:
         accuracy, per_class = _label_metrics(real_logits, self.real_labels, self.num_classes)
         self.reference: dict[str, Any] = {"is": inception_score(real_logits)[0], "cond_acc": accuracy,
                                           "per_class_acc": per_class}
+        self.real_radii = knn_radii(self.real_features, MANIFOLD_K)  # the real manifold's balls, computed once
+        self.class_radii = {c: knn_radii(self.real_features[self.real_labels == c], MANIFOLD_K)
+                            for c in range(self.num_classes) if (self.real_labels == c).sum() > MANIFOLD_K}
         if train_images is not None:
             other = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed + 1))[:n]
             train_features, _ = classifier_outputs(classifier, train_images[other])
             self.reference["fid"] = frechet_distance(train_features, self.real_features)
             self.reference["kid"], self.reference["kid_std"] = self._kid(train_features)
+            self.reference.update(manifold_metrics(self.real_features, train_features, MANIFOLD_K, self.real_radii))
+
+    def _coverage_per_class(self, features: Tensor, labels: Tensor) -> list[float]:
+        """Coverage of each label's real points by the samples asked for that label (nan: too few of either)."""
+        coverage = []
+        for c in range(self.num_classes):
+            fake = features[labels == c]
+            usable = c in self.class_radii and len(fake) > MANIFOLD_K
+            coverage.append(manifold_metrics(self.real_features[self.real_labels == c], fake, MANIFOLD_K,
+                                             self.class_radii[c])["coverage"] if usable else math.nan)
+        return coverage
 
     def _kid(self, features: Tensor) -> tuple[float, float]:
         return kernel_distance(features, self.real_features, subsets=self.kid_subsets, seed=self.seed)
 
     def __call__(self, generator: Generator) -> dict[str, Any]:
-        """fid, kid, kid_std, is, is_std, cond_acc, per_class_acc of `n` class-balanced samples of `generator`."""
+        """fid, kid, kid_std, is, is_std, cond_acc, per_class_acc, precision, recall, density, coverage and
+        per_class_coverage of `n` class-balanced samples of `generator`."""
         labels = torch.arange(self.n) % self.num_classes  # balanced requests
         samples = torch.cat([generate(generator, labels[i:i + 1000], seed=self.seed + i)
                              for i in range(0, self.n, 1000)])
         if not torch.isfinite(samples).all():  # a diverged generator: nothing to measure
-            return {**dict.fromkeys(("fid", "kid", "kid_std", "is", "is_std", "cond_acc"), math.nan),
-                    "per_class_acc": [math.nan] * self.num_classes, "non_finite_samples": True}
+            return {**dict.fromkeys(("fid", "kid", "kid_std", "is", "is_std", "cond_acc", *MANIFOLD_METRICS), math.nan),
+                    **dict.fromkeys(("per_class_acc", "per_class_coverage"), [math.nan] * self.num_classes),
+                    "non_finite_samples": True}
         features, logits = classifier_outputs(self.classifier, samples)
         accuracy, per_class = _label_metrics(logits, labels, self.num_classes)
         kid, kid_std = self._kid(features)
         score, score_std = inception_score(logits)
         return {"fid": frechet_distance(features, self.real_features), "kid": kid, "kid_std": kid_std,
-                "is": score, "is_std": score_std, "cond_acc": accuracy, "per_class_acc": per_class}
+                "is": score, "is_std": score_std, "cond_acc": accuracy, "per_class_acc": per_class,
+                **manifold_metrics(self.real_features, features, MANIFOLD_K, self.real_radii),
+                "per_class_coverage": self._coverage_per_class(features, labels)}
 
 
 def evaluate(generator: Generator, classifier: Classifier, real_images: Tensor, real_labels: Tensor,

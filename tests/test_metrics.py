@@ -109,11 +109,17 @@ def test_an_untrained_generator_scores_far_worse_than_real_data(classifier, mnis
     images, labels = mnist_test
     evaluator = fu.Evaluator(classifier, images, labels, n=500, train_images=mnist[0])
     metrics = evaluator(fu.Generator(z_dim=16, ngf=8))
-    assert set(metrics) == {"fid", "kid", "kid_std", "is", "is_std", "cond_acc", "per_class_acc"}
+    assert set(metrics) == {"fid", "kid", "kid_std", "is", "is_std", "cond_acc", "per_class_acc", "precision",
+                            "recall", "density", "coverage", "per_class_coverage"}
     reference = evaluator.reference
     assert metrics["fid"] > 20 * reference["fid"] and metrics["kid"] > 20 * abs(reference["kid"])
     assert metrics["cond_acc"] < 0.5 and metrics["is"] < reference["is"]
     assert len(metrics["per_class_acc"]) == 10
+    # real train images on the real test manifold: most inside it and covering it; an untrained G covers little
+    assert reference["precision"] > 0.7 and reference["recall"] > 0.7 and reference["coverage"] > 0.8
+    assert 0.6 < reference["density"] < 1.5
+    assert metrics["coverage"] < 0.5 * reference["coverage"] and metrics["precision"] < reference["precision"]
+    assert len(metrics["per_class_coverage"]) == 10 and all(0 <= c <= 1 for c in metrics["per_class_coverage"])
 
 
 def test_evaluation_repeats_for_the_same_generator(classifier, mnist_test):
