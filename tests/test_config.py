@@ -36,7 +36,7 @@ BAD_CONFIG_VALUES = [
     ("device", "tpu", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
     ("train_subset", 5, "at least num_clients=10"),
     ("run_name", "a/b", "letters, digits"),
-    ("selection", "random", "['uniform', 'proportional', 'power_of_choice']"),
+    ("selection", "random", "['uniform', 'proportional', 'power_of_choice', 'stratified']"),
     ("sync_networks", "none", "['both', 'g', 'd']"),
     ("sync_mode", "semi", "['sync', 'async']"),
     ("staleness", "linear", "['constant', 'polynomial', 'hinge']"),
