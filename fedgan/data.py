@@ -93,6 +93,7 @@ def _idx_folder_matches(folder: Path, name: str) -> bool:
 
 def _find_files(roots: Iterable[Path], name: str) -> tuple[str, Path] | None:
     """Where dataset `name` lies: ("idx" | "csv" | "cifar", folder), from the first root that holds it."""
+    stems = MNIST_FILES[True] + MNIST_FILES[False]
     for root in roots:
         if not root.is_dir():
             continue
@@ -101,7 +102,6 @@ def _find_files(roots: Iterable[Path], name: str) -> tuple[str, Path] | None:
                 if folder.name == CIFAR_FOLDER and (folder / CIFAR_BATCHES[True][0]).is_file():
                     return "cifar", folder
                 continue
-            stems = MNIST_FILES[True] + MNIST_FILES[False]
             if _idx_folder_matches(folder, name) and all(_idx_file(folder, stem) for stem in stems):
                 return "idx", folder
             if all((folder / file).is_file() for file in CSV_FILES[name]):

@@ -10,7 +10,6 @@ GPU): the fast path runs this math, it does not restate it.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -54,11 +53,14 @@ class LocalTraining:
                    train_generator=not config.server_generator, gan_loss=config.gan_loss,
                    label_smoothing=config.label_smoothing)
 
-    def losses(self, discriminator: Discriminate) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
-        """discriminator_loss and generator_loss of this training, bound to `discriminator`."""
-        return (functools.partial(discriminator_loss, discriminator, loss=self.gan_loss,
-                                  label_smoothing=self.label_smoothing),
-                functools.partial(generator_loss, discriminator, loss=self.gan_loss))
+    def d_loss(self, discriminator: Discriminate, real: Tensor, fake: Tensor, labels: Tensor) -> Tensor:
+        """discriminator_loss with this training's loss and smoothing."""
+        return discriminator_loss(discriminator, real, fake, labels, loss=self.gan_loss,
+                                  label_smoothing=self.label_smoothing)
+
+    def g_loss(self, discriminator: Discriminate, fake: Tensor, labels: Tensor) -> Tensor:
+        """generator_loss with this training's loss."""
+        return generator_loss(discriminator, fake, labels, loss=self.gan_loss)
 
 
 def discriminator_loss(discriminator: Discriminate, real: Tensor, fake: Tensor, labels: Tensor, *,

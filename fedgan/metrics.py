@@ -192,8 +192,9 @@ class Evaluator:
         self.reference: dict[str, Any] = {"is": inception_score(real_logits)[0], "cond_acc": accuracy,
                                           "per_class_acc": per_class}
         self.real_radii = knn_radii(self.real_features, MANIFOLD_K)  # the real manifold's balls, computed once
-        self.class_radii = {c: knn_radii(self.real_features[self.real_labels == c], MANIFOLD_K)
-                            for c in range(self.num_classes) if (self.real_labels == c).sum() > MANIFOLD_K}
+        by_class = {c: self.real_features[self.real_labels == c] for c in range(self.num_classes)}
+        self.real_by_class = {c: (features, knn_radii(features, MANIFOLD_K))  # each label's points and balls
+                              for c, features in by_class.items() if len(features) > MANIFOLD_K}
         if train_images is not None:
             other = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed + 1))[:n]
             train_features, _ = classifier_outputs(classifier, train_images[other])
@@ -206,9 +207,11 @@ class Evaluator:
         coverage = []
         for c in range(self.num_classes):
             fake = features[labels == c]
-            usable = c in self.class_radii and len(fake) > MANIFOLD_K
-            coverage.append(manifold_metrics(self.real_features[self.real_labels == c], fake, MANIFOLD_K,
-                                             self.class_radii[c])["coverage"] if usable else math.nan)
+            if c not in self.real_by_class or len(fake) <= MANIFOLD_K:
+                coverage.append(math.nan)
+                continue
+            real, radii = self.real_by_class[c]
+            coverage.append(manifold_metrics(real, fake, MANIFOLD_K, radii)["coverage"])
         return coverage
 
     def _kid(self, features: Tensor) -> tuple[float, float]:

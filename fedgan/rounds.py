@@ -14,6 +14,7 @@ import torch
 
 from fedgan.checks import is_int, require
 from fedgan.config import SELECTIONS, FedConfig, clients_per_round
+from fedgan.partition import partition_report
 
 Tensor = torch.Tensor
 
@@ -65,7 +66,7 @@ def choose_clients(pool: Sequence[int], count: int, rng: np.random.Generator, *,
         members = {g: list(rng.permutation(pool[of_pool == g])) for g in rng.permutation(np.unique(of_pool))}
         chosen: list[int] = []
         while len(chosen) < count:  # one from each group in turn; a group with no clients left is passed over
-            for group in list(members):
+            for group in members:
                 if len(chosen) < count and members[group]:
                     chosen.append(int(members[group].pop()))
         return np.sort(np.array(chosen, dtype=np.int64))
@@ -82,9 +83,7 @@ def choose_clients(pool: Sequence[int], count: int, rng: np.random.Generator, *,
 
 def dominant_labels(labels: Tensor, parts: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
     """Each client's most frequent label (the lowest on a tie): [K], the groups of stratified selection."""
-    counts = np.stack([np.bincount(labels[torch.as_tensor(p, dtype=torch.long)].cpu().numpy(), minlength=num_classes)
-                       for p in parts])  # (K, num_classes)
-    return counts.argmax(1)
+    return partition_report(labels, parts, num_classes).argmax(1)  # (K, num_classes) -> (K,)
 
 
 def flipped_labels(labels: Tensor, parts: Sequence[np.ndarray], attackers: Sequence[int], num_classes: int) -> Tensor:

@@ -116,10 +116,10 @@ def test_the_hinge_loss_pays_only_inside_the_margins():
 
 def test_local_training_binds_its_losses_and_refuses_smoothing_with_the_hinge():
     local = fu.LocalTraining(lr_g=1e-3, lr_d=1e-3, betas=(0.5, 0.999), gan_loss="bce", label_smoothing=0.2)
-    d_loss, g_loss = local.losses(fixed_logits(1.0, -1.0))
-    assert d_loss(REAL, FAKE, LABELS).item() == pytest.approx(0.8 * softplus(-1.0) + 0.2 * softplus(1.0)
-                                                              + softplus(-1.0))
-    assert g_loss(FAKE, LABELS).item() == pytest.approx(softplus(1.0))
+    discriminator = fixed_logits(1.0, -1.0)
+    assert local.d_loss(discriminator, REAL, FAKE, LABELS).item() == pytest.approx(
+        0.8 * softplus(-1.0) + 0.2 * softplus(1.0) + softplus(-1.0))
+    assert local.g_loss(discriminator, FAKE, LABELS).item() == pytest.approx(softplus(1.0))
     with pytest.raises(ValueError, match=r"label_smoothing=0.2 is not allowed: .* 0 with the hinge loss"):
         fu.LocalTraining(lr_g=1e-3, lr_d=1e-3, betas=(0.5, 0.999), gan_loss="hinge", label_smoothing=0.2)
     with pytest.raises(ValueError, match=r"label_smoothing=0.1 is not allowed: 0 with gan_loss='hinge'"):

@@ -86,9 +86,9 @@ def train_clients_one_by_one(generator: Generator, discriminator: Discriminator,
             d_total = g_total = torch.zeros((), device=device)
             for step in range(int(plan.steps[row])):
                 idx = plan.batch_indices[row, step].to(device)  # (B,)
-                d_loss_of, g_loss_of = local.losses(client_d)
                 d_loss, g_loss = gan_step(
-                    generator=client_g, d_loss=d_loss_of, g_loss=g_loss_of,
+                    generator=client_g, d_loss=functools.partial(local.d_loss, client_d),
+                    g_loss=functools.partial(local.g_loss, client_d),
                     update_d=functools.partial(optimizer_step, d_adam, client_d, d_anchors, local.prox_mu),
                     update_g=functools.partial(optimizer_step, g_adam, client_g, g_anchors, local.prox_mu),
                     real=to_float_images(images[idx]), labels=labels[idx], noise=noise[step][row],

@@ -131,11 +131,11 @@ class LocalTrainer:
 
         @in_compute_modes
         def client_d_loss(params, buffers, real, fake, y):
-            return local.losses(client_discriminator(params, buffers))[0](real, fake, y)
+            return local.d_loss(client_discriminator(params, buffers), real, fake, y)
 
         @in_compute_modes
         def client_g_loss(params, buffers, fake, y):
-            return local.losses(client_discriminator(params, buffers))[1](fake, y)
+            return local.g_loss(client_discriminator(params, buffers), fake, y)
 
         def local_step(idx: Tensor, z: Tensor, on_steps: list[bool] | None) -> tuple[Tensor, Tensor]:
             """gan_step for the clients `on_steps` (None: all) on images `idx` [K, B] and noise z [K, B, z_dim]."""
