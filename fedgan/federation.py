@@ -30,16 +30,31 @@ from fedgan.models import build_models, generate, norm_state_keys
 from fedgan.partition import partition
 from fedgan.privacy import private_round
 from fedgan.rounds import (
-    RNG_ATTACK, RNG_DROPOUT, RNG_NOISE, RNG_SELECTION, RoundPlan, attacker_ids, choose_clients, client_speeds,
-    derive_seed, dominant_labels, flipped_labels, plan_clients, plan_round, poison_update)
+    RNG_DROPOUT, RNG_NOISE, RNG_SELECTION, RoundPlan, attacker_ids, choose_clients, client_speeds,
+    derive_seed, dominant_labels, flipped_labels, plan_clients, plan_round)
 from fedgan.strategies import Strategy, bound_copy, checked_state, make_strategy
 from fedgan.tensorboard_log import open_board
+from fedgan.uploads import client_uploads, uses_error_feedback
 
 Tensor = torch.Tensor
 
 
 class DivergenceError(RuntimeError):
     """A run that stopped learning: the global model went NaN/Inf or the discriminator loss collapsed."""
+
+
+def client_data(config: FedConfig, data: tuple[Tensor, Tensor] | None, device: torch.device
+                ) -> tuple[Tensor, Tensor, list[np.ndarray], list[int], Tensor]:
+    """The federation's training images and labels on `device` (uint8, int64), each client's indices into them, the
+    attackers, and the labels the clients train on (a label-flipping attacker's own images' labels poisoned)."""
+    images, labels = training_images(config, *(data if data is not None else
+                                               load_dataset(config.dataset, config.data_root)))
+    images, labels = images.to(device), labels.to(device)
+    parts = partition(labels, config.num_clients, config.partition, seed=config.seed, **config.partition_kwargs())
+    attackers = attacker_ids(config.num_clients, config.attack_fraction, config.seed)
+    flipping = attackers if config.attack == "label_flip" else []
+    return images, labels, parts, attackers, flipped_labels(labels, parts, flipping,
+                                                            DATASETS[config.dataset].num_classes)
 
 
 class Federation:
@@ -66,15 +81,9 @@ class Federation:
                  "T4 and P100) have no bfloat16 tensor cores, so it is likely slower than float32 there")
         if data is not None:
             check_data(*data, config.dataset)
-        images, labels = training_images(config, *(data if data is not None else
-                                                    load_dataset(config.dataset, config.data_root)))
-        self.images, self.labels = images.to(self.device), labels.to(self.device)  # uint8 and int64, resident
-        self.parts = partition(labels, config.num_clients, config.partition, seed=config.seed,
-                               **config.partition_kwargs())
-        self.attackers = attacker_ids(config.num_clients, config.attack_fraction, config.seed)
-        num_classes, flipping = DATASETS[config.dataset].num_classes, config.attack == "label_flip"
-        # what the clients train on: label-flipping attackers poison their own images' labels
-        self.client_labels = flipped_labels(self.labels, self.parts, self.attackers if flipping else [], num_classes)
+        self.images, self.labels, self.parts, self.attackers, self.client_labels = client_data(config, data,
+                                                                                               self.device)
+        num_classes = DATASETS[config.dataset].num_classes
         self.groups = dominant_labels(self.labels, self.parts, num_classes)  # stratified selection's groups
         seed_everything(config.seed)
         generator, discriminator = build_models(config)
@@ -207,8 +216,7 @@ class Federation:
     def _train(self, plan: RoundPlan) -> dict[str, Any]:
         """Local training of the plan's clients; if it raises, each client alone, leaving out those that fail.
 
-        Trained alone, a client draws the noise of the first row of the plan, so a round with a failing
-        client is reproducible but not the batched round without it.
+        Trained alone, a client draws its own row of the round's noise: the others train what they would have.
         """
         try:
             return self._train_together(plan)
@@ -220,7 +228,8 @@ class Federation:
         for row, client in enumerate(plan.client_ids):
             alone = dataclasses.replace(plan, client_ids=plan.client_ids[row:row + 1],
                                         sizes=plan.sizes[row:row + 1], steps=plan.steps[row:row + 1],
-                                        batch_indices=plan.batch_indices[row:row + 1, :plan.steps[row]])
+                                        batch_indices=plan.batch_indices[row:row + 1, :plan.steps[row]],
+                                        noise_rows=np.array([row]), noise_width=len(plan.client_ids))
             try:
                 results.append(self._train_together(alone))
             except Exception as error:  # noqa: BLE001
@@ -269,23 +278,12 @@ class Federation:
         start, final = updates["start"][which], updates["final"][which]
         sent_keys = [k for k in final if k not in self._local_keys[which]]
         floats = [k for k in sent_keys if k in self._param_names[which]]
-        update = {k: final[k] - start[k] for k in floats}  # (K, ...) each
-        if config.attack in ("sign_flip", "noise", "nan"):
-            for row, client in enumerate(ids):
-                if client in self.attackers:
-                    noise = torch.Generator(device=self.device).manual_seed(
-                        derive_seed(config.seed, round_index, int(client), RNG_ATTACK))
-                    for k in floats:
-                        update[k][row] = poison_update(update[k][row], config.attack, config.attack_scale, noise)
         residual_key = f"{which}_residual"
-        feedback = config.compression != "none" and config.error_feedback
-        for row, client in enumerate(ids if feedback else ()):
-            carried = self.client_store[int(client)].get(residual_key)
-            for k in floats if carried is not None else ():
-                update[k][row] += carried[k].to(update[k].device)
-        sent, nbytes = compress_updates(update, config.compression, config.topk_fraction)
-        for row, client in enumerate(ids if feedback else ()):
-            self.client_store[int(client)][residual_key] = {k: (update[k][row] - sent[k][row]).cpu() for k in floats}
+        residuals = [self.client_store[int(c)].get(residual_key) for c in ids] if uses_error_feedback(config) else None
+        sent, kept, nbytes = client_uploads({k: final[k] - start[k] for k in floats}, ids, config, round_index,
+                                            self.attackers, residuals)  # (K, ...) each
+        for client, residual in zip(ids, kept or ()):
+            self.client_store[int(client)][residual_key] = residual
         buffers, buffer_bytes = compress_updates({k: final[k] for k in sent_keys if k not in floats}, "none")
         return {**sent, **buffers}, nbytes + buffer_bytes
 
@@ -463,6 +461,8 @@ class Federation:
                 log = {"dropped_out": plan.dropped_out, "late": plan.late, "sim_time": plan.sim_time,
                        "images": int(plan.steps.sum()) * config.batch_size,
                        "bytes_down": self._bytes_down() * len(plan.client_ids)}
+            if updates is not None and not len(updates["client_ids"]):  # all lost on the way (a Flower node gone)
+                log["failed"], updates = updates["failed"], None
             if updates is not None:
                 log.update(self._aggregate(updates, self.round + 1))
             elif self.log:
@@ -560,9 +560,9 @@ class Federation:
         (self.out_dir / "config.json").write_text(self.config.to_json())
         return report
 
-    def save_checkpoint(self) -> Path:
-        """checkpoint_dir/<run>/round_XXXX.pt: global models, client state, history, config."""
-        path = self.run_dir / f"round_{self.round:04d}.pt"
+    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+        """checkpoint_dir/<run>/round_XXXX.pt (or `path`): global models, client state, history, config."""
+        path = self.run_dir / f"round_{self.round:04d}.pt" if path is None else Path(path)
         save_checkpoint(path, {
             "format": 3,
             "round": self.round,
@@ -579,7 +579,8 @@ class Federation:
             "server_g_opt": self.server_g_opt.state_dict() if self.server_g_opt is not None else None,
             "rng": rng_state(),  # the rounds draw from (seed, round)-derived generators; this is the caller's
         })
-        prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
+        if path.parent == self.run_dir:
+            prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
         return path
 
 

@@ -37,9 +37,20 @@ class RoundPlan:
     steps: np.ndarray  # [K] local steps each takes
     batch_indices: Tensor  # [K, max(steps), B] dataset indices of each client's batches
     noise_seed: int  # seed of the generator that draws each step's z
+    noise_rows: np.ndarray | None = None  # [K] the rows of the round's noise these clients take; None: 0..K-1
+    noise_width: int | None = None  # the clients the round's noise is drawn for (a plan of some of them); None: K
     dropped_out: list[int] = dataclasses.field(default_factory=list)  # selected, but did not report (dropout)
     late: list[int] = dataclasses.field(default_factory=list)  # past the deadline: cut short or dropped
     sim_time: float = 0.0  # simulated round time, in local steps of a speed-1 client
+
+
+def step_noise(plan: RoundPlan, draws: torch.Generator, batch: int, z_dim: int, device: torch.device) -> Tensor:
+    """One step's noise of the plan's clients [K, B, z_dim]: drawn for all the round's clients at once, each
+    client taking its row, so a client trained apart from the others (on a Flower SuperNode, say) draws what it
+    draws beside them."""
+    width = plan.noise_width or len(plan.client_ids)
+    noise = torch.randn((width, batch, z_dim), generator=draws, device=device)  # (width, B, z_dim)
+    return noise if plan.noise_rows is None else noise[torch.as_tensor(plan.noise_rows, device=device)]
 
 
 def choose_clients(pool: Sequence[int], count: int, rng: np.random.Generator, *, policy: str = "uniform",

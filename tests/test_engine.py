@@ -190,3 +190,35 @@ def test_fedprox_engine_matches_the_reference_loop_with_a_proximal_loss(mnist_sm
     plain = fu.Federation(tiny_config(checkpoint_dir=config.checkpoint_dir + "-plain"), data=mnist_small, log=False)
     plain.run_round()
     assert not states_equal(plain.generator.state_dict(), federation.generator.state_dict())
+
+
+@pytest.mark.parametrize("client_map", ["loop", "reference"])
+def test_a_client_trained_apart_with_its_noise_row_trains_its_row_of_the_round(mnist_small, tiny_config, client_map):
+    """What a Flower SuperNode (or the fallback for a failing client) computes: a plan of one client that takes row
+    r of the round's noise gives exactly row r of the round trained together; without its row it does not."""
+    images, labels = mnist_small
+    config = tiny_config()
+    steps = np.array([4, 6, 5])
+    rng = np.random.default_rng(1)
+    indices = torch.from_numpy(rng.integers(0, len(labels), (3, 6, config.batch_size)))
+    plan = fu.RoundPlan(1, np.arange(3), steps * config.batch_size, steps, indices, noise_seed=7)
+    torch.manual_seed(0)
+    generator, discriminator = fu.build_models(config)
+    engine = fu.EngineOptions(client_map=client_map)
+
+    def train(round_plan):
+        count = len(round_plan.client_ids)
+        return fu.train_clients(generator, discriminator, fu.broadcast(generator.state_dict(), count),
+                                fu.broadcast(discriminator.state_dict(), count), images, labels, round_plan,
+                                local_training(config), engine)
+    together = train(plan)
+    row = 2
+    alone = dataclasses.replace(plan, client_ids=plan.client_ids[row:], sizes=plan.sizes[row:],
+                                steps=plan.steps[row:], batch_indices=plan.batch_indices[row:, :steps[row]])
+    apart = train(dataclasses.replace(alone, noise_rows=np.array([row]), noise_width=3))
+    for key, value in {**apart.g_state, **apart.d_state}.items():
+        expected = {**together.g_state, **together.d_state}[key][row]
+        assert torch.equal(value[0], expected), key
+    assert apart.d_loss[0].item() == together.d_loss[row].item()
+    first_row = train(alone)  # the noise of row 0: another client's
+    assert not torch.equal(first_row.g_state["main.0.weight"][0], together.g_state["main.0.weight"][row])

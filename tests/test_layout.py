@@ -51,6 +51,17 @@ def test_the_engine_knows_nothing_of_the_federation():
         assert not {d for d in imports()[module] if d.startswith("fedgan")} - lower, module
 
 
+def test_only_the_flower_package_imports_flwr():
+    """Flower is an optional extra: the notebooks and the rest of the package work without it."""
+    outside = {m for m, deps in imports().items() if any(d == "flwr" or d.startswith("flwr.") for d in deps)
+               and not m.startswith("fedgan.flower")}
+    assert not outside, outside
+    assert any(d.startswith("flwr") for d in imports()["fedgan.flower.client_app"])  # the check sees them
+    face = {d for d in imports().get("fedgan", set())} | {d for m, deps in imports().items() for d in deps
+                                                        if not m.startswith("fedgan.flower")}
+    assert not {d for d in face if d.startswith("fedgan.flower")}, "only fedgan.flower imports fedgan.flower"
+
+
 def test_every_module_fits_in_a_sitting():
     sizes = {path.relative_to(REPO).as_posix(): len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}
     assert max(sizes.values()) <= 600, sorted(sizes.items(), key=lambda item: -item[1])[:3]

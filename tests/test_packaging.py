@@ -26,6 +26,7 @@ def test_the_wheel_holds_every_module_of_the_package_and_the_helper(tmp_path):
     sources = {p.relative_to(REPO).as_posix() for p in (REPO / "fedgan").rglob("*.py")}
     assert sources and sources <= names, sorted(sources - names)
     assert "fedgan_utils.py" in names
+    assert "fedgan/flower/app/pyproject.toml" in names  # the Flower App's manifest, which `flwr run` packs
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     required = requirement_names(line.split(":", 1)[1] for line in metadata.splitlines()
                                  if line.startswith("Requires-Dist:") and "extra ==" not in line)
@@ -33,4 +34,5 @@ def test_the_wheel_holds_every_module_of_the_package_and_the_helper(tmp_path):
                                if line.startswith("Requires-Dist:") and "extra ==" in line)
     listed = requirement_names((REPO / "requirements.txt").read_text().splitlines())
     assert required | extras == listed  # the same dependencies as the two commands install
-    assert {"torch", "numpy", "dp-accounting"} <= required and "pytest" in extras
+    assert {"torch", "numpy", "dp-accounting"} <= required and {"pytest", "flwr"} <= extras
+    assert "flwr" not in required  # a notebook user does not need Flower

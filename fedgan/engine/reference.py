@@ -19,7 +19,7 @@ from fedgan.engine.precision import bfloat16_compute, cudnn_algorithms
 from fedgan.engine.stacked import ADAM_MOMENTS, FlatParams, LocalResult, fresh_adam_state
 from fedgan.gan import LocalTraining, gan_step, proximal_term
 from fedgan.models import Discriminator, Generator
-from fedgan.rounds import RoundPlan
+from fedgan.rounds import RoundPlan, step_noise
 
 Tensor = torch.Tensor
 
@@ -72,7 +72,7 @@ def train_clients_one_by_one(generator: Generator, discriminator: Discriminator,
     num_clients, max_steps, batch = plan.batch_indices.shape
     device = images.device
     noise_gen = torch.Generator(device=device).manual_seed(plan.noise_seed)
-    noise = [torch.randn((num_clients, batch, generator.z_dim), generator=noise_gen, device=device)
+    noise = [step_noise(plan, noise_gen, batch, generator.z_dim, device)
              for _ in range(max_steps)]  # (K, B, z_dim) a step, as the engine draws it
     g_layout, d_layout = FlatParams(generator, g_state), FlatParams(discriminator, d_state)
     results = []

@@ -23,7 +23,7 @@ from fedgan.engine.reference import train_clients_one_by_one
 from fedgan.engine.stacked import FlatParams, LocalResult, StackedAdam, fresh_adam_state, map_clients, map_tensors
 from fedgan.gan import LocalTraining, gan_step
 from fedgan.models import Discriminator, Generator
-from fedgan.rounds import RoundPlan
+from fedgan.rounds import RoundPlan, step_noise
 
 Tensor = torch.Tensor
 
@@ -206,7 +206,7 @@ class LocalTrainer:
     def __call__(self, g_state: Mapping[str, Tensor], d_state: Mapping[str, Tensor], plan: RoundPlan,
                  g_opt: Mapping[str, Tensor] | None = None, d_opt: Mapping[str, Tensor] | None = None) -> LocalResult:
         """One round of the plan's clients from the stacked states (and Adam states, or fresh ones)."""
-        device, num_clients = self.device, self.g_flat.count
+        device = self.device
         with torch.no_grad():  # this round's values into the kept tensors, in place: the graphs read them there
             for net, state, buffers, opt, given in ((self.g_flat, g_state, self.g_buffers, self.g_opt, g_opt),
                                                     (self.d_flat, d_state, self.d_buffers, self.d_opt, d_opt)):
@@ -230,7 +230,7 @@ class LocalTrainer:
         with cudnn_algorithms(self.engine.deterministic):  # the backward passes too: autograd.grad runs in the steps
             for step in range(max_steps):
                 idx = batch_indices[:, step]  # (K, B)
-                z = torch.randn((num_clients, batch, self.z_dim), generator=noise_gen, device=device)
+                z = step_noise(plan, noise_gen, batch, self.z_dim, device)  # (K, B, z_dim)
                 if step < steps_of_all:
                     self.step_of_all(idx, z)
                 elif self.batched:

@@ -1,0 +1,289 @@
+"""python -m fedgan.flower: a local Flower deployment of a FedConfig's federation on loopback.
+
+One SuperLink and N SuperNodes, each a process of its own (own FLWR_HOME, own port, own process group), the App run
+on them with `flwr run`, waited for, and every process it started torn down (TERM, then KILL) however the run ends.
+It exits non-zero, saying why, when the run did not complete, a round lost a client's results or a process died.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import fedgan
+from fedgan.config import FedConfig, clients_per_round, preset
+from fedgan.flower.certificates import make_node_key, make_tls_files
+from fedgan.flower.remote import check_remote_config
+
+APP_DIR = Path(__file__).resolve().parent / "app"
+HOST = "127.0.0.1"  # loopback only: --insecure is for this, never for real machines
+QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+FEDERATION = "fedgan-local"  # the CLI's name for the launcher's SuperLink
+
+
+class LaunchError(RuntimeError):
+    """What stops a launch before (or instead of) a run: said in one message, the exit code 2."""
+
+
+def load_config(path: Path) -> FedConfig:
+    """A FedConfig from a JSON file: its fields, and optionally "preset" naming the base ("smoke", "cpu", "full")."""
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise LaunchError(f"--config {path}: {error}") from error
+    if not isinstance(values, dict):
+        raise LaunchError(f"--config {path}: a JSON object of FedConfig fields, got {type(values).__name__}")
+    name = values.pop("preset", None)
+    try:
+        if "engine" in values or name is None:
+            base = dataclasses.asdict(preset(name)) if name else {}
+            return FedConfig.from_json(json.dumps({**base, **values}))
+        return preset(name, **values)
+    except (TypeError, ValueError) as error:
+        raise LaunchError(f"--config {path}: {error}") from error
+
+
+def check_plan(config: FedConfig, supernodes: int) -> None:
+    """The run's shape against the SuperNodes, before anything starts."""
+    try:
+        check_remote_config(config)
+    except ValueError as error:
+        raise LaunchError(str(error)) from error
+    needed = clients_per_round(config.num_clients, config.client_fraction)
+    if supernodes < needed:
+        raise LaunchError(f"--supernodes {supernodes} is fewer than the {needed} clients a round trains "
+                          f"(num_clients={config.num_clients} x client_fraction={config.client_fraction}); each of "
+                          f"a round's clients needs a SuperNode: use --supernodes {needed} to {config.num_clients}")
+    if supernodes > config.num_clients:
+        raise LaunchError(f"--supernodes {supernodes} is more than the config's {config.num_clients} clients: "
+                          f"{supernodes - config.num_clients} SuperNodes would hold none")
+
+
+def check_ports(ports: Sequence[int]) -> None:
+    """Each port free on loopback, or a clear error naming the busy one."""
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((HOST, port))
+            except OSError as error:
+                raise LaunchError(f"port {port} on {HOST} is busy ({error.strerror}); the launcher needs ports "
+                                  f"{ports[0]}-{ports[-1]}: choose others with --port") from error
+
+
+class Processes:
+    """The processes the launcher started, each in a process group of its own (it and the apps it spawns)."""
+
+    def __init__(self, folder: Path, env: dict[str, str]):
+        self.folder, self.env, self.started = folder, env, {}
+
+    def start(self, name: str, command: list[str], home: Path) -> subprocess.Popen:
+        home.mkdir(parents=True, exist_ok=True)
+        log = open(self.folder / f"{name}.log", "w")
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**self.env, "FLWR_HOME": str(home)})
+        self.started[name] = process
+        return process
+
+    def died(self) -> dict[str, int]:
+        """name -> exit code of each started process that is no longer running."""
+        return {name: p.returncode for name, p in self.started.items() if p.poll() is not None}
+
+    def stop(self, grace: float = 10.0) -> None:
+        """TERM each group, then KILL what is left after `grace` seconds: the launcher's processes only."""
+        groups = [p.pid for p in self.started.values()]  # each a session leader: its pgid is its pid
+        for group in groups:
+            _signal_group(group, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for process in self.started.values():
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for group in groups:
+            _signal_group(group, signal.SIGKILL)
+        for process in self.started.values():
+            process.wait()
+
+
+def _signal_group(group: int, sig: int) -> None:
+    try:
+        os.killpg(group, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_until(condition, timeout: float, what: str, processes: Processes) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if processes.died():
+            raise LaunchError(f"{what}: {', '.join(f'{n} exited ({c})' for n, c in processes.died().items())}; "
+                              f"see the logs in {processes.folder}")
+        if time.monotonic() > deadline:
+            raise LaunchError(f"{what}: not within {timeout:.0f} s; see the logs in {processes.folder}")
+        time.sleep(0.2)
+
+
+def flwr_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "flwr"), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedgan.flower", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, required=True, help="FedConfig fields as JSON (and \"preset\")")
+    parser.add_argument("--supernodes", type=int, required=True, help="SuperNodes to start (each holds clients "
+                        "c with c %% N == its partition-id)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for final.pt, history.json and logs")
+    parser.add_argument("--tls", action="store_true", help="TLS with a throw-away CA, and SuperNode authentication")
+    parser.add_argument("--port", type=int, default=39100, help="the SuperLink's port; SuperNodes take the next N")
+    parser.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for its replies")
+    parser.add_argument("--unknown-supernode", action="store_true", help=argparse.SUPPRESS)  # tests: a stranger
+    args = parser.parse_args(argv)
+    try:
+        return launch(args)
+    except LaunchError as error:
+        print(f"python -m fedgan.flower: {error}", file=sys.stderr)
+        return 2
+
+
+def launch(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    check_plan(config, args.supernodes)
+    out = args.out.resolve()
+    if any((out / name).exists() for name in ("final.pt", "history.json")):
+        raise LaunchError(f"--out {out} holds a run already (final.pt or history.json); choose another folder")
+    ports = [args.port + i for i in range(args.supernodes + 1 + args.unknown_supernode)]
+    check_ports(ports)
+    folder = out / "flower"
+    folder.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(config.to_json())
+    bin_dir = Path(sys.executable).parent
+    package_root = str(Path(fedgan.__file__).resolve().parents[1])
+    env = {**os.environ, **QUIET, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    link = [str(bin_dir / "flower-superlink"), "--host", HOST, "--port", str(ports[0]),
+            "--disable-runtime-dependency-installation"]
+    node_flags: list[str] = ["--insecure"]
+    cli_connection = f'address = "{HOST}:{ports[0]}"\ninsecure = true\n'
+    if args.tls:
+        tls = make_tls_files(folder / "certs")
+        link += ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["cert"]), "--ssl-keyfile",
+                 str(tls["key"]), "--enable-supernode-auth"]
+        node_flags = ["--root-certificates", str(tls["ca"])]
+        cli_connection = f'address = "{HOST}:{ports[0]}"\nroot-certificates = "{tls["ca"]}"\n'
+    else:
+        link.append("--insecure")
+    cli_home = folder / "cli"
+    cli_home.mkdir(parents=True, exist_ok=True)
+    (cli_home / "config.toml").write_text(f'[superlink]\ndefault = "{FEDERATION}"\n\n'
+                                          f'[superlink.{FEDERATION}]\n{cli_connection}')
+    cli_env = {**env, "FLWR_HOME": str(cli_home)}
+    processes = Processes(folder, env)
+    interrupted = False
+
+    def on_term(signum, frame):  # a TERM to the launcher tears down as Ctrl-C does
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, on_term)
+    started = time.perf_counter()
+    try:
+        processes.start("superlink", link, folder / "superlink")
+        wait_until(lambda: _listening(ports[0]), 60, "the SuperLink did not start", processes)
+        keys = {}
+        for i in range(args.supernodes + args.unknown_supernode):
+            flags = list(node_flags)
+            if args.tls:
+                keys[i] = make_node_key(folder / "keys", f"node{i}")
+                if i < args.supernodes:  # the stranger's key is not on the SuperLink's list
+                    registered = flwr_cli(["supernode", "register", str(keys[i][1]), FEDERATION], cli_env)
+                    if registered.returncode:
+                        raise LaunchError(f"registering node{i}'s key failed: {registered.stdout[-500:]}"
+                                          f"{registered.stderr[-500:]}")
+                flags += ["--auth-supernode-private-key", str(keys[i][0])]
+            partition = i if i < args.supernodes else 0  # the stranger claims partition 0
+            processes.start(f"supernode{i}", [str(bin_dir / "flower-supernode"), *flags, "--superlink",
+                                              f"{HOST}:{ports[0]}", "--host", HOST, "--port", str(ports[1 + i]),
+                                              "--node-config",
+                                              f"partition-id={partition} num-partitions={args.supernodes}"],
+                            folder / f"supernode{i}")
+        run_config = (f"config-file='{out / 'config.json'}' out-dir='{out}' supernodes={args.supernodes} "
+                      f"round-timeout={args.round_timeout}")
+        submitted = flwr_cli(["run", str(APP_DIR), FEDERATION, "--format", "json", "--run-config", run_config],
+                             cli_env)
+        try:
+            run_id = json.loads(submitted.stdout)["run-id"]
+        except (json.JSONDecodeError, KeyError) as error:
+            raise LaunchError(f"flwr run did not start the run: {submitted.stdout[-800:]}{submitted.stderr[-800:]}"
+                              ) from error
+        print(f"run {run_id}: {args.supernodes} SuperNodes, {config.rounds} rounds; logs in {folder}", flush=True)
+        status = wait_for_run(run_id, cli_env, processes, out)
+    except KeyboardInterrupt:
+        interrupted = True
+        status = {"status": "interrupted", "status-details": "the launcher was interrupted"}
+    finally:
+        try:
+            log = flwr_cli(["log", str(locals().get("run_id", "")), FEDERATION, "--show"], cli_env, timeout=30)
+            if "run_id" in locals():
+                (folder / "serverapp.log").write_text(log.stdout + log.stderr)
+        except (subprocess.TimeoutExpired, OSError):
+            pass
+        died = processes.died()
+        processes.stop()
+        signal.signal(signal.SIGTERM, previous)
+    seconds = time.perf_counter() - started
+    return report(out, config, status, died, seconds, interrupted)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.2)
+        return probe.connect_ex((HOST, port)) == 0
+
+
+def wait_for_run(run_id: int, env: dict[str, str], processes: Processes, out: Path) -> dict:
+    """Poll the run's status until it has finished; its last `flwr ls` record."""
+    while True:
+        listed = flwr_cli(["ls", FEDERATION, "--run-id", str(run_id), "--format", "json"], env, timeout=60)
+        try:
+            record = json.loads(listed.stdout)["runs"][0]
+        except (json.JSONDecodeError, KeyError, IndexError):
+            record = {}
+        if str(record.get("status", "")).startswith("finished"):
+            return record
+        if "superlink" in processes.died():
+            return {"status": "superlink died", "status-details": f"exit code {processes.died()['superlink']}"}
+        time.sleep(1.0)
+
+
+def report(out: Path, config: FedConfig, status: dict, died: dict[str, int], seconds: float,
+           interrupted: bool) -> int:
+    """Say how the run ended; 0 only for a completed run that lost nothing, with its final.pt."""
+    problems = []
+    if status.get("status") != "finished:completed":
+        problems.append(f"the run's status is {status.get('status')!r} ({status.get('status-details', '')})")
+    history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
+    lost = {r["round"]: r["failed"] for r in history if r.get("failed")}
+    if lost:
+        problems.append("rounds lost results: " + "; ".join(f"round {r}: clients {sorted(f)} ({next(iter(f.values()))})"
+                                                            for r, f in lost.items()))
+    if len(history) < config.rounds:
+        problems.append(f"{len(history)} of {config.rounds} rounds done")
+    if not (out / "final.pt").exists():
+        problems.append("no final.pt was written")
+    if died:
+        problems.append("processes died during the run: " + ", ".join(f"{n} (exit {c})" for n, c in died.items()))
+    summary = {"status": status.get("status"), "rounds": len(history), "seconds": round(seconds, 1),
+               "lost": {str(k): v for k, v in lost.items()}, "died": died, "problems": problems}
+    (out / "launch.json").write_text(json.dumps(summary, indent=1))
+    if not problems:
+        print(f"done in {seconds:.0f} s: {out / 'final.pt'}, {out / 'history.json'}")
+        return 0
+    print("python -m fedgan.flower: the run did not succeed:\n  " + "\n  ".join(problems), file=sys.stderr)
+    return 130 if interrupted else 1

@@ -1,0 +1,115 @@
+"""The Flower App (fedgan/flower/): its clients' and server's arithmetic against the simulation, first in one process
+through the real Flower records, then on a real SuperLink and SuperNodes on loopback (test_flower_deployment.py)."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import fedgan_utils as fu
+from fedgan.flower.messages import NodeStore, read_task, read_upload, task_record, upload_record
+from fedgan.flower.node import NodeClients
+from fedgan.flower.remote import RemoteFederation
+from fedgan.uploads import uses_error_feedback
+
+pytest.importorskip("flwr")  # an optional extra; the test requirements install it
+from flwr.app import RecordDict  # noqa: E402
+
+CASES = {  # the configs the deployment is checked on, and the pipeline's other paths
+    "fedavg_iid": {},
+    "dirichlet_fedadam": dict(partition="dirichlet", alpha=0.3, strategy="fedadam"),
+    "adam_state_kept": dict(optimizer_state="keep"),
+    "fedbn": dict(bn_policy="local"),
+    "dp_fedavg": dict(dp_clip=1.0, dp_noise_multiplier=0.5),
+    "dp_fedavg_gan": dict(server_generator=True, dp_clip=1.0, dp_noise_multiplier=0.5),
+    "topk_error_feedback": dict(compression="topk", topk_fraction=0.1, error_feedback=True),
+    "int8": dict(compression="int8"),
+    "sign_flip_median": dict(attack="sign_flip", attack_fraction=0.34, strategy="median"),
+    "label_flip": dict(attack="label_flip", attack_fraction=0.34),
+    "two_of_three_stratified": dict(client_fraction=0.67, selection="stratified"),
+    "fedprox_deadline": dict(prox_mu=0.1, client_speed_sigma=0.5, round_deadline=2.5),
+}
+
+
+def message_send(config, data, nodes=2):
+    """RemoteFederation's `send` through the real Flower records: each task encoded, decoded on its "node" (one
+    NodeClients and one Context.state a node), trained, its upload encoded and decoded."""
+    node = NodeClients(config, data=data)
+    states = {j: RecordDict() for j in range(nodes)}
+
+    def send(tasks, global_states):
+        replies = {}
+        for task in tasks:
+            task_back, config_json, states_back = read_task(task_record(task, config.to_json(), global_states))
+            assert task_back == task and config_json == config.to_json()
+            upload = node.train(task_back, states_back, NodeStore(states[task.client % nodes]))
+            client, replies[task.client] = read_upload(upload_record(task.client, upload))
+            assert client == task.client
+        return replies
+    send.states = states
+    return send
+
+
+def assert_same_run(simulated, remote):
+    for name, model in (("generator", "generator"), ("discriminator", "discriminator")):
+        for (key, a), (_, b) in zip(getattr(simulated, model).state_dict().items(),
+                                    getattr(remote, model).state_dict().items()):
+            assert torch.equal(a, b), f"{name} {key}: largest difference {(a.double() - b.double()).abs().max()}"
+    for a, b in zip(simulated.history, remote.history, strict=True):
+        for key in ("clients", "d_loss_clients", "g_loss_clients", "images_total", "bytes_up", "bytes_down",
+                    "dropped_out", "late", "excluded", "server_g_loss"):
+            assert a.get(key) == b.get(key), (a["round"], key, a.get(key), b.get(key))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_federation_of_remote_clients_computes_the_simulation_bit_for_bit(mnist_small, tiny_config, case):
+    config = tiny_config(rounds=3, **CASES[case])
+    simulated = fu.Federation(config, data=mnist_small, log=False).run(progress=False)
+    send = message_send(config, mnist_small)
+    remote = RemoteFederation(dataclasses.replace(config, run_name="remote"), send, data=mnist_small,
+                              log=False).run(progress=False)
+    assert_same_run(simulated, remote)
+    kept = {key for state in send.states.values() for key in state}  # what stayed on the nodes between rounds
+    if config.optimizer_state == "keep":
+        assert {f"fedgan.{c}.{w}_opt" for c in range(3) for w in "gd"} <= kept
+    if uses_error_feedback(config):
+        assert {f"fedgan.{c}.{w}_residual" for c in range(3) for w in "gd"} <= kept
+    if config.bn_policy == "local":
+        assert {f"fedgan.{c}.d_local" for c in range(3)} <= kept
+    if not (config.optimizer_state == "keep" or uses_error_feedback(config) or config.bn_policy == "local"):
+        assert not kept
+    assert all(r["wire_bytes_down"] >= r["bytes_down"] for r in remote.history)
+
+
+def test_a_lost_client_is_left_out_of_its_round_and_said_so(mnist_small, tiny_config, capsys):
+    config = tiny_config(rounds=2, min_clients=1)
+    send = message_send(config, mnist_small)
+
+    def lossy(tasks, states):  # client 1's node is gone in round 2
+        replies = send(tasks, states)
+        if tasks[0].round == 2:
+            replies[1] = "node 7: node unavailable"
+        return replies
+    remote = RemoteFederation(config, lossy, data=mnist_small).run(progress=False)
+    assert "failed" not in remote.history[0]
+    assert remote.history[1]["clients"] == [0, 2] and remote.history[1]["failed"] == {1: "node 7: node unavailable"}
+    assert "left out clients [1] (node 7: node unavailable); 2 of 3 replied" in capsys.readouterr().out
+
+
+def test_a_round_with_no_replies_keeps_the_global_models(mnist_small, tiny_config):
+    config = tiny_config(rounds=2)
+    send = message_send(config, mnist_small)
+    remote = RemoteFederation(config, lambda tasks, states: ({} if tasks[0].round == 2 else send(tasks, states)),
+                              data=mnist_small, log=False)
+    remote.run_round()
+    before = {k: v.clone() for k, v in remote.generator.state_dict().items()}
+    record = remote.run_round()
+    assert record["clients"] == [] and sorted(record["failed"]) == [0, 1, 2] and np.isnan(record["d_loss"])
+    assert all(torch.equal(v, before[k]) for k, v in remote.generator.state_dict().items())
+
+
+@pytest.mark.parametrize("fields, match", [(dict(sync_mode="async"), "synchronous rounds only"),
+                                           (dict(sync_networks="d"), "synchronises both networks")])
+def test_what_a_flower_run_does_not_do_is_a_clear_error(mnist_small, tiny_config, fields, match):
+    with pytest.raises(ValueError, match=match):
+        RemoteFederation(tiny_config(**fields), lambda tasks, states: {}, data=mnist_small, log=False)
