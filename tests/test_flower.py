@@ -63,7 +63,7 @@ def assert_same_run(simulated, remote):
 
 @pytest.mark.parametrize("case", CASES)
 def test_a_federation_of_remote_clients_computes_the_simulation_bit_for_bit(mnist_small, tiny_config, case):
-    config = tiny_config(rounds=3, **CASES[case])
+    config = tiny_config(rounds=2, **CASES[case])
     simulated = fu.Federation(config, data=mnist_small, log=False).run(progress=False)
     send = message_send(config, mnist_small)
     remote = RemoteFederation(dataclasses.replace(config, run_name="remote"), send, data=mnist_small,

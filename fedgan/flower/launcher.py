@@ -26,6 +26,7 @@ from fedgan.flower.remote import check_remote_config
 APP_DIR = Path(__file__).resolve().parent / "app"
 HOST = "127.0.0.1"  # loopback only: --insecure is for this, never for real machines
 QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}  # seconds a SuperExec waits to look for a task (default 1)
 FEDERATION = "fedgan-local"  # the CLI's name for the launcher's SuperLink
 
 
@@ -71,6 +72,7 @@ def check_ports(ports: Sequence[int]) -> None:
     """Each port free on loopback, or a clear error naming the busy one."""
     for port in ports:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is free
             try:
                 probe.bind((HOST, port))
             except OSError as error:
@@ -79,50 +81,93 @@ def check_ports(ports: Sequence[int]) -> None:
 
 
 class Processes:
-    """The processes the launcher started, each in a process group of its own (it and the apps it spawns)."""
+    """The processes the launcher started, each in a process group of its own, and every process below them.
+
+    Flower's daemons start SuperExecs in sessions of their own, and those start the ServerApp and ClientApps: a
+    process group does not hold them all, and a killed parent leaves its children to init. So the launcher surveys
+    the processes below the ones it started (Linux's /proc) while it waits, and stops each it saw, identified by pid
+    and start time so that a pid the system gave to another process since is left alone.
+    """
 
     def __init__(self, folder: Path, env: dict[str, str]):
-        self.folder, self.env, self.started = folder, env, {}
+        self.folder, self.env = folder, env
+        self.started: dict[str, subprocess.Popen] = {}
+        self.seen: dict[int, str] = {}  # pid -> start time, of every process below the started ones
 
     def start(self, name: str, command: list[str], home: Path) -> subprocess.Popen:
         home.mkdir(parents=True, exist_ok=True)
-        log = open(self.folder / f"{name}.log", "w")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**self.env, "FLWR_HOME": str(home)})
+        with open(self.folder / f"{name}.log", "w") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                       env={**self.env, "FLWR_HOME": str(home)})
         self.started[name] = process
+        self.seen[process.pid] = _start_time(process.pid) or ""
         return process
+
+    def survey(self) -> None:
+        """Note every live process below the started ones (and below those seen before)."""
+        children: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir() if Path("/proc/self/stat").exists() else ():
+            if entry.name.isdigit() and (parent := _parent(int(entry.name))) is not None:
+                children.setdefault(parent, []).append(int(entry.name))
+        stack = [pid for pid, started in self.seen.items() if _start_time(pid) == started]
+        while stack:
+            for child in children.get(stack.pop(), []):
+                if child not in self.seen and (started := _start_time(child)):
+                    self.seen[child] = started
+                    stack.append(child)
 
     def died(self) -> dict[str, int]:
         """name -> exit code of each started process that is no longer running."""
         return {name: p.returncode for name, p in self.started.items() if p.poll() is not None}
 
+    def alive(self) -> list[int]:
+        """The seen processes still running (zombies aside)."""
+        return [pid for pid, started in self.seen.items() if _start_time(pid) == started and not _zombie(pid)]
+
     def stop(self, grace: float = 10.0) -> None:
-        """TERM each group, then KILL what is left after `grace` seconds: the launcher's processes only."""
-        groups = [p.pid for p in self.started.values()]  # each a session leader: its pgid is its pid
-        for group in groups:
-            _signal_group(group, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for process in self.started.values():
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for group in groups:
-            _signal_group(group, signal.SIGKILL)
+        """TERM every process seen, then KILL what is left after `grace` seconds: the launcher's processes only."""
+        self.survey()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self.alive():
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5.0)
+            while self.alive() and time.monotonic() < deadline:
+                for process in self.started.values():
+                    process.poll()  # reap the launcher's own children
+                time.sleep(0.1)
         for process in self.started.values():
             process.wait()
 
 
-def _signal_group(group: int, sig: int) -> None:
+def _stat(pid: int) -> list[str] | None:
     try:
-        os.killpg(group, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _parent(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else None
+
+
+def _start_time(pid: int) -> str | None:
+    fields = _stat(pid)
+    return fields[19] if fields else None
+
+
+def _zombie(pid: int) -> bool:
+    fields = _stat(pid)
+    return bool(fields) and fields[0] == "Z"
 
 
 def wait_until(condition, timeout: float, what: str, processes: Processes) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
+        processes.survey()
         if processes.died():
             raise LaunchError(f"{what}: {', '.join(f'{n} exited ({c})' for n, c in processes.died().items())}; "
                               f"see the logs in {processes.folder}")
@@ -167,7 +212,7 @@ def launch(args: argparse.Namespace) -> int:
     (out / "config.json").write_text(config.to_json())
     bin_dir = Path(sys.executable).parent
     package_root = str(Path(fedgan.__file__).resolve().parents[1])
-    env = {**os.environ, **QUIET, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    env = {**os.environ, **QUIET, **POLL, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
     link = [str(bin_dir / "flower-superlink"), "--host", HOST, "--port", str(ports[0]),
             "--disable-runtime-dependency-installation"]
@@ -255,6 +300,7 @@ def wait_for_run(run_id: int, env: dict[str, str], processes: Processes, out: Pa
             record = json.loads(listed.stdout)["runs"][0]
         except (json.JSONDecodeError, KeyError, IndexError):
             record = {}
+        processes.survey()
         if str(record.get("status", "")).startswith("finished"):
             return record
         if "superlink" in processes.died():
@@ -271,8 +317,8 @@ def report(out: Path, config: FedConfig, status: dict, died: dict[str, int], sec
     history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
     lost = {r["round"]: r["failed"] for r in history if r.get("failed")}
     if lost:
-        problems.append("rounds lost results: " + "; ".join(f"round {r}: clients {sorted(f)} ({next(iter(f.values()))})"
-                                                            for r, f in lost.items()))
+        problems.append("rounds lost results: " + "; ".join(
+            f"round {r}: clients {sorted(int(c) for c in f)} ({next(iter(f.values()))})" for r, f in lost.items()))
     if len(history) < config.rounds:
         problems.append(f"{len(history)} of {config.rounds} rounds done")
     if not (out / "final.pt").exists():
