@@ -1,5 +1,6 @@
 """The Flower App (fedgan/flower/): its clients' and server's arithmetic against the simulation, first in one process
 through the real Flower records, then on a real SuperLink and SuperNodes on loopback (test_flower_deployment.py)."""
+import copy
 import dataclasses
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import fedgan_utils as fu
+from fedgan.gan import generator_steps
 from fedgan.flower.messages import NodeStore, read_task, read_upload, task_record, upload_record
 from fedgan.flower.node import NodeClients
 from fedgan.flower.remote import RemoteFederation
@@ -113,3 +115,79 @@ def test_a_round_with_no_replies_keeps_the_global_models(mnist_small, tiny_confi
 def test_what_a_flower_run_does_not_do_is_a_clear_error(mnist_small, tiny_config, fields, match):
     with pytest.raises(ValueError, match=match):
         RemoteFederation(tiny_config(**fields), lambda tasks, states: {}, data=mnist_small, log=False)
+
+
+def replies_of(states, sizes):
+    """Hand-made train replies: each client's state and its number of examples, as a ClientApp returns them."""
+    from flwr.app import ArrayRecord, Metadata, MetricRecord
+    from flwr.app.message.message import make_message  # a reply as the SuperLink hands it over (no run here)
+    replies = []
+    for node, (state, size) in enumerate(zip(states, sizes), start=1):
+        metadata = Metadata(run_id=1, message_id=f"reply-{node}", src_node_id=node, dst_node_id=0,
+                            reply_to_message_id=f"task-{node}", group_id="1", created_at=0.0, ttl=60.0,
+                            message_type="train")
+        replies.append(make_message(metadata, RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(
+            {"num-examples": size})})))
+    return replies
+
+
+def test_fedgan_strategy_with_fedavg_is_flowers_fedavg_and_with_the_median_the_median():
+    from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+
+    from fedgan.flower.strategies import FedGanStrategy
+    global_state = {"w": torch.zeros(3), "b": torch.zeros(2)}
+    states = [{"w": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([0.0, 1.0])},
+              {"w": torch.tensor([5.0, 0.0, 1.0]), "b": torch.tensor([2.0, 2.0])},
+              {"w": torch.tensor([1000.0, 1.0, 2.0]), "b": torch.tensor([4.0, 3.0])}]  # an outlier
+    ours = FedGanStrategy(fu.FedAvg())
+    ours.global_state = global_state
+    theirs, _ = FlowerFedAvg().aggregate_train(1, replies_of(states, [10, 20, 30]))
+    mine, _ = ours.aggregate_train(1, replies_of(states, [10, 20, 30]))
+    for key in global_state:
+        torch.testing.assert_close(mine[key].numpy(), theirs[key].numpy())
+    median = FedGanStrategy(fu.RobustRule(fu.median))
+    median.global_state = global_state
+    result, _ = median.aggregate_train(1, replies_of(states, [10, 20, 30]))
+    assert result["w"].numpy().tolist() == [5.0, 1.0, 2.0] and result["b"].numpy().tolist() == [2.0, 2.0]
+
+
+def test_fedgan_strategy_with_dp_clips_each_update_and_divides_by_the_expected_clients():
+    from fedgan.flower.strategies import FedGanStrategy
+    strategy = FedGanStrategy(fu.FedAvg(), dp_clip=1.0, dp_noise_multiplier=0.0, expected_clients=4)
+    strategy.global_state = {"w": torch.zeros(2)}
+    states = [{"w": torch.tensor([3.0, 0.0])}, {"w": torch.tensor([0.0, 0.5])}]  # norms 3 (clipped to 1) and 0.5
+    result, _ = strategy.aggregate_train(1, replies_of(states, [1, 1]))
+    assert result["w"].numpy().tolist() == [1.0 / 4, 0.5 / 4]
+    with pytest.raises(ValueError, match="expected_clients"):
+        FedGanStrategy(fu.FedAvg(), dp_clip=1.0)
+
+
+def test_dp_fedavg_gan_strategy_aggregates_d_and_trains_g_against_it(tiny_config):
+    from fedgan.flower.strategies import DPFedAvgGAN
+    config = tiny_config()
+    torch.manual_seed(0)
+    generator, discriminator = fu.build_models(config)
+    reference_g = copy.deepcopy(generator)
+    strategy = DPFedAvgGAN(fu.FedAvg(), generator, discriminator, num_classes=10, generator_steps=2, batch_size=4,
+                           seed=3)
+    start = strategy.global_arrays()
+    assert {k.split(".")[0] for k in start} == {"generator", "discriminator"}
+    strategy.global_state = dict(start.to_torch_state_dict())
+    strategy.global_state = {k[len("discriminator."):]: v for k, v in strategy.global_state.items()
+                             if k.startswith("discriminator.")}
+    clients = [{k: v + 0.01 * (i + 1) if v.dtype.is_floating_point else v
+                for k, v in discriminator.state_dict().items()} for i in range(2)]
+    arrays, _ = strategy.aggregate_train(1, replies_of(clients, [1, 3]))
+    state = arrays.to_torch_state_dict()
+    expected_d = fu.fedavg_stacked({k: torch.stack([c[k] for c in clients]) for k in clients[0]}, np.array([1, 3]))
+    for key, value in expected_d.items():
+        assert torch.equal(state[f"discriminator.{key}"], value), key
+    critic = copy.deepcopy(discriminator)
+    critic.load_state_dict(expected_d)
+    optimizer = torch.optim.Adam(reference_g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    loss = generator_steps(reference_g, critic.train().requires_grad_(False), optimizer, steps=2, batch_size=4,
+                              num_classes=10, draws=torch.Generator().manual_seed(3))
+    assert loss == strategy.last_generator_loss
+    for key, value in reference_g.state_dict().items():
+        assert torch.equal(state[f"generator.{key}"], value), key
+
