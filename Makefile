@@ -7,7 +7,7 @@ NOTEBOOK := Federated_conditional_DCGAN.ipynb
 # MNIST: $FEDGAN_DATA if set, else the shared read-only copy beside the repo when there is one
 export FEDGAN_DATA ?= $(wildcard $(abspath ../shared/data/MNIST))
 
-.PHONY: run test notebooks clean-venv
+.PHONY: run test notebooks flower clean-venv
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ notebooks: $(BIN)/.installed
 		FedGAN_Custom_sync_strategy.ipynb; do \
 		$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=-1 $$nb || exit 1; \
 	done
+
+# The federation on a real local Flower deployment (a SuperLink and 3 SuperNodes on loopback) at the smoke preset;
+# a new folder a run: the launcher never writes into one that holds a run (docs/flower.md).
+flower: $(BIN)/.installed
+	$(BIN)/python -m fedgan.flower --config examples/flower_smoke.json --supernodes 3 \
+		--out outputs/flower-smoke-$$(date +%Y%m%d-%H%M%S)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -95,10 +95,16 @@ def finish(process, watch, timeout=300):
 
 
 def simulated(out: Path) -> fu.Federation:
+    """The simulation of the launched config, at the nodes' thread count (it orders the float reductions)."""
     config = fu.FedConfig.from_json((out / "config.json").read_text())
     config = fu.FedConfig(**{**config.__dict__, "checkpoint_dir": str(out.parent / "sim"),
                              "out_dir": str(out.parent / "sim_out")})
-    return fu.Federation(config, log=False).run(progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(json.loads((out / "launch.json").read_text())["threads_per_supernode"])
+    try:
+        return fu.Federation(config, log=False).run(progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def assert_equal_to_simulation(out: Path) -> fu.Federation:

@@ -94,11 +94,12 @@ class Processes:
         self.started: dict[str, subprocess.Popen] = {}
         self.seen: dict[int, str] = {}  # pid -> start time, of every process below the started ones
 
-    def start(self, name: str, command: list[str], home: Path) -> subprocess.Popen:
+    def start(self, name: str, command: list[str], home: Path, threads: int | None = None) -> subprocess.Popen:
         home.mkdir(parents=True, exist_ok=True)
+        env = {**self.env, "FLWR_HOME": str(home), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         with open(self.folder / f"{name}.log", "w") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                       env={**self.env, "FLWR_HOME": str(home)})
+                                       env=env)
         self.started[name] = process
         self.seen[process.pid] = _start_time(process.pid) or ""
         return process
@@ -190,7 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tls", action="store_true", help="TLS with a throw-away CA, and SuperNode authentication")
     parser.add_argument("--port", type=int, default=39100, help="the SuperLink's port; SuperNodes take the next N")
     parser.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for its replies")
-    parser.add_argument("--unknown-supernode", action="store_true", help=argparse.SUPPRESS)  # tests: a stranger
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads each ServerApp and ClientApp computes "
+                        "with (default: the cores shared by the SuperNodes a round keeps busy, at least 1); the run "
+                        "equals a simulation with torch.set_num_threads(this)")
     args = parser.parse_args(argv)
     try:
         return launch(args)
@@ -202,10 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def launch(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     check_plan(config, args.supernodes)
+    if args.threads is not None and args.threads < 1:
+        raise LaunchError(f"--threads {args.threads}: a number of threads >= 1")
     out = args.out.resolve()
     if any((out / name).exists() for name in ("final.pt", "history.json")):
         raise LaunchError(f"--out {out} holds a run already (final.pt or history.json); choose another folder")
-    ports = [args.port + i for i in range(args.supernodes + 1 + args.unknown_supernode)]
+    ports = [args.port + i for i in range(args.supernodes + 1)]
     check_ports(ports)
     folder = out / "flower"
     folder.mkdir(parents=True, exist_ok=True)
@@ -232,6 +237,10 @@ def launch(args: argparse.Namespace) -> int:
                                           f'[superlink.{FEDERATION}]\n{cli_connection}')
     cli_env = {**env, "FLWR_HOME": str(cli_home)}
     processes = Processes(folder, env)
+    # The nodes share this machine's cores: more threads than cores between them slows each of them down (2-3x
+    # measured on 2 cores). The thread count also orders float reductions, so the run equals a simulation at it.
+    busy = min(args.supernodes, clients_per_round(config.num_clients, config.client_fraction))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // busy)
     interrupted = False
 
     def on_term(signum, frame):  # a TERM to the launcher tears down as Ctrl-C does
@@ -239,25 +248,22 @@ def launch(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, on_term)
     started = time.perf_counter()
     try:
-        processes.start("superlink", link, folder / "superlink")
+        processes.start("superlink", link, folder / "superlink", threads)  # its ServerApp: same arithmetic
         wait_until(lambda: _listening(ports[0]), 60, "the SuperLink did not start", processes)
         keys = {}
-        for i in range(args.supernodes + args.unknown_supernode):
+        for i in range(args.supernodes):
             flags = list(node_flags)
-            if args.tls:
+            if args.tls:  # a key pair a node, its public key registered with the SuperLink before it connects
                 keys[i] = make_node_key(folder / "keys", f"node{i}")
-                if i < args.supernodes:  # the stranger's key is not on the SuperLink's list
-                    registered = flwr_cli(["supernode", "register", str(keys[i][1]), FEDERATION], cli_env)
-                    if registered.returncode:
-                        raise LaunchError(f"registering node{i}'s key failed: {registered.stdout[-500:]}"
-                                          f"{registered.stderr[-500:]}")
+                registered = flwr_cli(["supernode", "register", str(keys[i][1]), FEDERATION], cli_env)
+                if registered.returncode:
+                    raise LaunchError(f"registering node{i}'s key failed: {registered.stdout[-500:]}"
+                                      f"{registered.stderr[-500:]}")
                 flags += ["--auth-supernode-private-key", str(keys[i][0])]
-            partition = i if i < args.supernodes else 0  # the stranger claims partition 0
             processes.start(f"supernode{i}", [str(bin_dir / "flower-supernode"), *flags, "--superlink",
                                               f"{HOST}:{ports[0]}", "--host", HOST, "--port", str(ports[1 + i]),
-                                              "--node-config",
-                                              f"partition-id={partition} num-partitions={args.supernodes}"],
-                            folder / f"supernode{i}")
+                                              "--node-config", f"partition-id={i} num-partitions={args.supernodes}"],
+                            folder / f"supernode{i}", threads)
         run_config = (f"config-file='{out / 'config.json'}' out-dir='{out}' supernodes={args.supernodes} "
                       f"round-timeout={args.round_timeout}")
         submitted = flwr_cli(["run", str(APP_DIR), FEDERATION, "--format", "json", "--run-config", run_config],
@@ -283,7 +289,7 @@ def launch(args: argparse.Namespace) -> int:
         processes.stop()
         signal.signal(signal.SIGTERM, previous)
     seconds = time.perf_counter() - started
-    return report(out, config, status, died, seconds, interrupted)
+    return report(out, config, status, died, seconds, interrupted, threads)
 
 
 def _listening(port: int) -> bool:
@@ -309,7 +315,7 @@ def wait_for_run(run_id: int, env: dict[str, str], processes: Processes, out: Pa
 
 
 def report(out: Path, config: FedConfig, status: dict, died: dict[str, int], seconds: float,
-           interrupted: bool) -> int:
+           interrupted: bool, threads: int) -> int:
     """Say how the run ended; 0 only for a completed run that lost nothing, with its final.pt."""
     problems = []
     if status.get("status") != "finished:completed":
@@ -326,6 +332,7 @@ def report(out: Path, config: FedConfig, status: dict, died: dict[str, int], sec
     if died:
         problems.append("processes died during the run: " + ", ".join(f"{n} (exit {c})" for n, c in died.items()))
     summary = {"status": status.get("status"), "rounds": len(history), "seconds": round(seconds, 1),
+               "threads_per_supernode": threads,
                "lost": {str(k): v for k, v in lost.items()}, "died": died, "problems": problems}
     (out / "launch.json").write_text(json.dumps(summary, indent=1))
     if not problems:
