@@ -11,6 +11,7 @@ Reading order, from what a round does down to how it is computed fast:
     aggregation.py   pure functions of client states: FedAvg, robust rules, FedNova, staleness
     strategies.py    server rules that keep state between rounds (FedAvgM, FedAdam, thresholds)
     compression.py   what clients send: float32, top-k, int8
+    uploads.py       a client's upload: its update, poisoned if it attacks, error feedback, compressed
     privacy.py       DP-FedAvg's clip and noise, and its accountant
     federation.py    Federation: the round loop
     experiments.py   ablation grids, seeds, the centralized baseline
@@ -20,6 +21,8 @@ Reading order, from what a round does down to how it is computed fast:
     engine/          local training of all selected clients at once: the only place that knows how
                      clients are batched (vmap, CUDA streams and graphs, Triton convolutions);
                      engine/reference.py is the same round written as a plain loop over the clients
+    flower/          the same federation as a Flower App on real SuperLink and SuperNode processes
+                     (an optional extra: the only place flwr is imported)
 
 environment.py (devices, seeds) and checks.py (argument checks) serve them all. The notebooks import
 the public names through `fedgan_utils`, the flat helper at the top of the repository.

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -178,8 +179,12 @@ def wait_until(condition, timeout: float, what: str, processes: Processes) -> No
 
 
 def flwr_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).parent / "flwr"), *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    """The flwr CLI, its output plain (a Jupyter kernel's FORCE_COLOR would colour even its JSON)."""
+    plain = {k: v for k, v in env.items() if k not in ("FORCE_COLOR", "CLICOLOR_FORCE")}
+    done = subprocess.run([str(Path(sys.executable).parent / "flwr"), *args], env={**plain, "NO_COLOR": "1"},
+                          capture_output=True, text=True, timeout=timeout)
+    done.stdout = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout)
+    return done
 
 
 def main(argv: Sequence[str] | None = None) -> int:
