@@ -191,3 +191,18 @@ def test_dp_fedavg_gan_strategy_aggregates_d_and_trains_g_against_it(tiny_config
     for key, value in reference_g.state_dict().items():
         assert torch.equal(state[f"generator.{key}"], value), key
 
+
+
+def test_a_remote_federation_resumes_from_its_checkpoint_as_the_simulation_does(mnist_small, tiny_config):
+    config = tiny_config(rounds=1, checkpoint_every=1, run_name="remote")
+    RemoteFederation(config, message_send(config, mnist_small), data=mnist_small, log=False).run(progress=False)
+    longer = dataclasses.replace(config, rounds=2)
+    resumed = RemoteFederation(longer, message_send(longer, mnist_small), data=mnist_small, resume=True,
+                               log=False).run(progress=False)
+    straight = fu.Federation(dataclasses.replace(longer, run_name="straight"), data=mnist_small,
+                             log=False).run(progress=False)
+    assert [r["round"] for r in resumed.history] == [1, 2]
+    assert_same_run(straight, resumed)
+    with pytest.raises(ValueError, match="that state is on the nodes"):
+        RemoteFederation(dataclasses.replace(longer, optimizer_state="keep"), message_send(longer, mnist_small),
+                         data=mnist_small, resume=True, log=False)

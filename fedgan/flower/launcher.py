@@ -22,7 +22,7 @@ from typing import Sequence
 import fedgan
 from fedgan.config import FedConfig, clients_per_round, preset
 from fedgan.flower.certificates import make_node_key, make_tls_files
-from fedgan.flower.remote import check_remote_config
+from fedgan.flower.remote import RemoteFederation, check_remote_config
 
 APP_DIR = Path(__file__).resolve().parent / "app"
 HOST = "127.0.0.1"  # loopback only: --insecure is for this, never for real machines
@@ -196,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tls", action="store_true", help="TLS with a throw-away CA, and SuperNode authentication")
     parser.add_argument("--port", type=int, default=39100, help="the SuperLink's port; SuperNodes take the next N")
     parser.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for its replies")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint "
+                        "(not with client state kept on the nodes)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads each ServerApp and ClientApp computes "
                         "with (default: the cores shared by the SuperNodes a round keeps busy, at least 1); the run "
                         "equals a simulation with torch.set_num_threads(this)")
@@ -213,8 +215,20 @@ def launch(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise LaunchError(f"--threads {args.threads}: a number of threads >= 1")
     out = args.out.resolve()
-    if any((out / name).exists() for name in ("final.pt", "history.json")):
-        raise LaunchError(f"--out {out} holds a run already (final.pt or history.json); choose another folder")
+    if (out / "final.pt").exists():
+        raise LaunchError(f"--out {out} holds a finished run (final.pt); choose another folder")
+    if (out / "history.json").exists() and not args.resume:
+        raise LaunchError(f"--out {out} holds a run already (history.json): --resume continues it, or choose "
+                          "another folder")
+    if args.resume:
+        try:
+            RemoteFederation.check_resumable(config)
+        except ValueError as error:
+            raise LaunchError(str(error)) from error
+        saved = FedConfig.from_json((out / "config.json").read_text()) if (out / "config.json").exists() else None
+        if saved is not None and dataclasses.replace(saved, rounds=config.rounds, device=config.device) != config:
+            raise LaunchError(f"--resume: --config differs from the run's {out / 'config.json'} in more than rounds "
+                              "and device")
     ports = [args.port + i for i in range(args.supernodes + 1)]
     check_ports(ports)
     folder = out / "flower"
@@ -270,7 +284,7 @@ def launch(args: argparse.Namespace) -> int:
                                               "--node-config", f"partition-id={i} num-partitions={args.supernodes}"],
                             folder / f"supernode{i}", threads)
         run_config = (f"config-file='{out / 'config.json'}' out-dir='{out}' supernodes={args.supernodes} "
-                      f"round-timeout={args.round_timeout}")
+                      f"round-timeout={args.round_timeout} resume={str(args.resume).lower()}")
         submitted = flwr_cli(["run", str(APP_DIR), FEDERATION, "--format", "json", "--run-config", run_config],
                              cli_env)
         try:

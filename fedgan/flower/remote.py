@@ -43,16 +43,22 @@ class RemoteFederation(Federation):
 
     def __init__(self, config: FedConfig, send: Send, **kwargs: Any):
         check_remote_config(config)
-        if kwargs.get("resume") and (config.optimizer_state == "keep" or config.bn_policy == "local"
-                                     or uses_error_feedback(config)):
-            raise ValueError("resume=True with client state kept on the nodes (optimizer_state='keep', "
-                             "bn_policy='local' or error feedback): the nodes' state is not in the server's "
-                             "checkpoints, so the run would not continue as it began; start it again instead")
+        if kwargs.get("resume"):
+            self.check_resumable(config)
         self.send = send
         self.wire: dict[str, int] = {}
         super().__init__(config, **kwargs)
 
+    @staticmethod
+    def check_resumable(config: FedConfig) -> None:
+        """A clear error for resuming a run whose clients keep state between rounds: that state is on the nodes."""
+        if config.optimizer_state == "keep" or config.bn_policy == "local" or uses_error_feedback(config):
+            raise ValueError("resuming a run whose clients keep state between rounds (optimizer_state='keep', "
+                             "bn_policy='local' or error feedback): that state is on the nodes, not in the server's "
+                             "checkpoints, so the run would not continue as it began; start it again instead")
+
     def _train(self, plan: RoundPlan) -> dict[str, Any]:
+        """Send the round's tasks; the round's stacked results rebuilt from the uploads (those lost: "failed")."""
         width = len(plan.client_ids)
         tasks = [Task(int(client), plan.round, int(steps), row, width)
                  for row, (client, steps) in enumerate(zip(plan.client_ids, plan.steps))]

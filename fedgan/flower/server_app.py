@@ -3,7 +3,8 @@
 Run config (pyproject.toml's [tool.flwr.app.config], or `flwr run --run-config`): `config-file`, the FedConfig's
 JSON on the server; `out-dir`, where final.pt, history.json and the checkpoints go; `supernodes`, the nodes to wait
 for; `round-timeout`, how long a round waits for its replies (seconds); `node-timeout`, how long to wait for the
-nodes to connect.
+nodes to connect; `resume`, whether to continue the newest run in out-dir/checkpoints (as the simulation's
+resume=True does).
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def main(grid: Grid, context: Context) -> None:
     nodes = wait_for_nodes(grid, count, float(run["node-timeout"]))
     held = node_partitions(grid, nodes, count, float(run["node-timeout"]))
     send = GridSend(grid, config, held, float(run["round-timeout"]))
-    federation = RemoteFederation(config, send, log=True)
+    federation = RemoteFederation(config, send, resume=bool(run["resume"]), log=True)
     with open(out / "server.log", "a") as log:
         print(f"{count} SuperNodes: partition -> node {held}", file=log, flush=True)
         while federation.round < config.rounds:
@@ -130,4 +131,3 @@ def main(grid: Grid, context: Context) -> None:
                   file=log, flush=True)
     final = out / "final.pt"
     federation.save_checkpoint(final)
-    (out / "done").write_text("ok\n")
