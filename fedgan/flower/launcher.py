@@ -265,20 +265,19 @@ def launch(args: argparse.Namespace) -> int:
     def on_term(signum, frame):  # a TERM to the launcher tears down as Ctrl-C does
         raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, on_term)
-    started = time.perf_counter()
+    started, run_id = time.perf_counter(), None
     try:
         processes.start("superlink", link, folder / "superlink", threads)  # its ServerApp: same arithmetic
         wait_until(lambda: _listening(ports[0]), 60, "the SuperLink did not start", processes)
-        keys = {}
         for i in range(args.supernodes):
             flags = list(node_flags)
             if args.tls:  # a key pair a node, its public key registered with the SuperLink before it connects
-                keys[i] = make_node_key(folder / "keys", f"node{i}")
-                registered = flwr_cli(["supernode", "register", str(keys[i][1]), FEDERATION], cli_env)
+                private, public = make_node_key(folder / "keys", f"node{i}")
+                registered = flwr_cli(["supernode", "register", str(public), FEDERATION], cli_env)
                 if registered.returncode:
                     raise LaunchError(f"registering node{i}'s key failed: {registered.stdout[-500:]}"
                                       f"{registered.stderr[-500:]}")
-                flags += ["--auth-supernode-private-key", str(keys[i][0])]
+                flags += ["--auth-supernode-private-key", str(private)]
             processes.start(f"supernode{i}", [str(bin_dir / "flower-supernode"), *flags, "--superlink",
                                               f"{HOST}:{ports[0]}", "--host", HOST, "--port", str(ports[1 + i]),
                                               "--node-config", f"partition-id={i} num-partitions={args.supernodes}"],
@@ -293,17 +292,17 @@ def launch(args: argparse.Namespace) -> int:
             raise LaunchError(f"flwr run did not start the run: {submitted.stdout[-800:]}{submitted.stderr[-800:]}"
                               ) from error
         print(f"run {run_id}: {args.supernodes} SuperNodes, {config.rounds} rounds; logs in {folder}", flush=True)
-        status = wait_for_run(run_id, cli_env, processes, out)
+        status = wait_for_run(run_id, cli_env, processes)
     except KeyboardInterrupt:
         interrupted = True
         status = {"status": "interrupted", "status-details": "the launcher was interrupted"}
     finally:
-        try:
-            log = flwr_cli(["log", str(locals().get("run_id", "")), FEDERATION, "--show"], cli_env, timeout=30)
-            if "run_id" in locals():
+        if run_id is not None:  # the ServerApp's output, which only the SuperLink has
+            try:
+                log = flwr_cli(["log", str(run_id), FEDERATION, "--show"], cli_env, timeout=30)
                 (folder / "serverapp.log").write_text(log.stdout + log.stderr)
-        except (subprocess.TimeoutExpired, OSError):
-            pass
+            except (subprocess.TimeoutExpired, OSError):
+                pass
         died = processes.died()
         processes.stop()
         signal.signal(signal.SIGTERM, previous)
@@ -317,7 +316,7 @@ def _listening(port: int) -> bool:
         return probe.connect_ex((HOST, port)) == 0
 
 
-def wait_for_run(run_id: int, env: dict[str, str], processes: Processes, out: Path) -> dict:
+def wait_for_run(run_id: int, env: dict[str, str], processes: Processes) -> dict:
     """Poll the run's status until it has finished; its last `flwr ls` record."""
     while True:
         listed = flwr_cli(["ls", FEDERATION, "--run-id", str(run_id), "--format", "json"], env, timeout=60)

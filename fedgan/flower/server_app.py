@@ -88,7 +88,7 @@ class GridSend:
                     continue
                 self.wire["up"] += record_bytes(reply.content)
                 results[client] = read_upload(reply.content)[1]
-            time.sleep(0.05)
+            time.sleep(0.25)  # each pull is a request the SuperLink serves: not too often
         for task in tasks:
             results.setdefault(task.client, f"no reply from node {self.node_of(task.client)} within "
                                             f"{self.timeout:.0f} s")
