@@ -165,14 +165,16 @@ def browse_checkpoints(run_dir: str | os.PathLike, class_names: Sequence[str] = 
 
 def plot_metrics(history: Sequence[Mapping[str, Any]], reference: Mapping[str, Any] | None = None, *,
                  save_to: str | os.PathLike | None = None):
-    """FID, conditional accuracy and IS over the evaluated rounds; dashed: the real-data reference."""
+    """FID, conditional accuracy and IS over the evaluated rounds, and beside them, where the records have them,
+    precision, recall and coverage (is every mode of the data drawn?); dashed: the real-data reference."""
     import matplotlib.pyplot as plt
 
     evaluated = [r for r in history if "metrics" in r]
     if not evaluated:
         raise ValueError("no round in the history was evaluated (set eval_every)")
     rounds = [r["round"] for r in evaluated]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.3))
+    modes = all("coverage" in r["metrics"] for r in evaluated)  # histories from before these metrics lack them
+    fig, axes = plt.subplots(1, 4 if modes else 3, figsize=(17 if modes else 13, 3.3))
     for ax, (key, title) in zip(axes, (("fid", "FID (classifier features), lower is better"),
                                        ("cond_acc", "conditional accuracy"), ("is", "IS (classifier)"))):
         ax.plot(rounds, [r["metrics"][key] for r in evaluated], marker="o", label="generated")
@@ -180,6 +182,15 @@ def plot_metrics(history: Sequence[Mapping[str, Any]], reference: Mapping[str, A
             ax.axhline(reference[key], ls="--", color="gray",
                        label="real train vs test" if key == "fid" else "real test images")
         ax.set_title(title)
+    if modes:
+        ax = axes[3]
+        for key in ("precision", "recall", "coverage"):
+            line, = ax.plot(rounds, [r["metrics"][key] for r in evaluated], marker="o", label=key)
+            if reference is not None and key in reference:
+                ax.axhline(reference[key], ls="--", color=line.get_color(), alpha=0.6)
+        ax.set_title("precision, recall, coverage (dashed: real train vs test)")
+        ax.set_ylim(0, 1.05)
+    for ax in axes:
         _integer_rounds(ax)
         ax.grid(alpha=0.3)
         ax.legend()

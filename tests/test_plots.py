@@ -85,6 +85,18 @@ def test_metric_curves_show_each_evaluated_round_and_the_reference():
         fu.plot_metrics(history[:1])
 
 
+def test_mode_coverage_is_drawn_beside_fid_when_the_records_have_it():
+    modes = {"precision": 0.8, "recall": 0.4, "density": 0.9, "coverage": 0.5}
+    history = [{"round": 2, "metrics": {"fid": 50.0, "cond_acc": 0.5, "is": 5.0, **modes}},
+               {"round": 4, "metrics": {"fid": 30.0, "cond_acc": 0.7, "is": 7.0, **modes, "coverage": 0.7}}]
+    fig = fu.plot_metrics(history, {"fid": 2.0, "precision": 0.75, "recall": 0.76, "coverage": 0.95})
+    assert len(fig.axes) == 4
+    lines = fig.axes[3].get_lines()  # each metric, then its reference
+    assert [list(line.get_ydata()) for line in lines[::2]] == [[0.8, 0.8], [0.4, 0.4], [0.5, 0.7]]
+    assert [line.get_ydata()[0] for line in lines[1::2]] == [0.75, 0.76, 0.95]
+    assert len(fu.plot_metrics([{"round": 1, "metrics": {"fid": 1.0, "cond_acc": 1.0, "is": 1.0}}]).axes) == 3
+
+
 def test_round_grids_are_saved_as_pngs_and_a_gif(finished, tmp_path):
     from PIL import Image
 
