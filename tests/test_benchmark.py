@@ -1,5 +1,6 @@
 """The benchmarks run at a small size: bench_throughput prints its table with ratios and writes its rows;
-check_determinism compares two same-seed runs; study_cells runs named cells of the sync study."""
+check_determinism compares two same-seed runs; study_cells runs named cells of the sync study; metrics_backends
+times our FID, KID and IS against torchmetrics'."""
 import json
 import subprocess
 import sys
@@ -123,3 +124,13 @@ def test_the_laptop_preset_benchmark_lists_its_candidates_and_refuses_unknown_on
     wrong = subprocess.run([*script, "--candidates", "fifth x31"], cwd=REPO, capture_output=True, text=True,
                            timeout=60)
     assert wrong.returncode == 2 and "['fifth x31'] not known" in wrong.stderr and "'fifth x30'" in wrong.stderr
+
+
+def test_the_metric_backends_benchmark_times_both_and_agrees_on_fid():
+    result = subprocess.run([sys.executable, "benchmarks/metrics_backends.py", "--n", "300", "--features", "8",
+                             "--repeat", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.strip().startswith("300 |")]
+    assert [row[1].strip() for row in rows] == ["FID", "KID", "IS"]
+    fid = rows[0]
+    assert float(fid[2]) > 0 and float(fid[3]) > 0 and float(fid[5].split()[0]) < 1e-6  # the same FID, both timed
