@@ -15,6 +15,7 @@ from fedgan.rounds import RNG_ATTACK, derive_seed, poison_update
 
 Tensor = torch.Tensor
 Residual = Mapping[str, Tensor]  # {key: [...]} what compression left out of a client's updates so far
+UPDATE_ATTACKS = ("sign_flip", "noise", "nan")  # attacks on the update a client sends (label_flip poisons data)
 
 
 def uses_error_feedback(config: FedConfig) -> bool:
@@ -32,7 +33,7 @@ def client_uploads(update: Mapping[str, Tensor], client_ids: Sequence[int], conf
     each adds its residual (`residuals`, one per client, None for one it has not got yet) before compressing.
     """
     update = {k: v.clone() for k, v in update.items()}
-    if config.attack in ("sign_flip", "noise", "nan"):
+    if config.attack in UPDATE_ATTACKS:
         for row, client in enumerate(client_ids):
             if client in attackers:
                 noise = torch.Generator(device=next(iter(update.values())).device).manual_seed(
@@ -44,5 +45,6 @@ def client_uploads(update: Mapping[str, Tensor], client_ids: Sequence[int], conf
         for k in update if carried is not None else ():
             update[k][row] += carried[k].to(update[k].device)
     sent, nbytes = compress_updates(update, config.compression, config.topk_fraction)
-    kept = [{k: (update[k][row] - sent[k][row]).cpu() for k in update} for row in range(len(client_ids))]
-    return sent, kept if feedback else None, nbytes
+    if not feedback:
+        return sent, None, nbytes
+    return sent, [{k: (update[k][row] - sent[k][row]).cpu() for k in update} for row in range(len(client_ids))], nbytes

@@ -62,7 +62,7 @@ class NodeStore(MutableMapping[str, State]):
         self.state = state
 
     def __getitem__(self, key: str) -> State:
-        return {k: v.clone() for k, v in self.state[self.PREFIX + key].to_torch_state_dict().items()}
+        return dict(self.state[self.PREFIX + key].to_torch_state_dict())  # fresh tensors, decoded each time
 
     def __setitem__(self, key: str, value: State) -> None:
         self.state[self.PREFIX + key] = ArrayRecord({k: v.detach().cpu() for k, v in value.items()})

@@ -23,12 +23,11 @@ from fedgan.federation import client_data
 from fedgan.gan import LocalTraining
 from fedgan.models import build_models, norm_state_keys
 from fedgan.rounds import plan_clients
-from fedgan.uploads import client_uploads, uses_error_feedback
+from fedgan.uploads import UPDATE_ATTACKS, client_uploads
 
 Tensor = torch.Tensor
 State = dict[str, Tensor]
 NETWORKS = ("g", "d")
-UPDATE_ATTACKS = ("sign_flip", "noise", "nan")  # attacks on the update a client sends (label_flip poisons data)
 
 
 def sends_updates(config: FedConfig) -> bool:
@@ -118,7 +117,7 @@ class NodeClients:
             start, residual = broadcast(starts[which], 1), store.get(f"{client}.{which}_residual")
             sent, kept, param_bytes = client_uploads({k: final[k] - start[k] for k in floats}, [client], config,
                                                      task.round, self.attackers, [residual])
-            if kept is not None and uses_error_feedback(config):
+            if kept is not None:
                 store[f"{client}.{which}_residual"] = kept[0]
             _, buffer_bytes = compress_updates({k: final[k] for k in final if k not in floats and k not in local_keys},
                                                "none")
