@@ -28,7 +28,7 @@ from fedgan.gan import LocalTraining, generator_steps
 from fedgan.metrics import Evaluator, make_evaluator
 from fedgan.models import build_models, generate, norm_state_keys
 from fedgan.partition import partition
-from fedgan.privacy import private_round
+from fedgan.privacy import noisy_state, private_round
 from fedgan.rounds import (
     RNG_DROPOUT, RNG_NOISE, RNG_SELECTION, RoundPlan, attacker_ids, choose_clients, client_speeds,
     derive_seed, dominant_labels, flipped_labels, plan_clients, plan_round)
@@ -349,12 +349,7 @@ class Federation:
             floats = [k for k in received[which] if k in self._param_names[which]]
             effective, client_weights = dict(final), weights  # as the clients left them: exact when unchanged
             if config.dp_clip is not None:  # one noisy mean update, applied as a single client
-                effective = {k: (global_state[k] + noisy[which][k] if k in noisy[which]
-                                 else final[k].amax(0)).unsqueeze(0) for k in final}
-                for k in effective:  # post-processing keeps DP: a noisy running variance must stay >= 0
-                    if k.endswith("running_var"):
-                        effective[k].clamp_(min=0)
-                client_weights = np.ones(1)
+                effective, client_weights = noisy_state(global_state, noisy[which], final), np.ones(1)
             elif config.compression != "none" or attacked or (scale != 1).any():  # global + weight x what was sent
                 effective.update(scale_updates(global_state, {k: global_state[k] + received[which][k] for k in floats},
                                                torch.as_tensor(scale), floats))

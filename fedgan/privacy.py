@@ -92,6 +92,19 @@ def privatize_updates(updates: Sequence[Mapping[str, Tensor]], clip: float, nois
     return noisy, norms
 
 
+def noisy_state(global_state: Mapping[str, Tensor], noisy: Mapping[str, Tensor],
+                client_states: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """DP-FedAvg's new state as one client's, {key: [1, ...]}: the global state plus the noisy mean update where there
+    is one, else (counters) the clients' largest value; a noisy running variance clamped at 0 (post-processing
+    keeps DP)."""
+    state = {k: (global_state[k] + noisy[k] if k in noisy else client_states[k].amax(0)).unsqueeze(0)
+             for k in client_states}
+    for k in state:
+        if k.endswith("running_var"):
+            state[k].clamp_(min=0)
+    return state
+
+
 def private_round(received: Mapping[str, Mapping[str, Tensor]], config: FedConfig, round_index: int,
                   log: dict[str, Any], device: torch.device) -> dict[str, dict[str, Tensor]]:
     """A federation's DP-FedAvg step on what its clients sent (G and D together, one clip over both): clipped,

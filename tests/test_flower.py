@@ -158,6 +158,9 @@ def test_fedgan_strategy_with_dp_clips_each_update_and_divides_by_the_expected_c
     states = [{"w": torch.tensor([3.0, 0.0])}, {"w": torch.tensor([0.0, 0.5])}]  # norms 3 (clipped to 1) and 0.5
     result, _ = strategy.aggregate_train(1, replies_of(states, [1, 1]))
     assert result["w"].numpy().tolist() == [1.0 / 4, 0.5 / 4]
+    strategy.global_state = {"bn.running_var": torch.zeros(2)}  # a noisy variance is clamped at 0, as in simulation
+    result, _ = strategy.aggregate_train(1, replies_of([{"bn.running_var": torch.tensor([-0.5, 0.5])}] * 2, [1, 1]))
+    assert result["bn.running_var"].numpy().tolist() == [0.0, 0.25]
     with pytest.raises(ValueError, match="expected_clients"):
         FedGanStrategy(fu.FedAvg(), dp_clip=1.0)
 

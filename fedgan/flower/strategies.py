@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedgan.gan import generator_steps
-from fedgan.privacy import privatize_updates
+from fedgan.privacy import noisy_state, privatize_updates
 from fedgan.strategies import Strategy
 
 Tensor = torch.Tensor
@@ -72,9 +72,7 @@ class FedGanStrategy(FedAvg):
             floats = [k for k, v in stacked.items() if v.dtype.is_floating_point]
             (noisy,), _ = privatize_updates([{k: stacked[k] - global_state[k] for k in floats}], self.dp_clip,
                                             self.dp_noise_multiplier, self.expected_clients, self.noise)
-            stacked = {k: ((global_state[k] + noisy[k]) if k in noisy else stacked[k].amax(0)).unsqueeze(0)
-                       for k in stacked}
-            weights = np.ones(1)
+            stacked, weights = noisy_state(global_state, noisy, stacked), np.ones(1)
         return self.rule.aggregate(global_state, stacked, weights, info)
 
 
