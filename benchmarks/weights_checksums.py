@@ -32,7 +32,7 @@ CASES = {
     "fedadam dirichlet half": {"strategy": "fedadam", "partition": "dirichlet", "alpha": 0.5, "client_fraction": 0.5},
     "topk, sign flip, median": {"compression": "topk", "topk_fraction": 0.1, "attack": "sign_flip",
                                 "attack_fraction": 0.25, "strategy": "median"},
-    "dp, server generator": {"dp_clip": 1.0, "dp_noise_multiplier": 0.1, "server_generator": True},
+    "dp, server generator": {"dp_clip": 1.0, "dp_noise_multiplier": 0.1, "gan_layout": "server_g"},
     "async": {"sync_mode": "async", "client_fraction": 0.75, "client_speed_sigma": 0.5},
     "fedbn, sync d": {"bn_policy": "local", "sync_networks": "d"},
     "bfloat16": {"engine": fu.EngineOptions(bfloat16=True)},

@@ -38,7 +38,7 @@ OPTIMIZER_STATES = ("reset", "keep")
 CLIENT_MAPS = ("auto", "vmap", "loop", "streams", "reference")
 CONV_FORMS = ("auto", "grouped", "block", "loop", "triton")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "damped", "fedadagrad", "fedadam", "fedyogi", "median",
-              "trimmed_mean", "krum")
+              "trimmed_mean", "krum", "scaffold")
 SELECTIONS = ("uniform", "proportional", "power_of_choice", "stratified")
 SYNC_NETWORKS = ("both", "g", "d")
 SYNC_MODES = ("sync", "async")
@@ -51,6 +51,9 @@ COMPRESSIONS = ("none", "topk", "int8")
 ATTACKS = ("none", "sign_flip", "noise", "nan", "label_flip")  # nan: a broken client sending NaN
 GAN_LOSSES = ("bce", "hinge")  # gan.py: the non-saturating GAN's cross-entropy, or the hinge loss
 D_CONDITIONINGS = ("channel", "projection")  # models.py: how D sees the label
+# where G and D live and what travels (federation.py; the last four: multi_discriminator.py)
+GAN_LAYOUTS = ("fedavg", "server_g", "md_gan", "ua_gan", "f2u", "f2a")
+MULTI_D_LAYOUTS = ("md_gan", "ua_gan", "f2u", "f2a")  # one G at the server, one D a client, nothing averaged
 SERVER_LR_STRATEGIES = ("fedavgm", "damped", "fedadagrad", "fedadam", "fedyogi")  # the rules server_lr sets
 DP_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "damped", "fedadagrad", "fedadam", "fedyogi")
 CHOICES: dict[str, tuple[str, ...]] = {}  # filled below FedConfig: field -> allowed names
@@ -81,7 +84,8 @@ FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and wh
     "topk_fraction": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "staleness_a": (lambda v: is_number(v) and finite(v) and v >= 0, "a number >= 0"),
     "staleness_b": (non_negative_int, "an integer >= 0"),
-    **{name: (lambda v: isinstance(v, bool), "True or False") for name in ("error_feedback", "server_generator")},
+    "error_feedback": (lambda v: isinstance(v, bool), "True or False"),
+    "swap_every": (lambda v: v is None or positive_int(v), "None (never) or an integer >= 1"),
     "attack_fraction": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "attack_scale": (positive_number, "a number > 0"),
     "min_clients": (positive_int, "an integer >= 1"),
@@ -212,12 +216,15 @@ class FedConfig:
     min_clients: int = 1  # fewer usable updates than this: the round keeps the previous global model
     watchdog_rounds: int = 3  # stop when D's loss stays under collapse_loss this many rounds (0: off)
     collapse_loss: float = 1e-3  # a discriminator loss below this counts as collapsed
-    # client-level differential privacy (DP-FedAvg) and the DP-FedAvg-GAN layout
+    # client-level differential privacy (DP-FedAvg)
     dp_clip: float | None = None  # clip each client's whole update to this L2 norm; None: no DP
     dp_noise_multiplier: float = 0.0  # Gaussian noise std on the sum, in units of dp_clip
     dp_delta: float = 1e-5  # the delta that epsilon is reported for
-    server_generator: bool = False  # DP-FedAvg-GAN: clients train only D; G trains on the server against it
-    server_g_steps: int | None = None  # server generator steps a round; None: the clients' mean local steps
+    # where G and D live (GAN_LAYOUTS): "fedavg" both on every client, averaged; "server_g" DP-FedAvg-GAN (D
+    # federated, G trained on the server); md_gan, ua_gan, f2u, f2a: one G on the server, one D a client
+    gan_layout: str = "fedavg"
+    server_g_steps: int | None = None  # server_g: server generator steps a round; None: the clients' mean steps
+    swap_every: int | None = 1  # md_gan: the clients' discriminators swap among them every this many rounds
     # partition of the training set over clients
     partition: str = "iid"  # one of PARTITIONS
     alpha: float = 0.5  # dirichlet: concentration; smaller is more label-skewed
@@ -254,8 +261,12 @@ class FedConfig:
     run_name: str = ""  # "" derives one from dataset, partition, K and seed
     # how local training is computed: speed, not results
     engine: EngineOptions = dataclasses.field(default_factory=EngineOptions)
+    server_generator: dataclasses.InitVar[Any] = None  # replaced by gan_layout: refused with a message saying so
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, server_generator: Any = None) -> None:
+        if server_generator is not None:
+            raise ValueError(f"server_generator={server_generator!r}: the field was replaced by gan_layout; pass "
+                             "gan_layout='server_g' (for True) or leave gan_layout='fedavg' (for False)")
         normalise_fields(self)
         self.validate()
         if not self.run_name:
@@ -298,8 +309,16 @@ class FedConfig:
             require(self.strategy in DP_STRATEGIES, "strategy", self.strategy,
                      f"one of {list(DP_STRATEGIES)} with dp_clip (the DP sum is an average of clipped updates)")
             require(self.sync_mode == "sync", "sync_mode", self.sync_mode, "'sync' with dp_clip")
-        require(not self.server_generator or self.sync_networks == "both", "sync_networks", self.sync_networks,
-                 "'both' with server_generator=True (G is sent to the clients, D both ways)")
+        require(self.gan_layout == "fedavg" or self.sync_networks == "both", "sync_networks", self.sync_networks,
+                 f"'both' with gan_layout={self.gan_layout!r} (only 'fedavg' keeps a network local)")
+        if self.gan_layout in MULTI_D_LAYOUTS:
+            check_multi_discriminator(self)
+        if self.strategy == "scaffold":
+            for name, allowed in (("gan_layout", "fedavg"), ("compression", "none"), ("dp_clip", None),
+                                  ("step_normalisation", "none")):
+                require(getattr(self, name) == allowed, name, getattr(self, name),
+                        f"{allowed!r} with strategy='scaffold' (its control variates correct the clients' own "
+                        "training and are averaged as they are)")
         attackers = round(self.attack_fraction * self.num_clients)  # rounds.attacker_ids draws as many
         if self.attack == "none":
             require(self.attack_fraction == 0, "attack_fraction", self.attack_fraction,
@@ -341,8 +360,11 @@ class FedConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "FedConfig":
-        """The config to_json wrote; also a checkpoint's from before EngineOptions (its engine fields moved in)."""
+        """The config to_json wrote; also a checkpoint's from before EngineOptions (its engine fields moved in) or
+        before gan_layout (server_generator=True is gan_layout="server_g")."""
         values = json.loads(text)
+        if "server_generator" in values:
+            values["gan_layout"] = "server_g" if values.pop("server_generator") else "fedavg"
         engine = dict(values.pop("engine", {}))
         engine.update({LEGACY_ENGINE_FIELDS[name]: values.pop(name) for name in list(values)
                        if name in LEGACY_ENGINE_FIELDS})
@@ -354,8 +376,29 @@ class FedConfig:
         return cls(**values, engine=EngineOptions(**engine))
 
 
+def check_multi_discriminator(config: FedConfig) -> None:
+    """The knobs that have a meaning when one G at the server learns from the clients' own discriminators."""
+    layout = config.gan_layout
+    for name, allowed, why in (
+            ("strategy", "fedavg", "no parameters are averaged"),
+            ("dp_clip", None, "DP-FedAvg clips and noises parameter updates; these layouts send activations"),
+            ("compression", "none", "update compression acts on parameter updates"),
+            ("sync_mode", "sync", "every step exchanges images and gradients with the server"),
+            ("step_normalisation", "none", "FedNova rescales parameter updates"),
+            ("update_threshold", None, "the threshold acts on parameter updates")):
+        require(getattr(config, name) == allowed, name, getattr(config, name),
+                f"{allowed!r} with gan_layout={layout!r} ({why})")
+    require(config.attack in ("none", "label_flip"), "attack", config.attack,
+            f"'none' or 'label_flip' with gan_layout={layout!r} (the other attacks poison parameter updates, "
+            "which these layouts do not send)")
+    require(layout not in ("ua_gan", "f2a") or config.gan_loss == "bce", "gan_loss", config.gan_loss,
+            f"'bce' with gan_layout={layout!r} (it combines the discriminators' probabilities)")
+
+
 def check_known(values: Mapping[str, Any]) -> None:
     """Refuse names that are not FedConfig fields, saying where an engine option now goes."""
+    if "server_generator" in values:
+        FedConfig(server_generator=values["server_generator"])  # raises, saying what replaced it
     known = {f.name for f in dataclasses.fields(FedConfig)}
     moved = sorted(set(values) & set(LEGACY_ENGINE_FIELDS))
     if moved:
@@ -371,7 +414,7 @@ CHOICES.update(dataset=tuple(sorted(DATASETS)), partition=PARTITIONS, bn_policy=
                selection=SELECTIONS, sync_networks=SYNC_NETWORKS, sync_mode=SYNC_MODES, staleness=STALENESS_RULES,
                threshold_rule=THRESHOLD_RULES, threshold_action=THRESHOLD_ACTIONS,
                straggler_policy=STRAGGLER_POLICIES, step_normalisation=STEP_NORMALISATIONS, compression=COMPRESSIONS,
-               attack=ATTACKS, gan_loss=GAN_LOSSES, d_conditioning=D_CONDITIONINGS)
+               attack=ATTACKS, gan_loss=GAN_LOSSES, d_conditioning=D_CONDITIONINGS, gan_layout=GAN_LAYOUTS)
 
 PARTITION_PARAMS: dict[str, tuple[str, ...]] = {
     "iid": (),

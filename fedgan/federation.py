@@ -102,7 +102,7 @@ class Federation:
         self.speeds = client_speeds(config.num_clients, config.client_speed_sigma, config.seed)
         self.clock = 0.0  # simulated time, in local steps of a speed-1 client
         self.in_flight: list[dict[str, Any]] = []  # async: clients training, with their results and finish time
-        self.server_g_opt: torch.optim.Adam | None = None  # server_generator: the server's optimizer of G
+        self.server_g_opt: torch.optim.Adam | None = None  # gan_layout="server_g": the server's optimizer of G
         info = DATASETS[config.dataset]
         # one fixed noise a column, one label a row: grids over rounds stay comparable
         fixed = torch.randn(10, config.z_dim, generator=torch.Generator().manual_seed(config.seed))
@@ -288,8 +288,8 @@ class Federation:
         return {**sent, **buffers}, nbytes + buffer_bytes
 
     def uploads(self, which: str) -> bool:
-        """Whether clients send network "g" or "d" back (not a network kept local, nor G under server_generator)."""
-        return self.synced(which) and not (which == "g" and self.config.server_generator)
+        """Whether clients send network "g" or "d" back (not one kept local, nor G under gan_layout="server_g")."""
+        return self.synced(which) and not (which == "g" and self.config.gan_layout == "server_g")
 
     def _aggregate(self, updates: Mapping[str, Any], round_index: int) -> dict[str, Any]:
         """Clients: local keys kept, updates sent (see _client_updates). Server: clients whose update or loss
@@ -343,7 +343,7 @@ class Federation:
             if not self.synced(which):  # nothing is sent; the average only serves to sample from
                 model.load_state_dict(fedavg_stacked(final, weights))
                 continue
-            if not self.uploads(which):  # G under server_generator: trained below, on the server
+            if not self.uploads(which):  # G under gan_layout="server_g": trained below, on the server
                 continue
             global_state = model.state_dict()
             floats = [k for k in received[which] if k in self._param_names[which]]
@@ -360,7 +360,7 @@ class Federation:
                                                 global_state, strategy, which))
             if strategy.last_log:
                 log["server"][which] = dict(strategy.last_log)
-        if config.server_generator:
+        if config.gan_layout == "server_g":
             log["server_g_loss"] = self._train_server_generator(round_index, int(round(float(np.mean(steps)))))
         return log
 

@@ -50,7 +50,7 @@ class LocalTraining:
     def of(cls, config: FedConfig) -> LocalTraining:
         """The local training a federation of `config` gives its clients."""
         return cls(lr_g=config.lr_g, lr_d=config.lr_d, betas=config.betas, prox_mu=config.client_prox_mu,
-                   train_generator=not config.server_generator, gan_loss=config.gan_loss,
+                   train_generator=config.gan_layout != "server_g", gan_loss=config.gan_loss,
                    label_smoothing=config.label_smoothing)
 
     def d_loss(self, discriminator: Discriminate, real: Tensor, fake: Tensor, labels: Tensor) -> Tensor:

@@ -197,6 +197,17 @@ def test_a_config_cannot_be_changed_behind_its_validation():
     (dict(strategy="median", server_lr=0.5), r"server_lr=0.5 is not allowed: None with strategy='median'"),
     (dict(strategy="krum", krum_f=10), r"krum_f=10 is not allowed: an integer from 0 to 9: .*10 clients"),
     (dict(strategy="krum", num_clients=10, client_fraction=0.5, krum_m=6), r"krum_m=6 is not allowed: .*1 to 5"),
+    (dict(gan_layout="ua_gan", strategy="median"), r"strategy='median' is not allowed: 'fedavg' with "
+                                                    r"gan_layout='ua_gan' \(no parameters are averaged\)"),
+    (dict(gan_layout="md_gan", dp_clip=1.0), r"dp_clip=1.0 is not allowed: None with gan_layout='md_gan'"),
+    (dict(gan_layout="f2u", attack="sign_flip", attack_fraction=0.2), r"attack='sign_flip' is not allowed"),
+    (dict(gan_layout="f2a", gan_loss="hinge"), r"gan_loss='hinge' is not allowed: 'bce' with gan_layout='f2a'"),
+    (dict(gan_layout="md_gan", compression="int8"), r"compression='int8' is not allowed"),
+    (dict(gan_layout="server_g", sync_networks="d"), r"sync_networks='d' is not allowed"),
+    (dict(strategy="scaffold", compression="topk"), r"compression='topk' is not allowed: 'none' with "
+                                                    r"strategy='scaffold'"),
+    (dict(strategy="scaffold", gan_layout="md_gan"), r"strategy='scaffold' is not allowed"),
+    (dict(swap_every=0), r"swap_every=0 is not allowed: None \(never\) or an integer >= 1"),
 ])
 def test_settings_that_would_be_ignored_or_fail_after_a_round_are_refused_at_construction(values, message):
     with pytest.raises(ValueError, match=message):
@@ -210,3 +221,16 @@ def test_local_epochs_next_to_local_steps_is_named_as_unused(capsys):
     assert fu.local_steps_for(1000, config) == 5
     assert capsys.readouterr().err.strip() == ("warning: local_steps=5 is set, so local_epochs=0.5 is not used "
                                                "(local_steps overrides it)")
+
+
+def test_the_old_server_generator_field_says_what_replaced_it_and_old_configs_load():
+    with pytest.raises(ValueError, match=r"server_generator=True: the field was replaced by gan_layout; pass "
+                                         r"gan_layout='server_g'"):
+        fu.FedConfig(server_generator=True)
+    with pytest.raises(ValueError, match="replaced by gan_layout"):
+        fu.preset("smoke", server_generator=False)
+    values = json.loads(fu.FedConfig(num_clients=3).to_json())
+    assert "server_generator" not in values and values["gan_layout"] == "fedavg"
+    del values["gan_layout"]
+    for old, layout in ((True, "server_g"), (False, "fedavg")):  # a checkpoint's config from before gan_layout
+        assert fu.FedConfig.from_json(json.dumps({**values, "server_generator": old})).gan_layout == layout

@@ -46,10 +46,10 @@ def test_engine_matches_the_per_client_reference_loop_over_two_rounds(mnist_smal
 @pytest.mark.parametrize("client_map", ["vmap", "loop"])
 @pytest.mark.parametrize("overrides", [
     dict(optimizer_state="keep", strategy="fedprox", prox_mu=0.5),  # Adam states in and out, FedProx's term
-    dict(server_generator=True),  # the clients train only D
+    dict(gan_layout="server_g"),  # the clients train only D
     dict(bn_policy="local", partition="dirichlet", alpha=0.5, min_size=20, local_steps=None, local_epochs=0.1),
     dict(gan_loss="hinge", d_conditioning="projection"),  # the stronger-baseline options
-    dict(label_smoothing=0.1, d_conditioning="projection", server_generator=True)])
+    dict(label_smoothing=0.1, d_conditioning="projection", gan_layout="server_g")])
 def test_engine_matches_the_reference_loop_with_kept_adam_states_and_d_only_clients(mnist_small, tiny_config,
                                                                                     overrides, client_map):
     config = tiny_config(**overrides)

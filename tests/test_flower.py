@@ -23,7 +23,7 @@ CASES = {  # the configs the deployment is checked on, and the pipeline's other 
     "adam_state_kept": dict(optimizer_state="keep"),
     "fedbn": dict(bn_policy="local"),
     "dp_fedavg": dict(dp_clip=1.0, dp_noise_multiplier=0.5),
-    "dp_fedavg_gan": dict(server_generator=True, dp_clip=1.0, dp_noise_multiplier=0.5),
+    "dp_fedavg_gan": dict(gan_layout="server_g", dp_clip=1.0, dp_noise_multiplier=0.5),
     "topk_error_feedback": dict(compression="topk", topk_fraction=0.1, error_feedback=True),
     "int8": dict(compression="int8"),
     "sign_flip_median": dict(attack="sign_flip", attack_fraction=0.34, strategy="median"),

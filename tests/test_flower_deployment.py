@@ -147,7 +147,7 @@ def test_over_tls_a_stranger_supernode_is_refused_and_the_run_equals_the_simulat
     over TLS with SuperNode authentication, while a SuperNode whose key is not registered and one without TLS try to
     join (as partition 0). Both are refused, and the run computes what the simulation computes, bit for bit."""
     config = {**SMALL, "partition": "dirichlet", "alpha": 0.5, "strategy": "fedadam", "optimizer_state": "keep",
-              "dp_clip": 1.0, "dp_noise_multiplier": 0.3, "server_generator": True, "eval_every": 2,
+              "dp_clip": 1.0, "dp_noise_multiplier": 0.3, "gan_layout": "server_g", "eval_every": 2,
               "eval_samples": 200, "classifier_subset": 2000}
     port = free_port_block(3)
     process, watch, out = launch(tmp_path, config, 2, "--tls", "--port", str(port))

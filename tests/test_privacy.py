@@ -66,7 +66,7 @@ def test_a_dp_run_logs_epsilon_each_round_and_is_reproducible(mnist_small, tiny_
 
 
 def test_dp_fedavg_gan_trains_the_generator_only_on_the_server(mnist_small, tiny_config, tmp_path):
-    config = tiny_config(server_generator=True, rounds=2, dp_clip=1.0, dp_noise_multiplier=0.5,
+    config = tiny_config(gan_layout="server_g", rounds=2, dp_clip=1.0, dp_noise_multiplier=0.5,
                          checkpoint_dir=str(tmp_path / "a"))
     federation = fu.Federation(config, data=mnist_small, log=False)
     g_bytes = sum(v.numel() * v.element_size() for v in federation.generator.state_dict().values())
@@ -77,7 +77,7 @@ def test_dp_fedavg_gan_trains_the_generator_only_on_the_server(mnist_small, tiny
     assert record["g_loss_clients"] == [0.0, 0.0, 0.0] and np.isfinite(record["server_g_loss"])
     assert not states_equal(federation.generator.state_dict(), before)  # moved by the server's steps
     federation.run(progress=False)
-    resumed = fu.Federation(tiny_config(server_generator=True, rounds=2, dp_clip=1.0, dp_noise_multiplier=0.5,
+    resumed = fu.Federation(tiny_config(gan_layout="server_g", rounds=2, dp_clip=1.0, dp_noise_multiplier=0.5,
                                         checkpoint_dir=str(tmp_path / "b")), data=mnist_small, log=False)
     resumed.run(rounds=1, progress=False)
     again = fu.Federation(resumed.config, data=mnist_small, log=False, resume=True).run(progress=False)

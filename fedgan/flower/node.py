@@ -37,8 +37,8 @@ def sends_updates(config: FedConfig) -> bool:
 
 
 def uploads(config: FedConfig, which: str) -> bool:
-    """Whether clients send network "g" or "d" back: not G under server_generator (DP-FedAvg-GAN trains it there)."""
-    return not (which == "g" and config.server_generator)
+    """Whether clients send network "g" or "d" back: not G under gan_layout="server_g" (trained at the server)."""
+    return not (which == "g" and config.gan_layout == "server_g")
 
 
 @dataclass(frozen=True)

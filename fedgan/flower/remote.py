@@ -31,6 +31,12 @@ def check_remote_config(config: FedConfig) -> None:
         raise ValueError(f"sync_mode={config.sync_mode!r}: a Flower run has synchronous rounds only ('sync')")
     if config.sync_networks != "both":
         raise ValueError(f"sync_networks={config.sync_networks!r}: a Flower run synchronises both networks ('both')")
+    if config.gan_layout not in ("fedavg", "server_g"):
+        raise ValueError(f"gan_layout={config.gan_layout!r}: a Flower run averages parameters ('fedavg', 'server_g'); "
+                         "the layouts that exchange images and gradients every step run in the simulation")
+    if config.strategy == "scaffold":
+        raise ValueError("strategy='scaffold': its control variates are not sent in Flower messages yet; "
+                         "it runs in the simulation")
 
 
 class RemoteFederation(Federation):
