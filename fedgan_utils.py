@@ -27,6 +27,7 @@ from fedgan.strategies import (
     Strategy, FedAvg, RobustRule, SERVER_OPTIMIZERS, ServerOptimizer, Thresholded, make_strategy)
 from fedgan.compression import compress_updates
 from fedgan.privacy import dp_epsilon, dp_noise_multiplier, privatize_updates
+from fedgan.scaffold import client_control, server_control, ControlVariates
 from fedgan.engine.trainer import (
     resolved_client_map, train_clients, LOCAL_TRAINERS_KEPT, clear_local_trainers, LocalTrainer)
 from fedgan.engine.reference import train_clients_one_by_one
@@ -38,7 +39,8 @@ from fedgan.engine.triton_conv import (
     TRITON_INTERPRETED, TRITON_TILES, triton_conv_forward, triton_conv_input_grad, triton_conv_weight_grad,
     triton_can_convolve, TritonClientConvolution)
 from fedgan.engine.precision import BFloat16Compute
-from fedgan.federation import DivergenceError, Federation, format_round, run_federation
+from fedgan.watchdog import DivergenceError
+from fedgan.federation import Federation, format_round, run_federation
 from fedgan.experiments import (
     CENTRALIZED_FIELDS, centralized_config, centralized_baseline, format_table, describe_partition, run_ablation,
     run_seeds)
@@ -68,7 +70,8 @@ __all__ = [
     "local_steps_for", "plan_clients", "plan_round", "fedavg_stacked", "stack_states", "unstack_states", "fedavg",
     "median", "trimmed_mean", "krum", "update_norms", "scale_updates", "fednova_rescale", "staleness_weight",
     "Strategy", "FedAvg", "RobustRule", "SERVER_OPTIMIZERS", "ServerOptimizer", "Thresholded", "make_strategy",
-    "compress_updates", "dp_epsilon", "dp_noise_multiplier", "privatize_updates", "resolved_client_map",
+    "compress_updates", "dp_epsilon", "dp_noise_multiplier", "privatize_updates", "client_control", "server_control",
+    "ControlVariates", "resolved_client_map",
     "train_clients", "LOCAL_TRAINERS_KEPT", "clear_local_trainers", "LocalTrainer", "train_clients_one_by_one",
     "LocalResult", "ADAM_MOMENTS", "fresh_adam_state", "StackedAdam", "FlatParams", "map_clients", "broadcast",
     "CudaGraphStep", "block_diagonal_convolution", "ClientConvolutions", "AUTO_BLOCK_CLIENTS", "TRITON_INTERPRETED",
@@ -78,7 +81,8 @@ __all__ = [
     "run_ablation", "run_seeds", "Classifier", "classifier_outputs", "train_classifier", "frechet_distance",
     "kernel_distance", "inception_score", "Evaluator", "evaluate", "make_evaluator", "inception_fid", "knn_radii",
     "manifold_metrics", "CheckpointError", "CheckpointWriteError", "checksum_path", "save_checkpoint",
-    "prune_checkpoints", "load_checkpoint", "list_checkpoints", "latest_checkpoint", "latest_good_checkpoint", "save_history", "load_generator", "image_grid", "plot_images", "plot_label_grid",
+    "prune_checkpoints", "load_checkpoint", "list_checkpoints", "latest_checkpoint", "latest_good_checkpoint",
+    "save_history", "load_generator", "image_grid", "plot_images", "plot_label_grid",
     "plot_grid_evolution", "plot_losses", "plot_partition", "draw_checkpoint_samples", "browse_checkpoints",
     "plot_metrics", "plot_per_class_accuracy", "plot_metric_curves", "plot_lines", "plot_seed_spread",
     "plot_sample_grids", "plot_tradeoff", "save_round_grids", "save_grid_gif",

@@ -13,6 +13,8 @@ Reading order, from what a round does down to how it is computed fast:
     compression.py   what clients send: float32, top-k, int8
     uploads.py       a client's upload: its update, poisoned if it attacks, error feedback, compressed
     privacy.py       DP-FedAvg's clip and noise, and its accountant
+    scaffold.py      SCAFFOLD's control variates: the drift correction of the clients' gradients
+    watchdog.py      a run that diverged or collapsed stops with a clear message
     federation.py    Federation: the round loop
     experiments.py   ablation grids, seeds, the centralized baseline
     metrics.py       FID, KID, IS, conditional accuracy in a classifier's features

@@ -315,7 +315,7 @@ class FedConfig:
             check_multi_discriminator(self)
         if self.strategy == "scaffold":
             for name, allowed in (("gan_layout", "fedavg"), ("compression", "none"), ("dp_clip", None),
-                                  ("step_normalisation", "none")):
+                                  ("step_normalisation", "none"), ("sync_mode", "sync")):
                 require(getattr(self, name) == allowed, name, getattr(self, name),
                         f"{allowed!r} with strategy='scaffold' (its control variates correct the clients' own "
                         "training and are averaged as they are)")

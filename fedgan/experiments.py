@@ -11,9 +11,10 @@ import torch
 from fedgan.checks import non_negative_int, require
 from fedgan.config import PARTITION_PARAMS, FedConfig, clients_per_round
 from fedgan.data import load_dataset
-from fedgan.federation import DivergenceError, Federation
+from fedgan.federation import Federation
 from fedgan.metrics import Evaluator
 from fedgan.strategies import Strategy
+from fedgan.watchdog import DivergenceError
 
 Tensor = torch.Tensor
 

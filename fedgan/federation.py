@@ -34,13 +34,11 @@ from fedgan.rounds import (
     derive_seed, dominant_labels, flipped_labels, plan_clients, plan_round)
 from fedgan.strategies import Strategy, bound_copy, checked_state, make_strategy
 from fedgan.tensorboard_log import open_board
+from fedgan.scaffold import ControlVariates
 from fedgan.uploads import client_uploads, uses_error_feedback
+from fedgan.watchdog import check_divergence
 
 Tensor = torch.Tensor
-
-
-class DivergenceError(RuntimeError):
-    """A run that stopped learning: the global model went NaN/Inf or the discriminator loss collapsed."""
 
 
 def client_data(config: FedConfig, data: tuple[Tensor, Tensor] | None, device: torch.device
@@ -97,6 +95,8 @@ class Federation:
                            else bound_copy(strategy, {n for n, _ in model.named_buffers()})
                            for which, model in networks}
         self.strategy_name = config.strategy if strategy is None else type(strategy).__name__
+        self.controls = (ControlVariates(dict(networks), config.num_clients, {"g": config.lr_g, "d": config.lr_d})
+                         if config.strategy == "scaffold" else None)  # SCAFFOLD's: the server's here, c_i in stores
         self._param_names = {which: {n for n, _ in model.named_parameters()} for which, model in networks}
         self.local_training = LocalTraining.of(config)
         self.speeds = client_speeds(config.num_clients, config.client_speed_sigma, config.seed)
@@ -173,6 +173,8 @@ class Federation:
             strategy.load_state_dict(map_tensors(checkpoint["strategies"][which], lambda t: t.to(self.device)))
         # format 1 checkpoints (before asynchrony and the server generator) lack these; simulated time restarts at 0
         self.clock, self.in_flight = checkpoint.get("clock", 0.0), checkpoint.get("in_flight", [])
+        if self.controls is not None:
+            self.controls.load_state_dict(checkpoint["controls"])
         self.server_g_opt = None
         if checkpoint.get("server_g_opt") is not None:
             self.server_g_opt = torch.optim.Adam(self.generator.parameters(), lr=self.config.lr_g,
@@ -211,7 +213,8 @@ class Federation:
     def _bytes_down(self) -> int:
         """Bytes the server sends one client: the synchronised keys of the synchronised networks."""
         return sum(v.numel() * v.element_size() for which, model in (("g", self.generator), ("d", self.discriminator))
-                   for k, v in model.state_dict().items() if k not in self._local_keys[which])
+                   for k, v in model.state_dict().items() if k not in self._local_keys[which]) + (
+            self.controls.bytes_per_client() if self.controls is not None else 0)
 
     def _train(self, plan: RoundPlan) -> dict[str, Any]:
         """Local training of the plan's clients; if it raises, each client alone, leaving out those that fail.
@@ -244,6 +247,8 @@ class Federation:
         for part in ("start", "final"):
             merged[part] = {which: {k: torch.cat([r[part][which][k] for r in results])
                                     for k in results[0][part][which]} for which in ("g", "d")}
+        if self.controls is not None:
+            merged["controls"] = {w: torch.cat([r["controls"][w] for r in results]) for w in ("g", "d")}
         merged.update(d_loss=[x for r in results for x in r["d_loss"]],
                       g_loss=[x for r in results for x in r["g_loss"]], failed=failed)
         return merged
@@ -254,7 +259,9 @@ class Federation:
                   "d": self._client_start("d", self.discriminator, plan)}
         local = train_clients(self.generator, self.discriminator, starts["g"], starts["d"], self.images,
                               self.client_labels, plan, self.local_training, self.config.engine,
-                              g_opt=self._client_optimizers("g", plan), d_opt=self._client_optimizers("d", plan))
+                              g_opt=self._client_optimizers("g", plan), d_opt=self._client_optimizers("d", plan),
+                              corrections=self.controls.corrections(plan.client_ids, self.client_store)
+                              if self.controls is not None else None)
         d_losses, g_losses = local.d_loss.tolist(), local.g_loss.tolist()  # the round's one sync
         for row, client in enumerate(plan.client_ids):
             store = self.client_store.setdefault(int(client), {})
@@ -262,9 +269,11 @@ class Federation:
             if self.config.optimizer_state == "keep":
                 store["g_opt"] = slice_client(local.g_opt, row)
                 store["d_opt"] = slice_client(local.d_opt, row)
+        final = {"g": local.g_state, "d": local.d_state}
         return {"client_ids": plan.client_ids, "sizes": plan.sizes, "steps": plan.steps,
-                "staleness": np.zeros(len(plan.client_ids)), "start": starts,
-                "final": {"g": local.g_state, "d": local.d_state}, "d_loss": d_losses, "g_loss": g_losses}
+                "staleness": np.zeros(len(plan.client_ids)), "start": starts, "final": final, "d_loss": d_losses,
+                "g_loss": g_losses, **({} if self.controls is None else {"controls": self.controls.after_training(
+                    plan.client_ids, self.client_store, starts, final, plan.steps)})}
 
     def _client_updates(self, which: str, updates: Mapping[str, Any], round_index: int) -> tuple[dict, int]:
         """What each client sends for one network: its update, attacked if it attacks, compressed with error
@@ -310,6 +319,8 @@ class Federation:
             for tensor in (sent[which] if self.uploads(which) else final).values():
                 if tensor.dtype.is_floating_point:
                     usable &= torch.isfinite(tensor.flatten(1)).all(1).cpu().numpy()
+        if self.controls is not None:  # SCAFFOLD: each client's change of c_i beside its update
+            log["bytes_up"] += self.controls.bytes_per_client() * len(ids)
         if not usable.all():
             log["excluded"] = ids[~usable].tolist()
             if self.log:
@@ -360,6 +371,8 @@ class Federation:
                                                 global_state, strategy, which))
             if strategy.last_log:
                 log["server"][which] = dict(strategy.last_log)
+        if self.controls is not None:
+            self.controls.aggregate(info["client_ids"], usable_rows(updates["controls"]), self.client_store)
         if config.gan_layout == "server_g":
             log["server_g_loss"] = self._train_server_generator(round_index, int(round(float(np.mean(steps)))))
         return log
@@ -375,26 +388,6 @@ class Federation:
                                batch_size=config.batch_size, num_classes=DATASETS[config.dataset].num_classes,
                                draws=draws, loss=config.gan_loss,
                                compute=lambda: bfloat16_compute(config.engine.bfloat16))
-
-    def _watchdog(self, record: Mapping[str, Any]) -> None:
-        """Stop with a clear message when the global model went NaN/Inf or D's loss collapsed for several rounds."""
-        config = self.config
-
-        def advice() -> str:
-            last_good = latest_checkpoint(self.run_dir)
-            return (f"The last checkpoint is {last_good} (resume=True continues from it); try lower learning rates, "
-                    "a robust strategy or update_threshold." if last_good else "No checkpoint was saved yet.")
-        for name, model in (("generator", self.generator), ("discriminator", self.discriminator)):
-            broken = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not v.isfinite().all()]
-            if broken:
-                raise DivergenceError(f"round {record['round']}: the global {name} has NaN/Inf in {broken[:3]}. "
-                                      + advice())
-        rounds = config.watchdog_rounds
-        recent = [r["d_loss"] for r in [*self.history, record][-rounds:]] if rounds else []
-        if rounds and len(recent) == rounds and all(loss < config.collapse_loss for loss in recent):
-            raise DivergenceError(f"round {record['round']}: the discriminator loss stayed below "
-                                  f"collapse_loss={config.collapse_loss} for {rounds} rounds ({recent}); "
-                                  "the generator no longer learns. " + advice())
 
     def _async_updates(self, round_index: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         """FedBuff-style asynchrony: keep `concurrency` clients training, apply the next `async_buffer` arrivals.
@@ -485,7 +478,8 @@ class Federation:
             "bytes_total": log.get("bytes_up", 0) + log.get("bytes_down", 0) + previous.get("bytes_total", 0),
             **log,
         }
-        self._watchdog(record)
+        check_divergence(record, self.history, {"generator": self.generator, "discriminator": self.discriminator},
+                         config, latest_checkpoint(self.run_dir))
         every, failed = config.eval_every, None
         if every is not None and ((every and self.round % every == 0) or self.round == config.rounds):
             eval_start = time.perf_counter()
@@ -510,7 +504,8 @@ class Federation:
         return copy.deepcopy({
             "generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict(),
             "client_store": self.client_store, "strategies": self.strategies, "in_flight": self.in_flight,
-            "clock": self.clock, "server_g_opt": self.server_g_opt.state_dict() if self.server_g_opt else None})
+            "clock": self.clock, "server_g_opt": self.server_g_opt.state_dict() if self.server_g_opt else None,
+            "controls": self.controls.state_dict() if self.controls is not None else None})
 
     def _return_to(self, state: dict[str, Any]) -> None:
         """Undo a round that failed part way: every piece of _round_state as it was before it."""
@@ -518,6 +513,8 @@ class Federation:
         self.discriminator.load_state_dict(state["discriminator"])
         self.client_store, self.strategies = state["client_store"], state["strategies"]
         self.in_flight, self.clock = state["in_flight"], state["clock"]
+        if self.controls is not None:
+            self.controls.load_state_dict(state["controls"])
         if state["server_g_opt"] is None:
             self.server_g_opt = None
         else:
@@ -572,6 +569,7 @@ class Federation:
             "clock": self.clock,
             "in_flight": self.in_flight,
             "server_g_opt": self.server_g_opt.state_dict() if self.server_g_opt is not None else None,
+            "controls": self.controls.state_dict() if self.controls is not None else None,
             "rng": rng_state(),  # the rounds draw from (seed, round)-derived generators; this is the caller's
         })
         if path.parent == self.run_dir:

@@ -35,6 +35,7 @@ class LocalTraining:
     train_generator: bool = True  # False: only D trains, G only draws the fakes (DP-FedAvg-GAN's clients)
     gan_loss: str = "bce"  # "bce" or "hinge": discriminator_loss and generator_loss
     label_smoothing: float = 0.0  # bce: D's target for real images is 1 - label_smoothing
+    control_variates: bool = False  # SCAFFOLD: each client's c - c_i added to its gradients (scaffold.py)
 
     def __post_init__(self) -> None:
         for name in ("lr_g", "lr_d"):
@@ -51,7 +52,7 @@ class LocalTraining:
         """The local training a federation of `config` gives its clients."""
         return cls(lr_g=config.lr_g, lr_d=config.lr_d, betas=config.betas, prox_mu=config.client_prox_mu,
                    train_generator=config.gan_layout != "server_g", gan_loss=config.gan_loss,
-                   label_smoothing=config.label_smoothing)
+                   label_smoothing=config.label_smoothing, control_variates=config.strategy == "scaffold")
 
     def d_loss(self, discriminator: Discriminate, real: Tensor, fake: Tensor, labels: Tensor) -> Tensor:
         """discriminator_loss with this training's loss and smoothing."""

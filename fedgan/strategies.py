@@ -44,7 +44,8 @@ class Strategy:
 
 class FedAvg(Strategy):
     """FedAvg (McMahan et al., 2017): the sample-weighted average becomes the global state. Also FedProx's server
-    (Li et al., MLSys 2020), whose clients add FedConfig.prox_mu's proximal term to their losses."""
+    (Li et al., MLSys 2020), whose clients add FedConfig.prox_mu's proximal term to their losses, and SCAFFOLD's
+    (scaffold.py), whose clients correct their gradients with control variates the Federation keeps."""
 
     def aggregate(self, global_state, client_states, weights, info=None):
         return fedavg_stacked(client_states, weights)
@@ -179,7 +180,7 @@ def bound_copy(strategy: Strategy, buffer_keys: set[str]) -> Strategy:
 def make_strategy(config: FedConfig, buffer_keys: Iterable[str] = ()) -> Strategy:
     """The server rule that config.strategy names, with the config's parameters (and threshold, if set)."""
     name = config.strategy
-    if name in ("fedavg", "fedprox"):  # FedProx's clients differ (FedConfig.client_prox_mu), not its server
+    if name in ("fedavg", "fedprox", "scaffold"):  # FedProx's and SCAFFOLD's clients differ, not their server
         strategy: Strategy = FedAvg(buffer_keys=buffer_keys)
     elif name == "damped":
         strategy = ServerOptimizer("fedavgm", server_lr=0.5 if config.server_lr is None else config.server_lr,

@@ -54,12 +54,15 @@ def adam_row(optimizer: torch.optim.Adam, model: nn.Module) -> dict[str, Tensor]
 
 
 def optimizer_step(optimizer: torch.optim.Adam, model: nn.Module, anchors: list[Tensor], mu: float,
-                   loss: Tensor) -> None:
-    """Backpropagate a loss (with FedProx's proximal term when mu > 0) and take one Adam step."""
+                   correction: dict[str, Tensor] | None, loss: Tensor) -> None:
+    """Backpropagate a loss (with FedProx's proximal term when mu > 0), add SCAFFOLD's correction c - c_i to the
+    gradients when given ({name: tensor}), and take one Adam step."""
     optimizer.zero_grad()
     if mu:
         loss = loss + proximal_term(model.parameters(), anchors, mu)
     loss.backward()
+    for name, param in model.named_parameters() if correction is not None else ():
+        param.grad += correction[name]
     optimizer.step()
 
 
@@ -67,7 +70,8 @@ def train_clients_one_by_one(generator: Generator, discriminator: Discriminator,
                              d_state: Mapping[str, Tensor], images: Tensor, labels: Tensor, plan: RoundPlan,
                              local: LocalTraining, engine: EngineOptions = EngineOptions(), *,
                              g_opt: Mapping[str, Tensor] | None = None,
-                             d_opt: Mapping[str, Tensor] | None = None) -> LocalResult:
+                             d_opt: Mapping[str, Tensor] | None = None,
+                             corrections: Mapping[str, Tensor] | None = None) -> LocalResult:
     """train_clients' contract, one client after another (see train_clients for the arguments)."""
     num_clients, max_steps, batch = plan.batch_indices.shape
     device = images.device
@@ -83,14 +87,20 @@ def train_clients_one_by_one(generator: Generator, discriminator: Discriminator,
             d_anchors = [p.detach().clone() for p in client_d.parameters()]
             g_adam = client_adam(client_g, local.lr_g, local.betas, g_opt, row, g_layout)
             d_adam = client_adam(client_d, local.lr_d, local.betas, d_opt, row, d_layout)
+            g_correction = d_correction = None
+            if corrections is not None:  # SCAFFOLD's c - c_i: this client's row, {name: tensor}
+                g_correction = {k: v[row] for k, v in g_layout.split(corrections["g"]).items()}
+                d_correction = {k: v[row] for k, v in d_layout.split(corrections["d"]).items()}
             d_total = g_total = torch.zeros((), device=device)
             for step in range(int(plan.steps[row])):
                 idx = plan.batch_indices[row, step].to(device)  # (B,)
                 d_loss, g_loss = gan_step(
                     generator=client_g, d_loss=functools.partial(local.d_loss, client_d),
                     g_loss=functools.partial(local.g_loss, client_d),
-                    update_d=functools.partial(optimizer_step, d_adam, client_d, d_anchors, local.prox_mu),
-                    update_g=functools.partial(optimizer_step, g_adam, client_g, g_anchors, local.prox_mu),
+                    update_d=functools.partial(optimizer_step, d_adam, client_d, d_anchors, local.prox_mu,
+                                               d_correction),
+                    update_g=functools.partial(optimizer_step, g_adam, client_g, g_anchors, local.prox_mu,
+                                               g_correction),
                     real=to_float_images(images[idx]), labels=labels[idx], noise=noise[step][row],
                     train_generator=local.train_generator)
                 d_total = d_total + d_loss

@@ -44,18 +44,21 @@ def resolved_client_map(client_map: str, device: torch.device, steps: Sequence[i
 def train_clients(generator: Generator, discriminator: Discriminator, g_state: Mapping[str, Tensor],
                   d_state: Mapping[str, Tensor], images: Tensor, labels: Tensor, plan: RoundPlan,
                   local: LocalTraining, engine: EngineOptions = EngineOptions(), *,
-                  g_opt: Mapping[str, Tensor] | None = None, d_opt: Mapping[str, Tensor] | None = None) -> LocalResult:
+                  g_opt: Mapping[str, Tensor] | None = None, d_opt: Mapping[str, Tensor] | None = None,
+                  corrections: Mapping[str, Tensor] | None = None) -> LocalResult:
     """Local training of the plan's K clients from their stacked states (and Adam states; None: fresh ones).
 
     `generator`/`discriminator` only lend their structure; `g_state`/`d_state` hold each client's copy stacked on
     dim 0; `images` (uint8) and `labels` are the whole training set, indexed by the plan's batches. `local` is what
     the clients do (learning rates, FedProx's mu, whether G trains), `engine` how it is computed: every client map
-    computes the same thing. The engine kept for a round of this shape is reused by the next (LocalTrainer).
+    computes the same thing. With `local.control_variates`, `corrections` {"g": [K, P], "d": [K, P]} are added to
+    every gradient (SCAFFOLD's c - c_i, scaffold.py). The engine kept for a round of this shape is reused by the next
+    (LocalTrainer).
     """
     client_map = resolved_client_map(engine.client_map, images.device, plan.steps.tolist())
     if client_map == "reference":
         return train_clients_one_by_one(generator, discriminator, g_state, d_state, images, labels, plan, local,
-                                        engine, g_opt=g_opt, d_opt=d_opt)
+                                        engine, g_opt=g_opt, d_opt=d_opt, corrections=corrections)
     num_clients, _, batch = plan.batch_indices.shape
     key = (id(generator), id(discriminator), generator.training, discriminator.training, id(images), id(labels),
            num_clients, batch, client_map, local, engine)
@@ -65,7 +68,7 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     _LOCAL_TRAINERS[key] = trainer  # the most recent last
     while len(_LOCAL_TRAINERS) > LOCAL_TRAINERS_KEPT:
         del _LOCAL_TRAINERS[next(iter(_LOCAL_TRAINERS))]
-    return trainer(g_state, d_state, plan, g_opt, d_opt)
+    return trainer(g_state, d_state, plan, g_opt, d_opt, corrections)
 
 
 LOCAL_TRAINERS_KEPT = 1  # LocalTrainers kept for later rounds: each holds its clients' state and its graphs' memory
@@ -104,16 +107,21 @@ class LocalTrainer:
         prox_mu = local.prox_mu
         self.anchors = (g_flat.flat.clone(), d_flat.flat.clone()) if prox_mu else None
         g_anchor, d_anchor = self.anchors or (None, None)
+        # SCAFFOLD: each client's c - c_i [K, P] a network, copied in each round
+        self.corrections = ((torch.zeros_like(g_flat.flat), torch.zeros_like(d_flat.flat)) if local.control_variates
+                            else None)
+        g_correction, d_correction = self.corrections or (None, None)
         g_adam = StackedAdam(g_flat.flat, g_opt, lr=local.lr_g, betas=local.betas)
         d_adam = StackedAdam(d_flat.flat, d_opt, lr=local.lr_d, betas=local.betas)
         self.d_loss_sum = d_loss_sum = torch.zeros(num_clients, device=device)
         self.g_loss_sum = g_loss_sum = torch.zeros(num_clients, device=device)
 
-        def flat_gradient(loss: Tensor, net: FlatParams, anchor: Tensor | None) -> Tensor:
+        def flat_gradient(loss: Tensor, net: FlatParams, anchor: Tensor | None, correction: Tensor | None) -> Tensor:
             grads = torch.autograd.grad(loss, list(net.params.values()))
             flat = torch.cat([g.reshape(net.count, -1) for g in grads], 1)  # (K, P)
-            # FedProx: the gradient of gan.proximal_term, mu (w - w_start)
-            return flat if anchor is None else flat + prox_mu * (net.flat - anchor)
+            if anchor is not None:  # FedProx: the gradient of gan.proximal_term, mu (w - w_start)
+                flat = flat + prox_mu * (net.flat - anchor)
+            return flat if correction is None else flat + correction
 
         def in_compute_modes(fn):  # a client's function under bfloat16 compute and the thin convolutions' form
             def run(*args):
@@ -145,8 +153,8 @@ class LocalTrainer:
                 generator=lambda noise, y: over_clients(client_generate)(g_params, g_buffers, noise, y),
                 d_loss=lambda real, fake, y: over_clients(client_d_loss)(d_params, d_buffers, real, fake, y),
                 g_loss=lambda fake, y: over_clients(client_g_loss)(d_params, d_buffers, fake, y),
-                update_d=lambda loss: d_adam.step(flat_gradient(loss.sum(), d_flat, d_anchor), on_steps),
-                update_g=lambda loss: g_adam.step(flat_gradient(loss.sum(), g_flat, g_anchor), on_steps),
+                update_d=lambda loss: d_adam.step(flat_gradient(loss.sum(), d_flat, d_anchor, d_correction), on_steps),
+                update_g=lambda loss: g_adam.step(flat_gradient(loss.sum(), g_flat, g_anchor, g_correction), on_steps),
                 real=to_float_images(images[idx]), labels=labels[idx], noise=z,  # (K, B, C, H, W), (K, B), (K, B, z)
                 train_generator=local.train_generator)
             return d_loss, torch.zeros_like(d_loss_sum) if g_loss is None else g_loss  # (K,) each
@@ -204,8 +212,11 @@ class LocalTrainer:
         return self.tail_graphs[on_steps]
 
     def __call__(self, g_state: Mapping[str, Tensor], d_state: Mapping[str, Tensor], plan: RoundPlan,
-                 g_opt: Mapping[str, Tensor] | None = None, d_opt: Mapping[str, Tensor] | None = None) -> LocalResult:
+                 g_opt: Mapping[str, Tensor] | None = None, d_opt: Mapping[str, Tensor] | None = None,
+                 corrections: Mapping[str, Tensor] | None = None) -> LocalResult:
         """One round of the plan's clients from the stacked states (and Adam states, or fresh ones)."""
+        if (self.corrections is None) != (corrections is None):
+            raise ValueError("corrections (SCAFFOLD's c - c_i) are given exactly when local.control_variates is set")
         device = self.device
         with torch.no_grad():  # this round's values into the kept tensors, in place: the graphs read them there
             for net, state, buffers, opt, given in ((self.g_flat, g_state, self.g_buffers, self.g_opt, g_opt),
@@ -220,6 +231,8 @@ class LocalTrainer:
                         value.copy_(given[key])
             for anchor, net in zip(self.anchors or (), (self.g_flat, self.d_flat)):
                 anchor.copy_(net.flat)
+            for kept, which in zip(self.corrections or (), ("g", "d")):
+                kept.copy_(corrections[which])
             self.d_loss_sum.zero_()
             self.g_loss_sum.zero_()
         _, max_steps, batch = plan.batch_indices.shape
