@@ -40,6 +40,9 @@ from fedgan.engine.triton_conv import (
     triton_can_convolve, TritonClientConvolution)
 from fedgan.engine.precision import BFloat16Compute
 from fedgan.watchdog import DivergenceError
+from fedgan.multi_discriminator import (
+    universal_logits, forgiving_logits, forgiving_mixture, feedback_surrogate, label_shares, swap_permutation,
+    step_bytes, MultiDiscriminators)
 from fedgan.federation import Federation, format_round, run_federation
 from fedgan.experiments import (
     CENTRALIZED_FIELDS, centralized_config, centralized_baseline, format_table, describe_partition, run_ablation,
@@ -76,7 +79,9 @@ __all__ = [
     "LocalResult", "ADAM_MOMENTS", "fresh_adam_state", "StackedAdam", "FlatParams", "map_clients", "broadcast",
     "CudaGraphStep", "block_diagonal_convolution", "ClientConvolutions", "AUTO_BLOCK_CLIENTS", "TRITON_INTERPRETED",
     "TRITON_TILES", "triton_conv_forward", "triton_conv_input_grad", "triton_conv_weight_grad", "triton_can_convolve",
-    "TritonClientConvolution", "BFloat16Compute", "DivergenceError", "Federation", "format_round", "run_federation",
+    "TritonClientConvolution", "BFloat16Compute", "DivergenceError", "universal_logits", "forgiving_logits",
+    "forgiving_mixture", "feedback_surrogate", "label_shares", "swap_permutation", "step_bytes", "MultiDiscriminators",
+    "Federation", "format_round", "run_federation",
     "CENTRALIZED_FIELDS", "centralized_config", "centralized_baseline", "format_table", "describe_partition",
     "run_ablation", "run_seeds", "Classifier", "classifier_outputs", "train_classifier", "frechet_distance",
     "kernel_distance", "inception_score", "Evaluator", "evaluate", "make_evaluator", "inception_fid", "knn_radii",

@@ -15,6 +15,7 @@ Reading order, from what a round does down to how it is computed fast:
     privacy.py       DP-FedAvg's clip and noise, and its accountant
     scaffold.py      SCAFFOLD's control variates: the drift correction of the clients' gradients
     watchdog.py      a run that diverged or collapsed stops with a clear message
+    multi_discriminator.py  one G at the server, a D a client, nothing averaged: MD-GAN, UA-GAN, F2U, F2A
     federation.py    Federation: the round loop
     experiments.py   ablation grids, seeds, the centralized baseline
     metrics.py       FID, KID, IS, conditional accuracy in a classifier's features
@@ -23,6 +24,7 @@ Reading order, from what a round does down to how it is computed fast:
     engine/          local training of all selected clients at once: the only place that knows how
                      clients are batched (vmap, CUDA streams and graphs, Triton convolutions);
                      engine/reference.py is the same round written as a plain loop over the clients
+                     (engine/discriminators.py: the clients' own Ds of the multi-discriminator layouts)
     flower/          the same federation as a Flower App on real SuperLink and SuperNode processes
                      (an optional extra: the only place flwr is imported)
 

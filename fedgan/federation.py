@@ -18,16 +18,17 @@ from fedgan.checkpoints import (
     CheckpointError, claim_run_dir, flat_adam_states, latest_checkpoint, pack_grid, prune_checkpoints, restore_newest,
     run_folders, save_checkpoint, unpack_grid, write_claim)
 from fedgan.compression import compress_updates
-from fedgan.config import DATASETS, FedConfig, clients_per_round
+from fedgan.config import DATASETS, MULTI_D_LAYOUTS, FedConfig, clients_per_round
 from fedgan.data import check_data, load_dataset, training_images
-from fedgan.engine.precision import bfloat16_compute
+from fedgan.engine.precision import bfloat16_compute, warn_if_slow_bfloat16
 from fedgan.engine.stacked import broadcast, fresh_adam_state, map_tensors, slice_client, stack_clients
 from fedgan.engine.trainer import train_clients
-from fedgan.environment import env_report, pick_device, rng_state, seed_everything, set_rng_state, warn
+from fedgan.environment import env_report, pick_device, rng_state, seed_everything, set_rng_state
 from fedgan.gan import LocalTraining, generator_steps
 from fedgan.metrics import Evaluator, make_evaluator
 from fedgan.models import build_models, generate, norm_state_keys
-from fedgan.partition import partition
+from fedgan.multi_discriminator import MultiDiscriminators
+from fedgan.partition import partition, partition_report
 from fedgan.privacy import noisy_state, private_round
 from fedgan.rounds import (
     RNG_DROPOUT, RNG_NOISE, RNG_SELECTION, RoundPlan, attacker_ids, choose_clients, client_speeds,
@@ -73,10 +74,7 @@ class Federation:
                             f"config.strategy, got {type(strategy).__name__}")
         self.config, self.log = config, log
         self.device = pick_device(config.device)
-        if (config.engine.bfloat16 and self.device.type == "cuda"
-                and torch.cuda.get_device_capability(self.device)[0] < 8):
-            warn(f"engine.bfloat16 on a {torch.cuda.get_device_name(self.device)}: GPUs before Ampere (e.g. Kaggle's "
-                 "T4 and P100) have no bfloat16 tensor cores, so it is likely slower than float32 there")
+        warn_if_slow_bfloat16(config.engine.bfloat16, self.device)
         if data is not None:
             check_data(*data, config.dataset)
         self.images, self.labels, self.parts, self.attackers, self.client_labels = client_data(config, data,
@@ -97,6 +95,8 @@ class Federation:
         self.strategy_name = config.strategy if strategy is None else type(strategy).__name__
         self.controls = (ControlVariates(dict(networks), config.num_clients, {"g": config.lr_g, "d": config.lr_d})
                          if config.strategy == "scaffold" else None)  # SCAFFOLD's: the server's here, c_i in stores
+        self.multi_d = (MultiDiscriminators(config, generator, discriminator, partition_report(
+            self.client_labels, self.parts, num_classes)) if config.gan_layout in MULTI_D_LAYOUTS else None)
         self._param_names = {which: {n for n, _ in model.named_parameters()} for which, model in networks}
         self.local_training = LocalTraining.of(config)
         self.speeds = client_speeds(config.num_clients, config.client_speed_sigma, config.seed)
@@ -173,8 +173,8 @@ class Federation:
             strategy.load_state_dict(map_tensors(checkpoint["strategies"][which], lambda t: t.to(self.device)))
         # format 1 checkpoints (before asynchrony and the server generator) lack these; simulated time restarts at 0
         self.clock, self.in_flight = checkpoint.get("clock", 0.0), checkpoint.get("in_flight", [])
-        if self.controls is not None:
-            self.controls.load_state_dict(checkpoint["controls"])
+        for name, part in self._server_parts().items():
+            part.load_state_dict(checkpoint[name])
         self.server_g_opt = None
         if checkpoint.get("server_g_opt") is not None:
             self.server_g_opt = torch.optim.Adam(self.generator.parameters(), lr=self.config.lr_g,
@@ -189,7 +189,8 @@ class Federation:
 
     def client_losses(self) -> dict[int, float]:
         """Each client's discriminator loss from the last round it trained (power-of-choice ranks by it)."""
-        return {c: store["last_loss"] for c, store in self.client_store.items() if "last_loss" in store}
+        return {c: store["last_loss"] for c, store in self.client_store.items() if "last_loss" in store} | (
+            self.multi_d.last_losses if self.multi_d is not None else {})
 
     def _client_start(self, which: str, model: nn.Module, plan: RoundPlan) -> dict[str, Tensor]:
         """The stacked state each selected client starts from: the global one, with its own local keys kept."""
@@ -445,14 +446,15 @@ class Federation:
                 updates, log = self._async_updates(self.round + 1)
             else:
                 plan = plan_round(config, self.parts, self.round + 1, self.client_losses(), self.groups)
-                updates = self._train(plan) if len(plan.client_ids) else None
+                updates = None if not len(plan.client_ids) else self._train(plan) if self.multi_d is None else (
+                    self.multi_d.train_round(self.generator, self.discriminator, self.images, self.client_labels, plan))
                 log = {"dropped_out": plan.dropped_out, "late": plan.late, "sim_time": plan.sim_time,
                        "images": int(plan.steps.sum()) * config.batch_size,
                        "bytes_down": self._bytes_down() * len(plan.client_ids)}
             if updates is not None and not len(updates["client_ids"]):  # all lost on the way (a Flower node gone)
                 log["failed"], updates = updates["failed"], None
             if updates is not None:
-                log.update(self._aggregate(updates, self.round + 1))
+                log.update(self._aggregate(updates, self.round + 1) if self.multi_d is None else updates["log"])
             elif self.log:
                 print(f"round {self.round + 1}: no client reported back; the global models stay as they were")
         except BaseException:
@@ -499,13 +501,17 @@ class Federation:
             raise failed
         return record
 
+    def _server_parts(self) -> dict[str, Any]:
+        """SCAFFOLD's control variates and a multi-discriminator layout's state, where the config has them."""
+        return {name: part for name, part in (("controls", self.controls), ("multi_d", self.multi_d)) if part}
+
     def _round_state(self) -> dict[str, Any]:
         """What a round changes, copied: the global models, the clients' and the server's state, asynchrony's."""
         return copy.deepcopy({
             "generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict(),
             "client_store": self.client_store, "strategies": self.strategies, "in_flight": self.in_flight,
             "clock": self.clock, "server_g_opt": self.server_g_opt.state_dict() if self.server_g_opt else None,
-            "controls": self.controls.state_dict() if self.controls is not None else None})
+            **{name: part.state_dict() for name, part in self._server_parts().items()}})
 
     def _return_to(self, state: dict[str, Any]) -> None:
         """Undo a round that failed part way: every piece of _round_state as it was before it."""
@@ -513,8 +519,8 @@ class Federation:
         self.discriminator.load_state_dict(state["discriminator"])
         self.client_store, self.strategies = state["client_store"], state["strategies"]
         self.in_flight, self.clock = state["in_flight"], state["clock"]
-        if self.controls is not None:
-            self.controls.load_state_dict(state["controls"])
+        for name, part in self._server_parts().items():
+            part.load_state_dict(state[name])
         if state["server_g_opt"] is None:
             self.server_g_opt = None
         else:
@@ -569,7 +575,7 @@ class Federation:
             "clock": self.clock,
             "in_flight": self.in_flight,
             "server_g_opt": self.server_g_opt.state_dict() if self.server_g_opt is not None else None,
-            "controls": self.controls.state_dict() if self.controls is not None else None,
+            **{name: part.state_dict() for name, part in self._server_parts().items()},
             "rng": rng_state(),  # the rounds draw from (seed, round)-derived generators; this is the caller's
         })
         if path.parent == self.run_dir:

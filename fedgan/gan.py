@@ -83,7 +83,12 @@ def discriminator_loss(discriminator: Discriminate, real: Tensor, fake: Tensor, 
 def generator_loss(discriminator: Discriminate, fake: Tensor, labels: Tensor, *, loss: str = "bce") -> Tensor:
     """G's loss: "bce", the non-saturating one (D should call the generated images real, 1); "hinge": -mean(D(fake)),
     the generator's side of the hinge loss."""
-    logits = discriminator(fake, labels).float()
+    return generator_objective(discriminator(fake, labels).float(), loss)
+
+
+def generator_objective(logits: Tensor, loss: str = "bce") -> Tensor:
+    """generator_loss on a discriminator's logits [B] of the generated images (also a combination of several
+    discriminators' logits, multi_discriminator.py)."""
     if loss == "hinge":
         return -logits.mean()
     return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))

@@ -111,7 +111,9 @@ def test_a_round_with_no_replies_keeps_the_global_models(mnist_small, tiny_confi
 
 
 @pytest.mark.parametrize("fields, match", [(dict(sync_mode="async"), "synchronous rounds only"),
-                                           (dict(sync_networks="d"), "synchronises both networks")])
+                                           (dict(sync_networks="d"), "synchronises both networks"),
+                                           (dict(gan_layout="ua_gan"), "run in the simulation"),
+                                           (dict(strategy="scaffold"), "not sent in Flower messages yet")])
 def test_what_a_flower_run_does_not_do_is_a_clear_error(mnist_small, tiny_config, fields, match):
     with pytest.raises(ValueError, match=match):
         RemoteFederation(tiny_config(**fields), lambda tasks, states: {}, data=mnist_small, log=False)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from fedgan.engine.stacked import map_tensors
+from fedgan.environment import warn
 
 Tensor = torch.Tensor
 
@@ -53,3 +54,10 @@ def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:
 
 def bfloat16_compute(enabled: bool) -> contextlib.AbstractContextManager:
     return BFloat16Compute() if enabled else contextlib.nullcontext()
+
+
+def warn_if_slow_bfloat16(enabled: bool, device: torch.device) -> None:
+    """bfloat16 on a GPU before Ampere: a one-line warning that it is likely slower there than float32."""
+    if enabled and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        warn(f"engine.bfloat16 on a {torch.cuda.get_device_name(device)}: GPUs before Ampere (e.g. Kaggle's T4 and "
+             "P100) have no bfloat16 tensor cores, so it is likely slower than float32 there")
