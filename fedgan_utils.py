@@ -57,7 +57,7 @@ from fedgan.checkpoints import (
 from fedgan.plots import (
     image_grid, plot_images, plot_label_grid, plot_grid_evolution, plot_losses, plot_partition, draw_checkpoint_samples,
     browse_checkpoints, plot_metrics, plot_per_class_accuracy, plot_metric_curves, plot_lines, plot_seed_spread,
-    plot_sample_grids, plot_tradeoff, save_round_grids, save_grid_gif)
+    plot_class_heatmap, plot_sample_grids, plot_tradeoff, save_round_grids, save_grid_gif)
 
 __all__ = [
     "cuda_arch_supported", "pick_device", "seed_everything", "rng_state", "set_rng_state", "env_report", "DatasetInfo",
@@ -90,5 +90,5 @@ __all__ = [
     "save_history", "load_generator", "image_grid", "plot_images", "plot_label_grid",
     "plot_grid_evolution", "plot_losses", "plot_partition", "draw_checkpoint_samples", "browse_checkpoints",
     "plot_metrics", "plot_per_class_accuracy", "plot_metric_curves", "plot_lines", "plot_seed_spread",
-    "plot_sample_grids", "plot_tradeoff", "save_round_grids", "save_grid_gif",
+    "plot_class_heatmap", "plot_sample_grids", "plot_tradeoff", "save_round_grids", "save_grid_gif",
 ]

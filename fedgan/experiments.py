@@ -92,6 +92,9 @@ def describe_partition(config: FedConfig) -> str:
     return f"{config.partition}({', '.join(params)})" if params else config.partition
 
 
+MODE_COVERAGE = ("precision", "recall", "density", "coverage", "per_class_coverage")  # in a row when evaluated
+
+
 def run_ablation(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], *,
                  data: tuple[Tensor, Tensor] | None = None, evaluator: Evaluator | None = None, log: bool = True
                  ) -> tuple[list[dict[str, Any]], dict[str, Federation]]:
@@ -101,7 +104,7 @@ def run_ablation(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], *,
     resume needs) unless the cell or `base` sets keep_checkpoints. The metric classifier is `evaluator`'s when
     given (to score on the scale of an earlier grid), else the first cell's. Returns a table row a cell (the cell's
     overrides; final metrics; images seen; training seconds, evaluation excluded; simulated time;
-    megabytes sent; epsilon of a DP run) and the federations, for curves and sample grids.
+    megabytes sent; epsilon of a DP run; MODE_COVERAGE's metrics) and the federations, for curves and sample grids.
     """
     data = data if data is not None else load_dataset(base.dataset, base.data_root)
     rows: list[dict[str, Any]] = []
@@ -131,7 +134,7 @@ def run_ablation(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], *,
                "images": last["images_total"], "seconds": sum(r["seconds"] for r in federation.history),
                "sim_time": federation.clock, "MB": last["bytes_total"] / 1e6,
                **({"epsilon": last["epsilon"]} if "epsilon" in last else {}),
-               **{k: metrics[k] for k in ("fid", "kid", "is", "cond_acc")}}
+               **{k: metrics[k] for k in ("fid", "kid", "is", "cond_acc", *MODE_COVERAGE) if k in metrics}}
         rows.append(row)
         runs[name] = federation
         if log:
@@ -142,15 +145,15 @@ def run_ablation(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], *,
 
 def run_seeds(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], *,
               data: tuple[Tensor, Tensor] | None = None, evaluator: Evaluator | None = None,
-              known: Mapping[str, Mapping[str, Any]] | None = None, log: bool = True
-              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+              known: Mapping[str, Mapping[str, Any]] | None = None, log: bool = True,
+              metrics: Sequence[str] = ("fid", "cond_acc")) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Each cell of a grid again at every seed, so that a difference between cells can be held against the spread
     of one cell over seeds (the seed draws the partition, the initial models, the batches and the noise).
 
     `known` maps cell names to rows already run at `base.seed` (the grid's), reused rather than run again; pass the
     grid's `evaluator` with them so every seed is scored by the same classifier. Returns a row a cell and seed
-    (with "seed") and a summary a cell: "fid@s" and "cond_acc@s" for each seed s, then the mean and the standard
-    deviation over seeds of each ("fid_mean", "fid_sd", ...).
+    (with "seed") and a summary a cell: for each of `metrics` ("fid", "cond_acc"; any number a row has) its value
+    at each seed s ("fid@s"), then its mean and standard deviation over seeds ("fid_mean", "fid_sd", ...).
     """
     seeds = list(seeds)
     require(len(seeds) >= 2 and len(set(seeds)) == len(seeds) and all(map(non_negative_int, seeds)), "seeds",
@@ -175,7 +178,7 @@ def run_seeds(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], seeds: Se
                           if reused(name, seed) else next(found)) for seed in seeds}
         rows += by_seed.values()
         line: dict[str, Any] = {"cell": name, "seeds": len(seeds)}
-        for metric in ("fid", "cond_acc"):
+        for metric in metrics:
             values = np.array([by_seed[seed][metric] for seed in seeds], dtype=float)
             line.update({f"{metric}@{seed}": float(v) for seed, v in zip(seeds, values)})
             line.update({f"{metric}_mean": float(values.mean()), f"{metric}_sd": float(values.std(ddof=1))})

@@ -289,6 +289,29 @@ def plot_seed_spread(summary: Sequence[Mapping[str, Any]], metric: str = "fid", 
     return _finish(ax.figure, save_to)
 
 
+def plot_class_heatmap(rows: Sequence[Mapping[str, Any]], key: str = "per_class_coverage", *,
+                       class_names: Sequence[str] = tuple("0123456789"), label: str = "cell", title: str = "",
+                       ax=None, save_to: str | os.PathLike | None = None):
+    """A row a cell, a column a class, coloured by a per-class metric in [0, 1] (e.g. coverage: which classes each
+    method loses); the values written in the squares."""
+    import matplotlib.pyplot as plt
+
+    values = np.array([row[key] for row in rows], dtype=float)  # (cells, classes)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(0.6 * values.shape[1] + 3, 0.42 * len(rows) + 1.2))
+    image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for (r, c), value in np.ndenumerate(values):
+        ax.text(c, r, "-" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=7,
+                color="white" if value < 0.6 else "black")
+    ax.set_xticks(range(values.shape[1]))
+    ax.set_xticklabels(class_names[: values.shape[1]])
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([row[label] for row in rows])
+    ax.set_title(title or key)
+    ax.figure.colorbar(image, ax=ax, fraction=0.03)
+    return _finish(ax.figure, save_to)
+
+
 def plot_sample_grids(grids: Mapping[str, Tensor], *, ncols: int = 4, save_to: str | os.PathLike | None = None):
     """Runs' fixed-noise sample grids ([100, C, H, W]: one label a row) side by side, titled by run."""
     import matplotlib.pyplot as plt

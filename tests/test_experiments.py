@@ -41,6 +41,11 @@ def test_run_seeds_reuses_the_grids_rows_reruns_the_rest_on_its_classifier_and_s
         assert math.isclose(line["fid_mean"], fids.mean())
         assert math.isclose(line["fid_sd"], abs(fids[1] - fids[0]) / 2 ** 0.5)  # sample sd of two values
         assert math.isclose(line["cond_acc_mean"], (pair[0]["cond_acc"] + pair[1]["cond_acc"]) / 2)
+    assert all(0 <= r["coverage"] <= 1 and len(r["per_class_coverage"]) == 10 for r in rows)  # mode coverage too
+    _, covered = fu.run_seeds(base, cells, (0, 1), data=mnist_small, evaluator=evaluator, log=False,
+                              known={row["cell"]: row for row in grid_rows}, metrics=("coverage",))
+    assert covered[0]["coverage@0"] == grid_rows[0]["coverage"] and "fid_mean" not in covered[0]
+    assert math.isclose(covered[1]["coverage_mean"], (rows[2]["coverage"] + rows[3]["coverage"]) / 2)
     with pytest.raises(ValueError, match="seeds"):
         fu.run_seeds(base, cells, (0,), data=mnist_small, evaluator=evaluator)
     with pytest.raises(ValueError, match="evaluator"):

@@ -139,3 +139,14 @@ def test_seed_spread_puts_a_dot_a_seed_and_the_mean_on_each_cells_row(tmp_path):
     assert dots == [[[10.0, 0.0], [14.0, 0.0]], [[30.0, 1.0], [20.0, 1.0]]]
     assert [list(line.get_xdata()) for line in ax.get_lines()] == [[12.0, 12.0], [25.0, 25.0]]
     assert (tmp_path / "seeds.png").stat().st_size > 1000
+
+
+def test_class_heatmap_colours_a_row_a_cell_and_writes_each_value(tmp_path):
+    rows = [{"cell": "FedAvg", "per_class_coverage": [0.9, 0.0, 0.5]},
+            {"cell": "UA-GAN", "per_class_coverage": [0.8, 0.7, float("nan")]}]
+    fig = fu.plot_class_heatmap(rows, class_names=("0", "1", "2"), save_to=tmp_path / "coverage.png")
+    ax = fig.axes[0]
+    assert ax.images[0].get_array().tolist()[0] == [0.9, 0.0, 0.5]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["FedAvg", "UA-GAN"]
+    assert [t.get_text() for t in ax.texts] == ["0.90", "0.00", "0.50", "0.80", "0.70", "-"]
+    assert (tmp_path / "coverage.png").stat().st_size > 1000
