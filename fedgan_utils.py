@@ -14,7 +14,8 @@ from fedgan.data import (
     MNIST_FILES, CIFAR_FOLDER, DatasetNotFoundError, cache_dir, load_dataset, to_float_images, examples_per_label,
     training_images)
 from fedgan.partition import partition, partition_report
-from fedgan.models import dcgan_init_, Generator, Discriminator, build_models, norm_state_keys, generate
+from fedgan.models import (
+    dcgan_init_, Generator, SpectralConv2d, Discriminator, build_models, norm_state_keys, generate)
 from fedgan.gan import LocalTraining, discriminator_loss, generator_loss, proximal_term, gan_step
 from fedgan.rounds import (
     derive_seed, RNG_SELECTION, RNG_BATCHES, RNG_NOISE, RNG_SPEED, RNG_DROPOUT, RNG_ATTACK, RNG_DP, RoundPlan,
@@ -66,7 +67,7 @@ __all__ = [
     "STRAGGLER_POLICIES", "STEP_NORMALISATIONS", "COMPRESSIONS", "ATTACKS", "DP_STRATEGIES", "CHOICES", "PRESETS",
     "PARTITION_PARAMS", "EngineOptions", "FedConfig", "preset", "default_preset", "clients_per_round", "MNIST_FILES",
     "CIFAR_FOLDER", "DatasetNotFoundError", "cache_dir", "load_dataset", "to_float_images", "examples_per_label",
-    "training_images", "partition", "partition_report", "dcgan_init_", "Generator", "Discriminator", "build_models",
+    "training_images", "partition", "partition_report", "dcgan_init_", "Generator", "SpectralConv2d", "Discriminator", "build_models",
     "norm_state_keys", "generate", "LocalTraining", "discriminator_loss", "generator_loss", "proximal_term", "gan_step",
     "derive_seed", "RNG_SELECTION", "RNG_BATCHES", "RNG_NOISE", "RNG_SPEED", "RNG_DROPOUT", "RNG_ATTACK", "RNG_DP",
     "RoundPlan", "choose_clients", "select_clients", "client_speeds", "attacker_ids", "poison_update",

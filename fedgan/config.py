@@ -51,6 +51,7 @@ COMPRESSIONS = ("none", "topk", "int8")
 ATTACKS = ("none", "sign_flip", "noise", "nan", "label_flip")  # nan: a broken client sending NaN
 GAN_LOSSES = ("bce", "hinge")  # gan.py: the non-saturating GAN's cross-entropy, or the hinge loss
 D_CONDITIONINGS = ("channel", "projection")  # models.py: how D sees the label
+D_NORMS = ("batch", "spectral")  # models.py: batch norm in D's hidden blocks, or spectral norm of every layer
 # where G and D live and what travels (federation.py; the last four: multi_discriminator.py)
 GAN_LAYOUTS = ("fedavg", "server_g", "md_gan", "ua_gan", "f2u", "f2a")
 MULTI_D_LAYOUTS = ("md_gan", "ua_gan", "f2u", "f2a")  # one G at the server, one D a client, nothing averaged
@@ -245,6 +246,7 @@ class FedConfig:
     ngf: int = 64  # generator width
     ndf: int = 64  # discriminator width
     d_conditioning: str = "channel"  # D sees the label as an extra input "channel" or by "projection" (models.py)
+    d_norm: str = "batch"  # D's hidden blocks batch-normalised, or every layer "spectral"-normalised (models.py)
     # evaluation in a metric classifier's features (metrics.py)
     eval_every: int | None = 0  # evaluate every this many rounds and after the last (0: only the last; None: never)
     eval_samples: int = 10000  # generated (and real reference) images per evaluation
@@ -414,7 +416,8 @@ CHOICES.update(dataset=tuple(sorted(DATASETS)), partition=PARTITIONS, bn_policy=
                selection=SELECTIONS, sync_networks=SYNC_NETWORKS, sync_mode=SYNC_MODES, staleness=STALENESS_RULES,
                threshold_rule=THRESHOLD_RULES, threshold_action=THRESHOLD_ACTIONS,
                straggler_policy=STRAGGLER_POLICIES, step_normalisation=STEP_NORMALISATIONS, compression=COMPRESSIONS,
-               attack=ATTACKS, gan_loss=GAN_LOSSES, d_conditioning=D_CONDITIONINGS, gan_layout=GAN_LAYOUTS)
+               attack=ATTACKS, gan_loss=GAN_LOSSES, d_conditioning=D_CONDITIONINGS, d_norm=D_NORMS,
+               gan_layout=GAN_LAYOUTS)
 
 PARTITION_PARAMS: dict[str, tuple[str, ...]] = {
     "iid": (),

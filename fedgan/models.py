@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fedgan.checks import is_int, positive_int, require
-from fedgan.config import D_CONDITIONINGS, DATASETS, FedConfig, as_python
+from fedgan.config import D_CONDITIONINGS, D_NORMS, DATASETS, FedConfig, as_python
 
 Tensor = torch.Tensor
 
@@ -79,31 +79,65 @@ class Generator(nn.Module):
         return self.main[1:](x)  # (B, C, H, W)
 
 
+class SpectralConv2d(nn.Conv2d):
+    """A convolution whose weight is divided by its largest singular value sigma(W), W its [out, in x kh x kw]
+    matrix (spectral normalisation, Miyato et al., ICLR 2018): a D made of such layers is Lipschitz-bounded.
+
+    sigma is estimated by one power iteration each forward pass in training from the vector u, a buffer, so the
+    estimate sharpens as W moves slowly: v = W^T u / |W^T u|, u = W v / |W v|, sigma = u^T W v, the gradient flowing
+    through W only. As a buffer u travels and is aggregated as BatchNorm's statistics are: every client starts a
+    round from the global u, so the clients' u stay aligned and their average is the next round's warm start (its
+    length does not matter: the next iteration normalises it).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("u", F.normalize(torch.randn(self.out_channels), dim=0))
+
+    def normalised_weight(self) -> Tensor:
+        matrix = self.weight.flatten(1)  # (out, in x kh x kw)
+        u = self.u
+        with torch.no_grad():
+            if self.training:  # one power iteration, its u kept for the next pass
+                u = F.normalize(matrix @ F.normalize(matrix.t() @ u, dim=0), dim=0)
+                self.u.copy_(u)
+            v = F.normalize(matrix.t() @ u, dim=0)
+        return self.weight / (u @ matrix @ v)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self._conv_forward(images, self.normalised_weight(), self.bias)
+
+
 class Discriminator(nn.Module):
     """Conditional DCGAN discriminator. conditioning="channel": the label enters as an extra learned image channel;
     "projection" (Miyato & Koyama, ICLR 2018): D's logit is psi(phi(x)) + <embed(y), phi(x)>, the inner product of a
-    learned embedding of the label with the features phi(x) that the last layer reads."""
+    learned embedding of the label with the features phi(x) that the last layer reads. norm="batch": batch norm in
+    the hidden blocks (DCGAN); "spectral": every convolution spectrally normalised (SpectralConv2d) and no batch norm,
+    as in SN-GAN (the label's embeddings are not normalised)."""
 
     def __init__(self, *, image_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10, ndf: int = 64,
-                 conditioning: str = "channel"):
+                 conditioning: str = "channel", norm: str = "batch"):
         super().__init__()
         channels, height, width = _check_sizes(image_shape, num_classes=num_classes, ndf=ndf)
         require(conditioning in D_CONDITIONINGS, "conditioning", conditioning, f"one of {list(D_CONDITIONINGS)}")
+        require(norm in D_NORMS, "norm", norm, f"one of {list(D_NORMS)}")
         base, doublings = _resolution_plan(height)
-        self.config = dict(image_shape=tuple(image_shape), num_classes=num_classes, ndf=ndf, conditioning=conditioning)
+        self.config = dict(image_shape=tuple(image_shape), num_classes=num_classes, ndf=ndf, conditioning=conditioning,
+                           norm=norm)
         self.num_classes, self.image_size, self.conditioning = num_classes, height, conditioning
         if conditioning == "channel":  # made first: the order the random initialisation draws in
             self.label_channel = nn.Embedding(num_classes, height * width)
         else:  # one phi(x)-sized vector a label; phi(x) has the width of the last block times base x base
             self.label_projection = nn.Embedding(num_classes, ndf * 2 ** (doublings - 1) * base * base)
         in_channels = channels + 1 if conditioning == "channel" else channels
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
+        conv = SpectralConv2d if norm == "spectral" else nn.Conv2d
+        layers: list[nn.Module] = [conv(in_channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
         width_mult = 1
         for _ in range(doublings - 1):  # each block halves the resolution and doubles the width
-            layers += [nn.Conv2d(ndf * width_mult, ndf * width_mult * 2, 4, 2, 1, bias=False),
-                       nn.BatchNorm2d(ndf * width_mult * 2), nn.LeakyReLU(0.2, True)]
+            layers += [conv(ndf * width_mult, ndf * width_mult * 2, 4, 2, 1, bias=False),
+                       *([nn.BatchNorm2d(ndf * width_mult * 2)] if norm == "batch" else []), nn.LeakyReLU(0.2, True)]
             width_mult *= 2
-        layers += [nn.Conv2d(ndf * width_mult, 1, base, 1, 0, bias=False)]  # (B, 1, 1, 1)
+        layers += [conv(ndf * width_mult, 1, base, 1, 0, bias=False)]  # (B, 1, 1, 1)
         self.main = nn.Sequential(*layers)
         dcgan_init_(self)
         if conditioning == "projection":
@@ -116,7 +150,9 @@ class Discriminator(nn.Module):
             images = torch.cat([images, label_map], dim=1)
         features = self.main[:-1](images).flatten(1)  # (B, C', base, base) -> (B, F): phi(x)
         # the last layer's kernel covers the whole map: a matrix product, computed as one (as in the Generator)
-        logits = F.linear(features, self.main[-1].weight.flatten(1)).flatten()  # (B,)
+        last = self.main[-1]
+        weight = last.normalised_weight() if isinstance(last, SpectralConv2d) else last.weight
+        logits = F.linear(features, weight.flatten(1)).flatten()  # (B,)
         if self.conditioning == "projection":
             logits = logits + (self.label_projection(labels) * features).sum(1)  # + <embed(y), phi(x)>
         return logits
@@ -128,7 +164,7 @@ def build_models(config: FedConfig) -> tuple[Generator, Discriminator]:
     generator = Generator(image_shape=info.image_shape, num_classes=info.num_classes, z_dim=config.z_dim,
                           embed_dim=config.embed_dim, ngf=config.ngf)
     discriminator = Discriminator(image_shape=info.image_shape, num_classes=info.num_classes, ndf=config.ndf,
-                                  conditioning=config.d_conditioning)
+                                  conditioning=config.d_conditioning, norm=config.d_norm)
     return generator, discriminator
 
 

@@ -49,7 +49,9 @@ def test_engine_matches_the_per_client_reference_loop_over_two_rounds(mnist_smal
     dict(gan_layout="server_g"),  # the clients train only D
     dict(bn_policy="local", partition="dirichlet", alpha=0.5, min_size=20, local_steps=None, local_epochs=0.1),
     dict(gan_loss="hinge", d_conditioning="projection"),  # the stronger-baseline options
-    dict(label_smoothing=0.1, d_conditioning="projection", gan_layout="server_g")])
+    dict(label_smoothing=0.1, d_conditioning="projection", gan_layout="server_g"),
+    dict(d_norm="spectral"),  # the power iterations' u, buffers updated in place each forward
+    dict(d_norm="spectral", d_conditioning="projection", gan_loss="hinge", optimizer_state="keep")])
 def test_engine_matches_the_reference_loop_with_kept_adam_states_and_d_only_clients(mnist_small, tiny_config,
                                                                                     overrides, client_map):
     config = tiny_config(**overrides)

@@ -145,3 +145,41 @@ def test_the_projection_discriminator_adds_the_inner_product_of_the_label_embedd
     assert fu.build_models(fu.FedConfig(d_conditioning="projection", ndf=8))[1].conditioning == "projection"
     with pytest.raises(ValueError, match=r"conditioning='label' is not allowed: one of \['channel', 'projection'\]"):
         fu.Discriminator(conditioning="label")
+
+
+def test_spectral_normalisation_divides_the_weight_by_its_largest_singular_value():
+    conv = fu.SpectralConv2d(2, 2, 1, bias=False)  # a 1x1 convolution: its matrix is W
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 1.0]]).view(2, 2, 1, 1))
+        conv.u.copy_(torch.tensor([0.6, 0.8]))
+    # one power iteration by hand: v = W^T u / |.| = (1.8, 0.8) / |.|, u = W v / |.|, sigma = u^T W v
+    v = torch.tensor([1.8, 0.8]) / torch.tensor([1.8, 0.8]).norm()
+    u = torch.tensor([3.0, 1.0]) * v / (torch.tensor([3.0, 1.0]) * v).norm()
+    sigma = u @ torch.diag(torch.tensor([3.0, 1.0])) @ (torch.diag(torch.tensor([3.0, 1.0])) @ u
+                                                          / (torch.diag(torch.tensor([3.0, 1.0])) @ u).norm())
+    x = torch.randn(4, 2, 3, 3)
+    torch.testing.assert_close(conv.train()(x), torch.nn.functional.conv2d(x, conv.weight / sigma))
+    torch.testing.assert_close(conv.u, u)  # the iteration's u is kept for the next pass
+    for _ in range(30):  # the estimate converges to sigma(W) = 3: the layer's largest gain is 1
+        conv(x)
+    torch.testing.assert_close(conv.normalised_weight().flatten(1), torch.diag(torch.tensor([1.0, 1 / 3])))
+    frozen = conv.u.clone()
+    conv.eval()(x)
+    assert torch.equal(conv.u, frozen)  # in evaluation the estimate is used, not moved
+
+
+def test_a_spectral_discriminator_has_no_batch_norm_and_every_layer_normalised():
+    config = fu.FedConfig(d_norm="spectral", ndf=8, d_conditioning="projection")
+    _, discriminator = fu.build_models(config)
+    convolutions = [m for m in discriminator.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(isinstance(m, fu.SpectralConv2d) for m in convolutions)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in discriminator.modules())
+    images, labels = torch.randn(5, 1, 28, 28), torch.arange(5)
+    assert discriminator(images, labels).shape == (5,)
+    for module in convolutions:  # every layer's normalised weight has spectral norm ~1 after a few passes
+        for _ in range(50):
+            discriminator(images, labels)
+        gain = torch.linalg.matrix_norm(module.normalised_weight().detach().flatten(1), ord=2)
+        assert float(gain) == pytest.approx(1.0, abs=1e-2)
+    with pytest.raises(ValueError, match=r"d_norm='layer' is not allowed: one of \['batch', 'spectral'\]"):
+        fu.FedConfig(d_norm="layer")
