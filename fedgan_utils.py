@@ -19,8 +19,8 @@ from fedgan.models import (
 from fedgan.gan import LocalTraining, discriminator_loss, generator_loss, proximal_term, gan_step
 from fedgan.rounds import (
     derive_seed, RNG_SELECTION, RNG_BATCHES, RNG_NOISE, RNG_SPEED, RNG_DROPOUT, RNG_ATTACK, RNG_DP, RoundPlan,
-    choose_clients, select_clients, client_speeds, attacker_ids, poison_update, local_steps_for, plan_clients,
-    plan_round)
+    step_noise, instance_noise_std, step_input_noise, choose_clients, select_clients, client_speeds, attacker_ids,
+    poison_update, local_steps_for, plan_clients, plan_round)
 from fedgan.aggregation import (
     fedavg_stacked, stack_states, unstack_states, fedavg, median, trimmed_mean, krum, update_norms, scale_updates,
     fednova_rescale, staleness_weight)
@@ -70,7 +70,7 @@ __all__ = [
     "training_images", "partition", "partition_report", "dcgan_init_", "Generator", "SpectralConv2d", "Discriminator",
     "build_models", "norm_state_keys", "generate", "LocalTraining", "discriminator_loss", "generator_loss", "proximal_term", "gan_step",
     "derive_seed", "RNG_SELECTION", "RNG_BATCHES", "RNG_NOISE", "RNG_SPEED", "RNG_DROPOUT", "RNG_ATTACK", "RNG_DP",
-    "RoundPlan", "choose_clients", "select_clients", "client_speeds", "attacker_ids", "poison_update",
+    "RoundPlan", "step_noise", "instance_noise_std", "step_input_noise", "choose_clients", "select_clients", "client_speeds", "attacker_ids", "poison_update",
     "local_steps_for", "plan_clients", "plan_round", "fedavg_stacked", "stack_states", "unstack_states", "fedavg",
     "median", "trimmed_mean", "krum", "update_norms", "scale_updates", "fednova_rescale", "staleness_weight",
     "Strategy", "FedAvg", "RobustRule", "SERVER_OPTIMIZERS", "ServerOptimizer", "Thresholded", "make_strategy",

@@ -106,6 +106,7 @@ FIELD_RULES: dict[str, tuple[Any, str]] = {  # the numeric fields: a test and wh
        for name in ("sigma", "client_speed_sigma")},
     "client_fraction": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "label_smoothing": (lambda v: is_number(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
+    "instance_noise": (lambda v: is_number(v) and finite(v) and v >= 0, "a number >= 0"),
 }
 
 
@@ -240,6 +241,7 @@ class FedConfig:
     betas: tuple[float, float] = (0.5, 0.999)  # Adam betas (DCGAN: 0.5, 0.999)
     gan_loss: str = "bce"  # "bce" (the non-saturating GAN) or "hinge" (gan.py)
     label_smoothing: float = 0.0  # bce: D's targets for real images are 1 - this (one-sided smoothing)
+    instance_noise: float = 0.0  # std of Gaussian noise on D's inputs in round 1, annealed linearly towards 0
     # model
     z_dim: int = 100  # latent noise size
     embed_dim: int = 10  # size of the generator's label embedding
@@ -302,6 +304,8 @@ class FedConfig:
                  "letters, digits, '-', '_' and '.' only (it names folders)")
         require(self.label_smoothing == 0 or self.gan_loss == "bce", "label_smoothing", self.label_smoothing,
                 "0 with gan_loss='hinge' (smoothing moves the cross-entropy's targets; the hinge loss has none)")
+        require(self.instance_noise == 0 or self.gan_layout == "fedavg", "instance_noise", self.instance_noise,
+                f"0 with gan_layout={self.gan_layout!r} (the noise is on the clients' D inputs of their local steps)")
         require(not (self.strategy == "fedprox" and self.prox_mu == 0), "prox_mu", self.prox_mu,
                  "a number > 0 (or None: 0.01) with strategy='fedprox'")
         per_round = clients_per_round(self.num_clients, self.client_fraction)

@@ -36,6 +36,7 @@ class LocalTraining:
     gan_loss: str = "bce"  # "bce" or "hinge": discriminator_loss and generator_loss
     label_smoothing: float = 0.0  # bce: D's target for real images is 1 - label_smoothing
     control_variates: bool = False  # SCAFFOLD: each client's c - c_i added to its gradients (scaffold.py)
+    noisy_inputs: bool = False  # instance noise: D's inputs get the step's noise (rounds.step_input_noise)
 
     def __post_init__(self) -> None:
         for name in ("lr_g", "lr_d"):
@@ -52,7 +53,8 @@ class LocalTraining:
         """The local training a federation of `config` gives its clients."""
         return cls(lr_g=config.lr_g, lr_d=config.lr_d, betas=config.betas, prox_mu=config.client_prox_mu,
                    train_generator=config.gan_layout != "server_g", gan_loss=config.gan_loss,
-                   label_smoothing=config.label_smoothing, control_variates=config.strategy == "scaffold")
+                   label_smoothing=config.label_smoothing, control_variates=config.strategy == "scaffold",
+                   noisy_inputs=config.instance_noise > 0)
 
     def d_loss(self, discriminator: Discriminate, real: Tensor, fake: Tensor, labels: Tensor) -> Tensor:
         """discriminator_loss with this training's loss and smoothing."""
@@ -103,25 +105,29 @@ def proximal_term(params: Iterable[Tensor], anchors: Iterable[Tensor], mu: float
 def gan_step(*, generator: Callable[[Tensor, Tensor], Tensor], d_loss: Callable[[Tensor, Tensor, Tensor], Tensor],
              g_loss: Callable[[Tensor, Tensor], Tensor], update_d: Callable[[Tensor], None],
              update_g: Callable[[Tensor], None], real: Tensor, labels: Tensor, noise: Tensor,
-             train_generator: bool = True) -> tuple[Tensor, Tensor | None]:
+             train_generator: bool = True, input_noise: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """One local step on a batch of real images and their labels, with the step's noise.
 
     `generator(noise, labels)` draws the fakes; `d_loss(real, fake, labels)` and `g_loss(fake, labels)` are
     discriminator_loss and generator_loss bound to the client's D; `update_d` / `update_g` take a loss and step
-    that network's optimizer (FedProx's term included). Returns the two losses, detached (G's None when
-    `train_generator` is False).
+    that network's optimizer (FedProx's term included). `input_noise` [3, *real.shape], instance noise: added to
+    D's real and generated inputs in its step and to the generated ones in G's. Returns the two losses, detached
+    (G's None when `train_generator` is False).
     """
     with torch.set_grad_enabled(train_generator):
         fake = generator(noise, labels)
 
     # (1) Update D: real images -> 1, generated images -> 0 (the fakes detached: this step does not move G)
-    loss_d = d_loss(real, fake.detach(), labels)
+    seen_real, seen_fake = real, fake.detach()
+    if input_noise is not None:  # instance noise on everything D sees
+        seen_real, seen_fake = seen_real + input_noise[0], seen_fake + input_noise[1]
+    loss_d = d_loss(seen_real, seen_fake, labels)
     update_d(loss_d)
 
     # (2) Update G: make the updated D call the generated images real
     if not train_generator:
         return loss_d.detach(), None
-    loss_g = g_loss(fake, labels)
+    loss_g = g_loss(fake if input_noise is None else fake + input_noise[2], labels)
     update_g(loss_g)
     return loss_d.detach(), loss_g.detach()
 

@@ -39,6 +39,7 @@ class RoundPlan:
     noise_seed: int  # seed of the generator that draws each step's z
     noise_rows: np.ndarray | None = None  # [K] the rows of the round's noise these clients take; None: 0..K-1
     noise_width: int | None = None  # the clients the round's noise is drawn for (a plan of some of them); None: K
+    instance_noise: float = 0.0  # std of the Gaussian noise on D's inputs this round (instance_noise_std)
     dropped_out: list[int] = dataclasses.field(default_factory=list)  # selected, but did not report (dropout)
     late: list[int] = dataclasses.field(default_factory=list)  # past the deadline: cut short or dropped
     sim_time: float = 0.0  # simulated round time, in local steps of a speed-1 client
@@ -51,6 +52,24 @@ def step_noise(plan: RoundPlan, draws: torch.Generator, batch: int, z_dim: int, 
     width = plan.noise_width or len(plan.client_ids)
     noise = torch.randn((width, batch, z_dim), generator=draws, device=device)  # (width, B, z_dim)
     return noise if plan.noise_rows is None else noise[torch.as_tensor(plan.noise_rows, device=device)]
+
+
+def instance_noise_std(config: FedConfig, round_index: int) -> float:
+    """Instance noise (Sønderby et al., ICLR 2017; Arjovsky & Bottou, ICLR 2017): the std of the Gaussian noise on
+    D's inputs in a round, config.instance_noise at the run's start, on a line to 0 at its end. Noise makes the real
+    and generated distributions overlap, so D cannot separate them perfectly early on and G's gradients stay
+    informative; annealed away, it leaves the GAN's own optimum."""
+    return config.instance_noise * (1 - (round_index - 1) / config.rounds)
+
+
+def step_input_noise(plan: RoundPlan, draws: torch.Generator, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """One step's instance noise of the plan's clients [3, K, B, C, H, W] (`shape`: (B, C, H, W)): for D's real and
+    generated inputs in its step, and for the generated ones in G's step; drawn for all the round's clients and
+    taken by row, as step_noise; scaled by the round's std, plan.instance_noise."""
+    width = plan.noise_width or len(plan.client_ids)
+    noise = torch.randn((width, 3, *shape), generator=draws, device=device)  # (width, 3, B, C, H, W)
+    noise = noise if plan.noise_rows is None else noise[torch.as_tensor(plan.noise_rows, device=device)]
+    return plan.instance_noise * noise.transpose(0, 1)  # (3, K, B, C, H, W)
 
 
 def choose_clients(pool: Sequence[int], count: int, rng: np.random.Generator, *, policy: str = "uniform",
@@ -167,7 +186,8 @@ def plan_clients(config: FedConfig, parts: Sequence[np.ndarray], client_ids: Seq
         walk = np.concatenate([own[rng.permutation(n)] for _ in range(epochs)])[: s * batch]
         indices[row, :s] = walk.reshape(s, batch)  # rows past a client's steps stay 0 and are masked
     return RoundPlan(round_index, client_ids, sizes, steps, torch.from_numpy(indices),
-                     derive_seed(config.seed, round_index, RNG_NOISE))
+                     derive_seed(config.seed, round_index, RNG_NOISE),
+                     instance_noise=instance_noise_std(config, round_index))
 
 
 def plan_round(config: FedConfig, parts: Sequence[np.ndarray], round_index: int,

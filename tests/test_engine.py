@@ -51,6 +51,7 @@ def test_engine_matches_the_per_client_reference_loop_over_two_rounds(mnist_smal
     dict(gan_loss="hinge", d_conditioning="projection"),  # the stronger-baseline options
     dict(label_smoothing=0.1, d_conditioning="projection", gan_layout="server_g"),
     dict(d_norm="spectral"),  # the power iterations' u, buffers updated in place each forward
+    dict(instance_noise=0.2, partition="quantity", sigma=1.0, min_size=20, local_steps=None, local_epochs=0.1),
     dict(d_norm="spectral", d_conditioning="projection", gan_loss="hinge", optimizer_state="keep")])
 def test_engine_matches_the_reference_loop_with_kept_adam_states_and_d_only_clients(mnist_small, tiny_config,
                                                                                     overrides, client_map):

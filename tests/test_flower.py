@@ -30,6 +30,7 @@ CASES = {  # the configs the deployment is checked on, and the pipeline's other 
     "label_flip": dict(attack="label_flip", attack_fraction=0.34),
     "two_of_three_stratified": dict(client_fraction=0.67, selection="stratified"),
     "fedprox_deadline": dict(prox_mu=0.1, client_speed_sigma=0.5, round_deadline=2.5),
+    "spectral_instance_noise": dict(d_norm="spectral", instance_noise=0.2),  # the node draws its row of the noise
 }
 
 

@@ -1,6 +1,8 @@
 """One client's local step (fedgan/gan.py): the losses and FedProx's term on hand-made cases, and gan_step's order."""
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,3 +127,28 @@ def test_local_training_binds_its_losses_and_refuses_smoothing_with_the_hinge():
     with pytest.raises(ValueError, match=r"label_smoothing=0.1 is not allowed: 0 with gan_loss='hinge'"):
         fu.FedConfig(gan_loss="hinge", label_smoothing=0.1)
     assert fu.LocalTraining.of(fu.FedConfig(gan_loss="hinge")).gan_loss == "hinge"
+
+
+def test_instance_noise_is_added_to_everything_d_sees_and_annealed_over_the_run():
+    config = fu.FedConfig(instance_noise=0.2, rounds=4)
+    assert [fu.instance_noise_std(config, r) for r in (1, 2, 3, 4)] == pytest.approx([0.2, 0.15, 0.1, 0.05])
+    seen = []
+
+    def discriminator(images, labels):  # records what it is shown; logits 0
+        seen.append(images.clone())
+        return torch.zeros(len(images))
+    real, fake = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    noise = torch.arange(3.0).view(3, 1, 1, 1, 1).expand(3, 2, 1, 2, 2)  # 0, 1 and 2 everywhere: told apart
+    fu.gan_step(generator=lambda z, y: fake.clone().requires_grad_(True),
+                d_loss=lambda r, f, y: fu.discriminator_loss(discriminator, r, f, y),
+                g_loss=lambda f, y: fu.generator_loss(discriminator, f, y), update_d=lambda loss: None,
+                update_g=lambda loss: None, real=real, labels=torch.zeros(2, dtype=torch.long),
+                noise=torch.zeros(2, 3), input_noise=noise)
+    assert [float(x.mean()) for x in seen] == [0.0 + 0.0, 1.0 + 1.0, 1.0 + 2.0]  # real + n0, fake + n1, fake + n2
+    plan = fu.RoundPlan(1, np.array([4, 7]), np.array([8, 8]), np.array([1, 1]), torch.zeros(2, 1, 2).long(), 3,
+                        instance_noise=0.5)
+    draws = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    both = fu.step_input_noise(plan, draws(), (2, 1, 2, 2), torch.device("cpu"))  # (3, K, B, C, H, W)
+    assert both.shape == (3, 2, 2, 1, 2, 2) and 0.3 < float(both.std()) < 0.7
+    alone = dataclasses.replace(plan, client_ids=plan.client_ids[1:], noise_rows=np.array([1]), noise_width=2)
+    assert torch.equal(fu.step_input_noise(alone, draws(), (2, 1, 2, 2), torch.device("cpu")), both[:, 1:])

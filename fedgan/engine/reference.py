@@ -19,7 +19,7 @@ from fedgan.engine.precision import bfloat16_compute, cudnn_algorithms
 from fedgan.engine.stacked import ADAM_MOMENTS, FlatParams, LocalResult, fresh_adam_state
 from fedgan.gan import LocalTraining, gan_step, proximal_term
 from fedgan.models import Discriminator, Generator
-from fedgan.rounds import RoundPlan, step_noise
+from fedgan.rounds import RoundPlan, derive_seed, step_input_noise, step_noise
 
 Tensor = torch.Tensor
 
@@ -78,6 +78,9 @@ def train_clients_one_by_one(generator: Generator, discriminator: Discriminator,
     noise_gen = torch.Generator(device=device).manual_seed(plan.noise_seed)
     noise = [step_noise(plan, noise_gen, batch, generator.z_dim, device)
              for _ in range(max_steps)]  # (K, B, z_dim) a step, as the engine draws it
+    inputs_gen = torch.Generator(device=device).manual_seed(derive_seed(plan.noise_seed, 1))
+    inputs_noise = [step_input_noise(plan, inputs_gen, (batch, *images.shape[1:]), device) if local.noisy_inputs
+                    else None for _ in range(max_steps)]  # (3, K, B, C, H, W) a step: instance noise
     g_layout, d_layout = FlatParams(generator, g_state), FlatParams(discriminator, d_state)
     results = []
     with cudnn_algorithms(engine.deterministic), bfloat16_compute(engine.bfloat16):
@@ -102,7 +105,8 @@ def train_clients_one_by_one(generator: Generator, discriminator: Discriminator,
                     update_g=functools.partial(optimizer_step, g_adam, client_g, g_anchors, local.prox_mu,
                                                g_correction),
                     real=to_float_images(images[idx]), labels=labels[idx], noise=noise[step][row],
-                    train_generator=local.train_generator)
+                    train_generator=local.train_generator,
+                    input_noise=None if inputs_noise[step] is None else inputs_noise[step][:, row])
                 d_total = d_total + d_loss
                 g_total = g_total + (0.0 if g_loss is None else g_loss)
             steps = int(plan.steps[row])

@@ -23,7 +23,7 @@ from fedgan.engine.reference import train_clients_one_by_one
 from fedgan.engine.stacked import FlatParams, LocalResult, StackedAdam, fresh_adam_state, map_clients, map_tensors
 from fedgan.gan import LocalTraining, gan_step
 from fedgan.models import Discriminator, Generator
-from fedgan.rounds import RoundPlan, step_noise
+from fedgan.rounds import RoundPlan, derive_seed, step_input_noise, step_noise
 
 Tensor = torch.Tensor
 
@@ -93,7 +93,8 @@ class LocalTrainer:
                  engine: EngineOptions, client_map: str):
         """`g_state`/`d_state`: a round's stacked states, for the shapes (their values are copied in by __call__)."""
         device = self.device = images.device
-        self.z_dim, self.engine = generator.z_dim, engine
+        self.z_dim, self.engine, self.local = generator.z_dim, engine, local
+        self.image_shape = tuple(images.shape[1:])  # (C, H, W)
         batched = self.batched = client_map == "vmap"  # else each client a plain model: map_clients
         self.g_flat, self.d_flat = g_flat, d_flat = FlatParams(generator, g_state), FlatParams(discriminator, d_state)
         num_clients = g_flat.count
@@ -145,8 +146,10 @@ class LocalTrainer:
         def client_g_loss(params, buffers, fake, y):
             return local.g_loss(client_discriminator(params, buffers), fake, y)
 
-        def local_step(idx: Tensor, z: Tensor, on_steps: list[bool] | None) -> tuple[Tensor, Tensor]:
-            """gan_step for the clients `on_steps` (None: all) on images `idx` [K, B] and noise z [K, B, z_dim]."""
+        def local_step(idx: Tensor, z: Tensor, inputs_noise: Tensor, on_steps: list[bool] | None
+                       ) -> tuple[Tensor, Tensor]:
+            """gan_step for the clients `on_steps` (None: all) on images `idx` [K, B] and noise z [K, B, z_dim], with
+            instance noise [3, K, B, C, H, W] on D's inputs when local.noisy_inputs (else an empty tensor)."""
             def over_clients(fn):  # fn of one client's slices -> the same of all K, stacked on dim 0
                 return vmap(fn) if batched else map_clients(fn, on_steps, streams)
             d_loss, g_loss = gan_step(
@@ -156,11 +159,11 @@ class LocalTrainer:
                 update_d=lambda loss: d_adam.step(flat_gradient(loss.sum(), d_flat, d_anchor, d_correction), on_steps),
                 update_g=lambda loss: g_adam.step(flat_gradient(loss.sum(), g_flat, g_anchor, g_correction), on_steps),
                 real=to_float_images(images[idx]), labels=labels[idx], noise=z,  # (K, B, C, H, W), (K, B), (K, B, z)
-                train_generator=local.train_generator)
+                train_generator=local.train_generator, input_noise=inputs_noise if local.noisy_inputs else None)
             return d_loss, torch.zeros_like(d_loss_sum) if g_loss is None else g_loss  # (K,) each
 
-        def step_of_all(idx: Tensor, z: Tensor) -> None:  # every client trains: losses added on the device
-            d_loss, g_loss = local_step(idx, z, None)
+        def step_of_all(idx: Tensor, z: Tensor, inputs_noise: Tensor) -> None:  # every client trains
+            d_loss, g_loss = local_step(idx, z, inputs_noise, None)  # losses added on the device
             d_loss_sum.add_(d_loss)
             g_loss_sum.add_(g_loss)
 
@@ -171,13 +174,14 @@ class LocalTrainer:
         if batched:
             kept += [g_flat.flat, d_flat.flat, *g_opt.values(), *d_opt.values()]
 
-        def step_of_some(idx: Tensor, z: Tensor, active: Tensor, on_steps: list[bool] | None = None) -> None:
+        def step_of_some(idx: Tensor, z: Tensor, inputs_noise: Tensor, active: Tensor,
+                         on_steps: list[bool] | None = None) -> None:
             """A step after the shortest client is done: clients not `active` [K] get back what `kept` held before
             it and count no loss. Under vmap (`on_steps` None) the mask is only a tensor, so the step has no host
             sync and replays from a CUDA graph like step_of_all: with unequal clients (label skew) most of a round
             is these."""
             saved = [t.clone() for t in kept]
-            d_loss, g_loss = local_step(idx, z, on_steps)
+            d_loss, g_loss = local_step(idx, z, inputs_noise, on_steps)
             with torch.no_grad():
                 for before, after in zip(saved, kept):
                     after.copy_(torch.where(active.view(-1, *([1] * (after.dim() - 1))), after, before))
@@ -239,17 +243,21 @@ class LocalTrainer:
         steps = torch.as_tensor(plan.steps, device=device)
         batch_indices = plan.batch_indices.to(device)
         noise_gen = torch.Generator(device=device).manual_seed(plan.noise_seed)
+        inputs_gen = torch.Generator(device=device).manual_seed(derive_seed(plan.noise_seed, 1))  # instance noise
+        no_noise = torch.zeros(0, device=device)
         steps_of_all = int(plan.steps.min())  # the steps every client takes; after them, the finished ones sit out
         with cudnn_algorithms(self.engine.deterministic):  # the backward passes too: autograd.grad runs in the steps
             for step in range(max_steps):
                 idx = batch_indices[:, step]  # (K, B)
                 z = step_noise(plan, noise_gen, batch, self.z_dim, device)  # (K, B, z_dim)
+                inputs = (step_input_noise(plan, inputs_gen, (batch, *self.image_shape), device)
+                          if self.local.noisy_inputs else no_noise)  # (3, K, B, C, H, W) or (0,)
                 if step < steps_of_all:
-                    self.step_of_all(idx, z)
+                    self.step_of_all(idx, z, inputs)
                 elif self.batched:
-                    self.step_of_some(idx, z, step < steps)
+                    self.step_of_some(idx, z, inputs, step < steps)
                 else:
-                    self.tail_step(plan, step)(idx, z, step < steps)  # (K,) still training
+                    self.tail_step(plan, step)(idx, z, inputs, step < steps)  # (K,) still training
 
         def copied(tree: Any) -> Any:  # out of the kept tensors, which the next round overwrites
             return map_tensors(tree, lambda t: t.detach().clone(memory_format=torch.contiguous_format))
