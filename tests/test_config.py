@@ -208,7 +208,8 @@ def test_a_config_cannot_be_changed_behind_its_validation():
                                                     r"strategy='scaffold'"),
     (dict(strategy="scaffold", gan_layout="md_gan"), r"strategy='scaffold' is not allowed"),
     (dict(swap_every=0), r"swap_every=0 is not allowed: None \(never\) or an integer >= 1"),
-    (dict(instance_noise=0.1, gan_layout="server_g"), r"instance_noise=0.1 is not allowed: 0 with gan_layout='server_g'"),
+    (dict(instance_noise=0.1, gan_layout="server_g"), r"instance_noise=0.1 is not allowed: 0 with "
+                                                      r"gan_layout='server_g'"),
     (dict(instance_noise=-0.1), r"instance_noise=-0.1 is not allowed: a number >= 0"),
 ])
 def test_settings_that_would_be_ignored_or_fail_after_a_round_are_refused_at_construction(values, message):
