@@ -20,7 +20,9 @@
 # STUDY_SEEDS="0 1 2" ends with the sync study's cells at the full preset (study_cells.py) from those seeds, one
 # cell after another with all its seeds, in the time left; its JSON is rewritten after every run, so a cell cut
 # off by the budget loses only itself. STUDY_CELLS="FedAvg / dir0.1;FedAvgM / dir0.1" picks the cells (default:
-# the full-preset table of docs/study.md).
+# the full-preset table of docs/study.md); `study_cells.py --list` names the rest, among them the stronger-baseline
+# options' pilot on Dirichlet 0.1 (issue 24) and the GAN layouts and SCAFFOLD on Dirichlet 0.1 and one class a client
+# (issue 23).
 set -u
 OUT=${OUT:-gpu-out}
 PYTHON=${PYTHON:-python3}

@@ -33,6 +33,7 @@ def study_cells(base: fu.FedConfig) -> dict[str, dict]:
     exists only at presets whose local work is given in epochs (cpu, full), where half a round is exact.
     """
     dirichlet = dict(partition="dirichlet", alpha=0.1)
+    one_class = dict(partition="classes", classes_per_client=1, num_clients=10)  # ten: cpu and full have them
     momentum = dict(strategy="fedavgm", server_momentum=0.5)
     cells = {
         "FedAvg / iid": {},
@@ -41,6 +42,16 @@ def study_cells(base: fu.FedConfig) -> dict[str, dict]:
         "FedAvgM / dir0.1": {**momentum, **dirichlet},
         "Adam kept / iid": dict(optimizer_state="keep"),  # each client's Adam moments carried from round to round
         "half, uniform / iid": dict(client_fraction=0.5, rounds=2 * base.rounds),  # the same images in all
+        # the stronger-baseline options (issue 24), each on the split where FedAvg lost most
+        "spectral norm / dir0.1": dict(d_norm="spectral", **dirichlet),
+        "projection + hinge / dir0.1": dict(d_conditioning="projection", gan_loss="hinge", **dirichlet),
+        "label smoothing 0.1 / dir0.1": dict(label_smoothing=0.1, **dirichlet),
+        "instance noise 0.1 / dir0.1": dict(instance_noise=0.1, **dirichlet),
+        # beyond parameter averaging (issue 23), on Dirichlet 0.1 and one class a client
+        **{f"{name} / {split}": {**method, **data} for split, data in (("dir0.1", dirichlet), ("one class", one_class))
+           for name, method in (("FedAvg", {}), ("SCAFFOLD", dict(strategy="scaffold")),
+                                ("MD-GAN", dict(gan_layout="md_gan")), ("UA-GAN", dict(gan_layout="ua_gan")),
+                                ("F2U", dict(gan_layout="f2u")), ("F2A", dict(gan_layout="f2a")))},
     }
     if base.local_steps is None:
         cells["half epoch / iid"] = dict(local_epochs=base.local_epochs / 2, rounds=2 * base.rounds)
