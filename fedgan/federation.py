@@ -59,10 +59,11 @@ def client_data(config: FedConfig, data: tuple[Tensor, Tensor] | None, device: t
 class Federation:
     """A federated cDCGAN run: global G and D, the clients' data, and the round loop.
 
-    `run()` runs the remaining rounds; `run_round()` runs one, for notebooks that want to look
-    between rounds. The global models are `.generator` and `.discriminator`; `.history` holds one
-    record per round. A `strategy` object replaces the rule that config.strategy names; it is copied
-    once for G and once for D, so each keeps its own server state.
+    `run()` runs the remaining rounds; `run_round()` runs one, for notebooks that want to look between rounds. The
+    global models are `.generator` and `.discriminator` (in a multi-discriminator layout, the D every client started
+    from: the clients' own are `.multi_d.d_state`); `.history` holds one record per round. A `strategy` object
+    replaces the rule that config.strategy names; it is copied once for G and once for D, so each keeps its own
+    server state.
     """
 
     def __init__(self, config: FedConfig, *, data: tuple[Tensor, Tensor] | None = None, resume: bool = False,
