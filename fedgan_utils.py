@@ -28,7 +28,7 @@ from fedgan.strategies import (
     Strategy, FedAvg, RobustRule, SERVER_OPTIMIZERS, ServerOptimizer, Thresholded, make_strategy)
 from fedgan.compression import compress_updates
 from fedgan.privacy import dp_epsilon, dp_noise_multiplier, privatize_updates
-from fedgan.scaffold import client_control, server_control, ControlVariates
+from fedgan.scaffold import server_control, ControlVariates
 from fedgan.engine.trainer import (
     resolved_client_map, train_clients, LOCAL_TRAINERS_KEPT, clear_local_trainers, LocalTrainer)
 from fedgan.engine.reference import train_clients_one_by_one
@@ -75,7 +75,7 @@ __all__ = [
     "fedavg_stacked", "stack_states", "unstack_states", "fedavg", "median", "trimmed_mean", "krum", "update_norms",
     "scale_updates", "fednova_rescale", "staleness_weight", "Strategy", "FedAvg", "RobustRule", "SERVER_OPTIMIZERS",
     "ServerOptimizer", "Thresholded", "make_strategy", "compress_updates", "dp_epsilon", "dp_noise_multiplier",
-    "privatize_updates", "client_control", "server_control", "ControlVariates", "resolved_client_map", "train_clients",
+    "privatize_updates", "server_control", "ControlVariates", "resolved_client_map", "train_clients",
     "LOCAL_TRAINERS_KEPT", "clear_local_trainers", "LocalTrainer", "train_clients_one_by_one", "LocalResult",
     "ADAM_MOMENTS", "fresh_adam_state", "StackedAdam", "FlatParams", "map_clients", "broadcast", "CudaGraphStep",
     "block_diagonal_convolution", "ClientConvolutions", "AUTO_BLOCK_CLIENTS", "TRITON_INTERPRETED", "TRITON_TILES",

@@ -94,8 +94,8 @@ class Federation:
                            else bound_copy(strategy, {n for n, _ in model.named_buffers()})
                            for which, model in networks}
         self.strategy_name = config.strategy if strategy is None else type(strategy).__name__
-        self.controls = (ControlVariates(dict(networks), config.num_clients, {"g": config.lr_g, "d": config.lr_d})
-                         if config.strategy == "scaffold" else None)  # SCAFFOLD's: the server's here, c_i in stores
+        self.controls = (ControlVariates(dict(networks), config.num_clients) if config.strategy == "scaffold"
+                         else None)  # SCAFFOLD's control variates: the server's here, the clients' in their stores
         self.multi_d = (MultiDiscriminators(config, generator, discriminator, partition_report(
             self.client_labels, self.parts, num_classes)) if config.gan_layout in MULTI_D_LAYOUTS else None)
         self._param_names = {which: {n for n, _ in model.named_parameters()} for which, model in networks}
@@ -274,8 +274,7 @@ class Federation:
         final = {"g": local.g_state, "d": local.d_state}
         return {"client_ids": plan.client_ids, "sizes": plan.sizes, "steps": plan.steps,
                 "staleness": np.zeros(len(plan.client_ids)), "start": starts, "final": final, "d_loss": d_losses,
-                "g_loss": g_losses, **({} if self.controls is None else {"controls": self.controls.after_training(
-                    plan.client_ids, self.client_store, starts, final, plan.steps)})}
+                "g_loss": g_losses, **({} if self.controls is None else {"controls": local.mean_gradients})}
 
     def _client_updates(self, which: str, updates: Mapping[str, Any], round_index: int) -> tuple[dict, int]:
         """What each client sends for one network: its update, attacked if it attacks, compressed with error

@@ -2,34 +2,29 @@
 
 The server keeps a control variate c, each client its own c_i (a [P] vector a network, in FlatParams' order: the
 module's named_parameters). A client's local step uses the gradient g + (c - c_i): its own direction replaced, in
-expectation, by the federation's. After K local steps of learning rate lr from the global x to its y_i it sets, by
-the paper's option II, c_i+ = c_i - c + (x - y_i) / (K lr), and sends its update and dc_i = c_i+ - c_i. The server
-averages the updates as FedAvg does (weighted by data, the global learning rate 1) and sets
-c += (1/N) sum_{i in S} dc_i over the round's clients S, N all the clients. From c = c_i = 0 that keeps c the mean of
-all clients' c_i, and it is computed as that mean (server_control), so that with one client c - c_i is exactly 0:
-a client's new c_i counts once the server has used its update (a client left out of a round keeps its old one).
-
-The local optimizer here is Adam, not the paper's SGD: the correction enters Adam as part of the gradient (its
-moments see it, its per-coordinate step sizes rescale it), and (x - y_i) / (K lr) is the client's mean Adam step in
-units of lr, not its mean gradient. The correction is then an estimate on Adam's scale, not the gradient's: the
+expectation, by the federation's. After its K local steps from the global x to its y_i, the paper's option II sets
+c_i+ = c_i - c + (x - y_i) / (K lr), which with SGD is the mean of the client's K uncorrected gradients (each step
+moved y by lr (g_k + c - c_i), so the corrections cancel). That mean is what a client computes here: the local
+optimizer is Adam, whose steps are of order lr a coordinate whatever the gradient, so option II's formula would
+measure Adam's steps (order 1 a coordinate, divided by lr) and its correction would swamp the gradients (measured:
+the generator stayed noise on every split of notebook 3's section 8); the mean gradient keeps c_i on the gradients'
+scale. The correction then enters Adam with the gradient (its moments see it, its step sizes rescale it): the
 paper's guarantees are for SGD.
+
+Each client sends its update and dc_i = c_i+ - c_i. The server averages the updates as FedAvg does (weighted by
+data, the global learning rate 1) and sets c += (1/N) sum_{i in S} dc_i over the round's clients S, N all the
+clients. From c = c_i = 0 that keeps c the mean of all clients' c_i, and it is computed as that mean
+(server_control), so that with one client c - c_i is exactly 0: a client's new c_i counts once the server has used
+its update (a client left out of a round keeps its old one).
 """
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 Tensor = torch.Tensor
-
-
-def client_control(control: Tensor, server: Tensor, start: Tensor, final: Tensor, steps: Tensor | Sequence[int],
-                   lr: float) -> Tensor:
-    """Option II's new client control variates: c_i - c + (x - y_i) / (K lr), for [K, P] rows (c: [P]), K_i = steps."""
-    steps = torch.as_tensor(steps, dtype=final.dtype, device=final.device).view(-1, 1)  # (K, 1)
-    return control - server + (start - final) / (steps * lr)
 
 
 def server_control(controls: Tensor, num_clients: int) -> Tensor:
@@ -38,19 +33,13 @@ def server_control(controls: Tensor, num_clients: int) -> Tensor:
     return controls.sum(0) / num_clients
 
 
-def flat_parameters(state: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
-    """A stacked state's parameters as [K, P] in `names`' order (FlatParams' layout)."""
-    return torch.cat([state[n].reshape(state[n].shape[0], -1) for n in names], 1)
-
-
 class ControlVariates:
     """The server's c for G and D, on the device; each client's c_i lives in its store ("g_control", "d_control"),
     zero until it first trains, as the paper initialises them."""
 
-    def __init__(self, models: Mapping[str, nn.Module], num_clients: int, lrs: Mapping[str, float]):
-        """`models`: {"g": G, "d": D}, the global networks; `lrs`: each one's local learning rate."""
-        self.names = {which: [n for n, _ in model.named_parameters()] for which, model in models.items()}
-        self.num_clients, self.lrs = num_clients, dict(lrs)
+    def __init__(self, models: Mapping[str, nn.Module], num_clients: int):
+        """`models`: {"g": G, "d": D}, the global networks."""
+        self.num_clients = num_clients
         self.server = {which: torch.zeros(sum(p.numel() for p in model.parameters()),
                                           device=next(model.parameters()).device) for which, model in models.items()}
 
@@ -63,18 +52,10 @@ class ControlVariates:
         """What each client adds to its gradients this round: c - c_i, {network: [K, P]}."""
         return {which: server - self.client_controls(which, client_ids, store) for which, server in self.server.items()}
 
-    def after_training(self, client_ids: Sequence[int], store: Mapping[int, Mapping[str, Any]],
-                       start: Mapping[str, Any], final: Mapping[str, Any], steps: np.ndarray) -> dict[str, Tensor]:
-        """The clients' new c_i {network: [K, P]} after their local training; they send c_i+ - c_i."""
-        return {which: client_control(self.client_controls(which, client_ids, store), server,
-                                      flat_parameters(start[which], self.names[which]),
-                                      flat_parameters(final[which], self.names[which]), steps, self.lrs[which])
-                for which, server in self.server.items()}
-
     def aggregate(self, client_ids: Sequence[int], controls: Mapping[str, Tensor],
                   store: dict[int, dict[str, Any]]) -> None:
-        """The server's step with the clients whose updates it used: their new c_i [S, P] take effect, c is their
-        mean over all clients."""
+        """The server's step with the clients whose updates it used: their new c_i [S, P] (the mean of their local
+        gradients, LocalResult.mean_gradients) take effect, and c is the mean of all clients' c_i."""
         for which, rows in controls.items():
             for client, row in zip(client_ids, rows):
                 store.setdefault(int(client), {})[f"{which}_control"] = row.detach().cpu().clone()

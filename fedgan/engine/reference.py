@@ -54,14 +54,15 @@ def adam_row(optimizer: torch.optim.Adam, model: nn.Module) -> dict[str, Tensor]
 
 
 def optimizer_step(optimizer: torch.optim.Adam, model: nn.Module, anchors: list[Tensor], mu: float,
-                   correction: dict[str, Tensor] | None, loss: Tensor) -> None:
+                   correction: dict[str, Tensor] | None, gradient_sum: dict[str, Tensor] | None, loss: Tensor) -> None:
     """Backpropagate a loss (with FedProx's proximal term when mu > 0), add SCAFFOLD's correction c - c_i to the
-    gradients when given ({name: tensor}), and take one Adam step."""
+    gradients when given ({name: tensor}; the uncorrected gradients added to `gradient_sum`), take one Adam step."""
     optimizer.zero_grad()
     if mu:
         loss = loss + proximal_term(model.parameters(), anchors, mu)
     loss.backward()
     for name, param in model.named_parameters() if correction is not None else ():
+        gradient_sum[name] += param.grad
         param.grad += correction[name]
     optimizer.step()
 
@@ -90,10 +91,12 @@ def train_clients_one_by_one(generator: Generator, discriminator: Discriminator,
             d_anchors = [p.detach().clone() for p in client_d.parameters()]
             g_adam = client_adam(client_g, local.lr_g, local.betas, g_opt, row, g_layout)
             d_adam = client_adam(client_d, local.lr_d, local.betas, d_opt, row, d_layout)
-            g_correction = d_correction = None
+            g_correction = d_correction = g_sum = d_sum = None
             if corrections is not None:  # SCAFFOLD's c - c_i: this client's row, {name: tensor}
                 g_correction = {k: v[row] for k, v in g_layout.split(corrections["g"]).items()}
                 d_correction = {k: v[row] for k, v in d_layout.split(corrections["d"]).items()}
+                g_sum = {k: torch.zeros_like(v) for k, v in g_correction.items()}
+                d_sum = {k: torch.zeros_like(v) for k, v in d_correction.items()}
             d_total = g_total = torch.zeros((), device=device)
             for step in range(int(plan.steps[row])):
                 idx = plan.batch_indices[row, step].to(device)  # (B,)
@@ -101,20 +104,24 @@ def train_clients_one_by_one(generator: Generator, discriminator: Discriminator,
                     generator=client_g, d_loss=functools.partial(local.d_loss, client_d),
                     g_loss=functools.partial(local.g_loss, client_d),
                     update_d=functools.partial(optimizer_step, d_adam, client_d, d_anchors, local.prox_mu,
-                                               d_correction),
+                                               d_correction, d_sum),
                     update_g=functools.partial(optimizer_step, g_adam, client_g, g_anchors, local.prox_mu,
-                                               g_correction),
+                                               g_correction, g_sum),
                     real=to_float_images(images[idx]), labels=labels[idx], noise=noise[step][row],
                     train_generator=local.train_generator,
                     input_noise=None if inputs_noise[step] is None else inputs_noise[step][:, row])
                 d_total = d_total + d_loss
                 g_total = g_total + (0.0 if g_loss is None else g_loss)
             steps = int(plan.steps[row])
+            means = None if corrections is None else {  # SCAFFOLD: the mean uncorrected gradient, [P] a network
+                which: torch.cat([total[n].flatten() for n in layout.names]) / steps
+                for which, total, layout in (("g", g_sum, g_layout), ("d", d_sum, d_layout))}
             results.append((client_g.state_dict(), client_d.state_dict(), adam_row(g_adam, client_g),
-                            adam_row(d_adam, client_d), d_total / steps, g_total / steps))
+                            adam_row(d_adam, client_d), d_total / steps, g_total / steps, means))
 
     def stacked(column: int, keys) -> dict[str, Tensor]:
         return {k: torch.stack([r[column][k] for r in results]) for k in keys}
     return LocalResult(stacked(0, g_state), stacked(1, d_state), stacked(2, ("step", *ADAM_MOMENTS)),
                        stacked(3, ("step", *ADAM_MOMENTS)), torch.stack([r[4] for r in results]),
-                       torch.stack([r[5] for r in results]))
+                       torch.stack([r[5] for r in results]),
+                       None if corrections is None else stacked(6, ("g", "d")))

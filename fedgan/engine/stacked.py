@@ -35,6 +35,7 @@ class LocalResult:
     d_opt: dict[str, Tensor]  # the discriminators'
     d_loss: Tensor  # [K] mean discriminator loss over each client's steps
     g_loss: Tensor  # [K] mean generator loss (0 where the clients do not train G)
+    mean_gradients: dict[str, Tensor] | None = None  # SCAFFOLD: {"g", "d": [K, P]} each client's mean local gradient
 
 
 class StackedAdam:

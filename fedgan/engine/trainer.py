@@ -108,21 +108,27 @@ class LocalTrainer:
         prox_mu = local.prox_mu
         self.anchors = (g_flat.flat.clone(), d_flat.flat.clone()) if prox_mu else None
         g_anchor, d_anchor = self.anchors or (None, None)
-        # SCAFFOLD: each client's c - c_i [K, P] a network, copied in each round
+        # SCAFFOLD: each client's c - c_i [K, P] a network, copied in each round; the sums of its local gradients
         self.corrections = ((torch.zeros_like(g_flat.flat), torch.zeros_like(d_flat.flat)) if local.control_variates
                             else None)
+        self.gradient_sums = tuple(torch.zeros_like(c) for c in self.corrections or ())
         g_correction, d_correction = self.corrections or (None, None)
+        g_sum, d_sum = self.gradient_sums or (None, None)
         g_adam = StackedAdam(g_flat.flat, g_opt, lr=local.lr_g, betas=local.betas)
         d_adam = StackedAdam(d_flat.flat, d_opt, lr=local.lr_d, betas=local.betas)
         self.d_loss_sum = d_loss_sum = torch.zeros(num_clients, device=device)
         self.g_loss_sum = g_loss_sum = torch.zeros(num_clients, device=device)
 
-        def flat_gradient(loss: Tensor, net: FlatParams, anchor: Tensor | None, correction: Tensor | None) -> Tensor:
+        def flat_gradient(loss: Tensor, net: FlatParams, anchor: Tensor | None, correction: Tensor | None,
+                          gradient_sum: Tensor | None) -> Tensor:
             grads = torch.autograd.grad(loss, list(net.params.values()))
             flat = torch.cat([g.reshape(net.count, -1) for g in grads], 1)  # (K, P)
             if anchor is not None:  # FedProx: the gradient of gan.proximal_term, mu (w - w_start)
                 flat = flat + prox_mu * (net.flat - anchor)
-            return flat if correction is None else flat + correction
+            if correction is None:
+                return flat
+            gradient_sum.add_(flat)  # SCAFFOLD's c_i: the mean of the uncorrected gradients
+            return flat + correction
 
         def in_compute_modes(fn):  # a client's function under bfloat16 compute and the thin convolutions' form
             def run(*args):
@@ -156,8 +162,10 @@ class LocalTrainer:
                 generator=lambda noise, y: over_clients(client_generate)(g_params, g_buffers, noise, y),
                 d_loss=lambda real, fake, y: over_clients(client_d_loss)(d_params, d_buffers, real, fake, y),
                 g_loss=lambda fake, y: over_clients(client_g_loss)(d_params, d_buffers, fake, y),
-                update_d=lambda loss: d_adam.step(flat_gradient(loss.sum(), d_flat, d_anchor, d_correction), on_steps),
-                update_g=lambda loss: g_adam.step(flat_gradient(loss.sum(), g_flat, g_anchor, g_correction), on_steps),
+                update_d=lambda loss: d_adam.step(flat_gradient(loss.sum(), d_flat, d_anchor, d_correction, d_sum),
+                                                  on_steps),
+                update_g=lambda loss: g_adam.step(flat_gradient(loss.sum(), g_flat, g_anchor, g_correction, g_sum),
+                                                  on_steps),
                 real=to_float_images(images[idx]), labels=labels[idx], noise=z,  # (K, B, C, H, W), (K, B), (K, B, z)
                 train_generator=local.train_generator, input_noise=inputs_noise if local.noisy_inputs else None)
             return d_loss, torch.zeros_like(d_loss_sum) if g_loss is None else g_loss  # (K,) each
@@ -172,7 +180,7 @@ class LocalTrainer:
         # client, so there they also get back their parameters and Adam state.
         kept = [*g_buffers.values(), *d_buffers.values()]
         if batched:
-            kept += [g_flat.flat, d_flat.flat, *g_opt.values(), *d_opt.values()]
+            kept += [g_flat.flat, d_flat.flat, *g_opt.values(), *d_opt.values(), *self.gradient_sums]
 
         def step_of_some(idx: Tensor, z: Tensor, inputs_noise: Tensor, active: Tensor,
                          on_steps: list[bool] | None = None) -> None:
@@ -237,6 +245,8 @@ class LocalTrainer:
                 anchor.copy_(net.flat)
             for kept, which in zip(self.corrections or (), ("g", "d")):
                 kept.copy_(corrections[which])
+            for kept in self.gradient_sums:
+                kept.zero_()
             self.d_loss_sum.zero_()
             self.g_loss_sum.zero_()
         _, max_steps, batch = plan.batch_indices.shape
@@ -267,4 +277,7 @@ class LocalTrainer:
             return {k: copied(values[k]) for k in state}  # the caller's key order
         return LocalResult(final_state(self.g_flat, self.g_buffers, g_state),
                            final_state(self.d_flat, self.d_buffers, d_state), copied(self.g_opt), copied(self.d_opt),
-                           self.d_loss_sum / steps, self.g_loss_sum / steps)
+                           self.d_loss_sum / steps, self.g_loss_sum / steps,
+                           None if self.corrections is None else {  # the clients' mean uncorrected gradients
+                               which: copied(total) / steps.view(-1, 1)
+                               for which, total in zip(("g", "d"), self.gradient_sums)})
