@@ -76,13 +76,16 @@ class ProcessWatch:
 
 
 def launch(tmp_path, config: dict, supernodes: int, *extra: str, name: str = "run"):
-    """The launcher as a user starts it, in its own process, watched."""
+    """The launcher as a user starts it from a terminal, in its own process, watched. Ctrl-C's signal is given its
+    default disposition: a suite started in the background by a shell without job control inherits SIGINT ignored,
+    and Python then never raises KeyboardInterrupt (the Ctrl-C test would see a launcher that cannot be stopped)."""
     (tmp_path / f"{name}.json").write_text(json.dumps(config))
     out = tmp_path / name
     process = subprocess.Popen([sys.executable, "-m", "fedgan.flower", "--config", str(tmp_path / f"{name}.json"),
                                 "--supernodes", str(supernodes), "--out", str(out), *extra],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, **QUIET})
+                               env={**os.environ, **QUIET},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return process, ProcessWatch(process.pid), out
 
 
