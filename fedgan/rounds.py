@@ -45,13 +45,18 @@ class RoundPlan:
     sim_time: float = 0.0  # simulated round time, in local steps of a speed-1 client
 
 
-def step_noise(plan: RoundPlan, draws: torch.Generator, batch: int, z_dim: int, device: torch.device) -> Tensor:
-    """One step's noise of the plan's clients [K, B, z_dim]: drawn for all the round's clients at once, each
-    client taking its row, so a client trained apart from the others (on a Flower SuperNode, say) draws what it
-    draws beside them."""
+def _rows_of_round(plan: RoundPlan, draws: torch.Generator, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """Gaussian noise [K, *shape] of the plan's clients: drawn for all the round's clients at once, each client
+    taking its row, so a client trained apart from the others (on a Flower SuperNode, say) draws what it draws
+    beside them."""
     width = plan.noise_width or len(plan.client_ids)
-    noise = torch.randn((width, batch, z_dim), generator=draws, device=device)  # (width, B, z_dim)
+    noise = torch.randn((width, *shape), generator=draws, device=device)  # (width, *shape)
     return noise if plan.noise_rows is None else noise[torch.as_tensor(plan.noise_rows, device=device)]
+
+
+def step_noise(plan: RoundPlan, draws: torch.Generator, batch: int, z_dim: int, device: torch.device) -> Tensor:
+    """One step's noise z of the plan's clients [K, B, z_dim], a row a client (_rows_of_round)."""
+    return _rows_of_round(plan, draws, (batch, z_dim), device)
 
 
 def instance_noise_std(config: FedConfig, round_index: int) -> float:
@@ -64,11 +69,9 @@ def instance_noise_std(config: FedConfig, round_index: int) -> float:
 
 def step_input_noise(plan: RoundPlan, draws: torch.Generator, shape: tuple[int, ...], device: torch.device) -> Tensor:
     """One step's instance noise of the plan's clients [3, K, B, C, H, W] (`shape`: (B, C, H, W)): for D's real and
-    generated inputs in its step, and for the generated ones in G's step; drawn for all the round's clients and
-    taken by row, as step_noise; scaled by the round's std, plan.instance_noise."""
-    width = plan.noise_width or len(plan.client_ids)
-    noise = torch.randn((width, 3, *shape), generator=draws, device=device)  # (width, 3, B, C, H, W)
-    noise = noise if plan.noise_rows is None else noise[torch.as_tensor(plan.noise_rows, device=device)]
+    generated inputs in its step, and for the generated ones in G's step; a row a client (_rows_of_round), scaled
+    by the round's std, plan.instance_noise."""
+    noise = _rows_of_round(plan, draws, (3, *shape), device)  # (K, 3, B, C, H, W)
     return plan.instance_noise * noise.transpose(0, 1)  # (3, K, B, C, H, W)
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from fedgan.config import EngineOptions
+from fedgan.engine.precision import bfloat16_compute
 from fedgan.engine.triton_conv import TritonClientConvolution, pair, triton, triton_can_convolve
 
 Tensor = torch.Tensor
@@ -124,6 +125,15 @@ class ClientConvolutions(TorchFunctionMode):
 
 
 AUTO_BLOCK_CLIENTS = 10  # conv_form="auto": up to this many clients (float32) in one block-diagonal convolution
+
+
+def in_client_compute(fn, engine: EngineOptions, batched: bool, clients: int, device: torch.device):
+    """`fn`, a function of one client's slices, run under bfloat16 compute and the thin convolutions' form. bfloat16's
+    casts come first (the mode entered last sees a call first), so the forms get bfloat16 tensors."""
+    def run(*args):
+        with client_convolutions(engine, batched, clients, device), bfloat16_compute(engine.bfloat16):
+            return fn(*args)
+    return run
 
 
 def client_convolutions(engine: EngineOptions, batched: bool, clients: int,

@@ -16,9 +16,9 @@ from torch.func import functional_call, vmap
 
 from fedgan.config import EngineOptions
 from fedgan.data import to_float_images
-from fedgan.engine.convolutions import client_convolutions
+from fedgan.engine.convolutions import in_client_compute
 from fedgan.engine.graphs import CudaGraphStep
-from fedgan.engine.precision import bfloat16_compute, cudnn_algorithms
+from fedgan.engine.precision import cudnn_algorithms
 from fedgan.engine.reference import train_clients_one_by_one
 from fedgan.engine.stacked import FlatParams, LocalResult, StackedAdam, fresh_adam_state, map_clients, map_tensors
 from fedgan.gan import LocalTraining, gan_step
@@ -131,11 +131,7 @@ class LocalTrainer:
             return flat + correction
 
         def in_compute_modes(fn):  # a client's function under bfloat16 compute and the thin convolutions' form
-            def run(*args):
-                # bfloat16's casts first (the mode entered last sees a call first): the forms get bfloat16 tensors
-                with client_convolutions(engine, batched, num_clients, device), bfloat16_compute(engine.bfloat16):
-                    return fn(*args)
-            return run
+            return in_client_compute(fn, engine, batched, num_clients, device)
 
         def client_discriminator(params, buffers):  # one client's D, as gan.py's losses call it
             return lambda x, y: functional_call(discriminator, (params, buffers), (x, y))
