@@ -34,8 +34,8 @@ from fedgan.rounds import (
     RNG_DROPOUT, RNG_NOISE, RNG_SELECTION, RoundPlan, attacker_ids, choose_clients, client_speeds,
     derive_seed, dominant_labels, flipped_labels, plan_clients, plan_round)
 from fedgan.strategies import Strategy, bound_copy, checked_state, make_strategy
-from fedgan.tensorboard_log import open_board
 from fedgan.scaffold import ControlVariates
+from fedgan.tensorboard_log import open_board
 from fedgan.uploads import client_uploads, uses_error_feedback
 from fedgan.watchdog import check_divergence
 
@@ -190,8 +190,7 @@ class Federation:
 
     def client_losses(self) -> dict[int, float]:
         """Each client's discriminator loss from the last round it trained (power-of-choice ranks by it)."""
-        return {c: store["last_loss"] for c, store in self.client_store.items() if "last_loss" in store} | (
-            self.multi_d.last_losses if self.multi_d is not None else {})
+        return {c: store["last_loss"] for c, store in self.client_store.items() if "last_loss" in store}
 
     def _client_start(self, which: str, model: nn.Module, plan: RoundPlan) -> dict[str, Tensor]:
         """The stacked state each selected client starts from: the global one, with its own local keys kept."""
@@ -447,7 +446,8 @@ class Federation:
             else:
                 plan = plan_round(config, self.parts, self.round + 1, self.client_losses(), self.groups)
                 updates = None if not len(plan.client_ids) else self._train(plan) if self.multi_d is None else (
-                    self.multi_d.train_round(self.generator, self.discriminator, self.images, self.client_labels, plan))
+                    self.multi_d.train_round(self.generator, self.discriminator, self.images, self.client_labels, plan,
+                                             self.client_store))
                 log = {"dropped_out": plan.dropped_out, "late": plan.late, "sim_time": plan.sim_time,
                        "images": int(plan.steps.sum()) * config.batch_size,
                        "bytes_down": self._bytes_down() * len(plan.client_ids)}

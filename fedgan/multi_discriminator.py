@@ -123,20 +123,21 @@ class MultiDiscriminators:
         self.g_opt = torch.optim.Adam(generator.parameters(), lr=config.lr_g, betas=config.betas)
         self.log_temperature = torch.zeros((), device=device, requires_grad=True)  # f2a: lambda = exp(0) = 1 at first
         self.temperature_opt = torch.optim.Adam([self.log_temperature], lr=config.lr_d, betas=config.betas)
-        self.last_losses: dict[int, float] = {}  # each client's D loss in the last round it trained (power_of_choice)
 
     def train_round(self, generator: Generator, discriminator: Discriminator, images: Tensor, labels: Tensor,
-                    plan: RoundPlan) -> dict[str, Any]:
-        """The plan's clients' local steps with the server's G (trained in place): their D and G losses, and the
+                    plan: RoundPlan, store: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        """The plan's clients' local steps with the server's G (trained in place), then MD-GAN's swap: their D and G
+        losses (each one's D loss also as "last_loss" in its `store`, as power-of-choice ranks clients) and the
         round's log (bytes both ways, the server's G loss; MD-GAN's swap, F2A's temperature)."""
         config, layout, device = self.config, self.layout, images.device
         ids = torch.as_tensor(plan.client_ids, device=device)
         client_map = resolved_client_map(config.engine.client_map, device, plan.steps.tolist())
         stacked = client_map != "reference"
-        clients = (StackedDiscriminators if stacked else ModuleDiscriminators)(
-            discriminator, {k: v[ids] for k, v in self.d_state.items()},
-            None if self.d_opt is None else {k: v[ids] for k, v in self.d_opt.items()}, self.local, config.engine,
-            "vmap" if client_map == "vmap" else "loop")  # CUDA streams are the trainer's: here the plain loop
+        state = {k: v[ids] for k, v in self.d_state.items()}
+        opt = None if self.d_opt is None else {k: v[ids] for k, v in self.d_opt.items()}
+        clients = (ModuleDiscriminators(discriminator, state, opt, self.local, config.engine) if not stacked else
+                   StackedDiscriminators(discriminator, state, opt, self.local, config.engine,
+                                         "vmap" if client_map == "vmap" else "loop"))  # streams: the trainer's
         num, max_steps, batch = plan.batch_indices.shape
         batch_indices = plan.batch_indices.to(device)
         noise = torch.Generator(device=device).manual_seed(plan.noise_seed)
@@ -176,10 +177,12 @@ class MultiDiscriminators:
             for key, value in (self.d_opt or {}).items():
                 value[ids] = opt[key].to(value.dtype)
         d_losses = (d_sum / torch.as_tensor(plan.steps, device=device)).tolist()
-        self.last_losses.update(zip(plan.client_ids.tolist(), d_losses))
+        for client, loss in zip(plan.client_ids.tolist(), d_losses):
+            store.setdefault(client, {})["last_loss"] = loss
+        swapped = self._swap(plan.round)
         return {"client_ids": plan.client_ids, "sizes": plan.sizes, "steps": plan.steps, "d_loss": d_losses,
                 "g_loss": (g_sum / torch.as_tensor(plan.steps, device=device)).tolist(),
-                "log": self._round_log(plan, float(server_sum) / max(1, max_steps))}
+                "log": self._round_log(plan, float(server_sum) / max(1, max_steps), swapped)}
 
     def _scored_objective(self, clients: StackedDiscriminators | ModuleDiscriminators, generator: Generator,
                           plan: RoundPlan, active: np.ndarray, draws: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -208,18 +211,25 @@ class MultiDiscriminators:
             self.temperature_opt.step()
         return own, objective
 
-    def _round_log(self, plan: RoundPlan, server_g_loss: float) -> dict[str, Any]:
-        """The round's bytes and server loss; MD-GAN's swap after it, F2A's temperature."""
+    def _swap(self, round_index: int) -> bool:
+        """MD-GAN's swap after the round, when it is due: every client's D (and Adam state) moves to another."""
+        config = self.config
+        if not (self.layout == "md_gan" and config.swap_every and round_index % config.swap_every == 0):
+            return False
+        order = torch.as_tensor(swap_permutation(config.num_clients, config.seed, round_index))
+        self.d_state = {k: v[order.to(v.device)] for k, v in self.d_state.items()}
+        if self.d_opt is not None:
+            self.d_opt = {k: v[order.to(v.device)] for k, v in self.d_opt.items()}
+        return True
+
+    def _round_log(self, plan: RoundPlan, server_g_loss: float, swapped: bool) -> dict[str, Any]:
+        """The round's bytes (a swap's included) and server loss; F2A's temperature."""
         config = self.config
         up, down = step_bytes(self.layout, config.batch_size, DATASETS[config.dataset].image_shape)
         client_steps = int(plan.steps.sum())
         log: dict[str, Any] = {"bytes_up": up * client_steps, "bytes_down": down * client_steps,
                                "server_g_loss": server_g_loss}
-        if self.layout == "md_gan" and config.swap_every and plan.round % config.swap_every == 0:
-            order = torch.as_tensor(swap_permutation(config.num_clients, config.seed, plan.round))
-            self.d_state = {k: v[order.to(v.device)] for k, v in self.d_state.items()}
-            if self.d_opt is not None:
-                self.d_opt = {k: v[order.to(v.device)] for k, v in self.d_opt.items()}
+        if swapped:
             log["swapped"] = True
             log["bytes_up"] += self.d_bytes * config.num_clients  # each D to the server and on to its next client
             log["bytes_down"] += self.d_bytes * config.num_clients
@@ -231,8 +241,7 @@ class MultiDiscriminators:
         """Everything the layout keeps between rounds, on the CPU (checkpoints load it with weights_only=True)."""
         return map_tensors({"d_state": self.d_state, "d_opt": self.d_opt, "g_opt": self.g_opt.state_dict(),
                             "log_temperature": self.log_temperature.detach(),
-                            "temperature_opt": self.temperature_opt.state_dict(),
-                            "last_losses": {str(c): loss for c, loss in self.last_losses.items()}},
+                            "temperature_opt": self.temperature_opt.state_dict()},
                            lambda t: t.detach().cpu().clone())
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -243,4 +252,3 @@ class MultiDiscriminators:
         with torch.no_grad():
             self.log_temperature.copy_(state["log_temperature"])
         self.temperature_opt.load_state_dict(state["temperature_opt"])
-        self.last_losses = {int(c): loss for c, loss in state["last_losses"].items()}

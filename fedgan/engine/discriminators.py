@@ -17,7 +17,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from fedgan.config import EngineOptions
-from fedgan.engine.convolutions import client_convolutions
+from fedgan.engine.convolutions import in_client_compute
 from fedgan.engine.precision import bfloat16_compute
 from fedgan.engine.reference import adam_row, client_adam, client_model
 from fedgan.engine.stacked import ADAM_MOMENTS, FlatParams, StackedAdam, fresh_adam_state, map_clients
@@ -47,10 +47,7 @@ class StackedDiscriminators:
         self.adam = StackedAdam(net.flat, self.opt, lr=local.lr_d, betas=local.betas)
 
         def in_compute_modes(fn):  # a client's function under bfloat16 compute and the thin convolutions' form
-            def run(*args):
-                with client_convolutions(engine, self.batched, count, device), bfloat16_compute(engine.bfloat16):
-                    return fn(*args)
-            return run
+            return in_client_compute(fn, engine, self.batched, count, device)
 
         def client(params, buffers):  # one client's D as gan.py's losses call it
             return lambda x, y: functional_call(discriminator, (params, buffers), (x, y))
@@ -110,7 +107,7 @@ class ModuleDiscriminators:
     """StackedDiscriminators' contract, each client a copy of the nn.Module with its own torch.optim.Adam, in turn."""
 
     def __init__(self, discriminator: Discriminator, state: Mapping[str, Tensor], opt: Mapping[str, Tensor] | None,
-                 local: LocalTraining, engine: EngineOptions, client_map: str = "reference"):
+                 local: LocalTraining, engine: EngineOptions):
         layout = FlatParams(discriminator, state)
         self.local, self.bfloat16 = local, engine.bfloat16
         self.models = [client_model(discriminator, state, row) for row in range(layout.count)]
