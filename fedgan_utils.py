@@ -48,6 +48,7 @@ from fedgan.federation import Federation, format_round, run_federation
 from fedgan.experiments import (
     CENTRALIZED_FIELDS, centralized_config, centralized_baseline, format_table, describe_partition, run_ablation,
     run_seeds)
+from fedgan.cell_store import CellStore, FinishedRun
 from fedgan.metrics import (
     Classifier, classifier_outputs, train_classifier, frechet_distance, kernel_distance, inception_score, Evaluator,
     evaluate, make_evaluator, inception_fid)
@@ -83,7 +84,7 @@ __all__ = [
     "TritonClientConvolution", "BFloat16Compute", "DivergenceError", "universal_logits", "forgiving_logits",
     "forgiving_mixture", "feedback_surrogate", "label_shares", "swap_permutation", "step_bytes", "MultiDiscriminators",
     "Federation", "format_round", "run_federation", "CENTRALIZED_FIELDS", "centralized_config", "centralized_baseline",
-    "format_table", "describe_partition", "run_ablation", "run_seeds", "Classifier", "classifier_outputs",
+    "format_table", "describe_partition", "run_ablation", "run_seeds", "CellStore", "FinishedRun", "Classifier", "classifier_outputs",
     "train_classifier", "frechet_distance", "kernel_distance", "inception_score", "Evaluator", "evaluate",
     "make_evaluator", "inception_fid", "knn_radii", "manifold_metrics", "CheckpointError", "CheckpointWriteError",
     "checksum_path", "save_checkpoint", "prune_checkpoints", "load_checkpoint", "list_checkpoints", "latest_checkpoint",

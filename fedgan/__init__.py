@@ -18,6 +18,7 @@ Reading order, from what a round does down to how it is computed fast:
     multi_discriminator.py  one G at the server, a D a client, nothing averaged: MD-GAN, UA-GAN, F2U, F2A
     federation.py    Federation: the round loop
     experiments.py   ablation grids, seeds, the centralized baseline
+    cell_store.py    a grid's finished cells on disk: a stopped grid resumes at its first unfinished cell
     metrics.py       FID, KID, IS, conditional accuracy in a classifier's features
     checkpoints.py   atomic, checksummed, weights_only checkpoints
     plots.py         figures and the checkpoint browser

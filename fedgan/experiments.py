@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from fedgan.cell_store import CellStore, FinishedRun
 from fedgan.checks import non_negative_int, require
 from fedgan.config import PARTITION_PARAMS, FedConfig, clients_per_round
 from fedgan.data import load_dataset
@@ -37,7 +39,7 @@ def centralized_config(config: FedConfig, steps: int) -> FedConfig:
                      run_name=f"{config.run_name}-central")
 
 
-def centralized_baseline(federation: "Federation", *, chunks_per_epoch: int = 10,
+def centralized_baseline(federation: Federation | FinishedRun, *, chunks_per_epoch: int = 10,
                          log: bool = True) -> list[dict[str, Any]]:
     """The federated model against one client holding all its data, trained by the same code.
 
@@ -52,10 +54,9 @@ def centralized_baseline(federation: "Federation", *, chunks_per_epoch: int = 10
     fed_seconds = sum(r["seconds"] for r in federation.history)
     steps = max(1, math.ceil(len(federation.labels) / config.batch_size / chunks_per_epoch))
     central = Federation(centralized_config(config, steps), data=(federation.images, federation.labels), log=False)
-    if federation.evaluator is None:
-        federation.evaluate()  # builds the classifier and the real reference that both runs are scored with
+    # evaluate() builds the classifier and the real reference that both runs are scored with, if there are none yet
     rows = [{"model": f"federated (K={config.num_clients})", "images": fed_images, "seconds": fed_seconds,
-             **federation.evaluator(federation.generator)}]
+             **federation.evaluate()}]
     pending = {"equal images": lambda: central.history[-1]["images_total"] >= fed_images,
                "equal wall time": lambda: sum(r["seconds"] for r in central.history) >= fed_seconds}
     while pending:
@@ -96,25 +97,41 @@ MODE_COVERAGE = ("precision", "recall", "density", "coverage", "per_class_covera
 
 
 def run_ablation(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], *,
-                 data: tuple[Tensor, Tensor] | None = None, evaluator: Evaluator | None = None, log: bool = True
-                 ) -> tuple[list[dict[str, Any]], dict[str, Federation]]:
+                 data: tuple[Tensor, Tensor] | None = None, evaluator: Evaluator | None = None,
+                 store: CellStore | str | Path | None = None, log: bool = True
+                 ) -> tuple[list[dict[str, Any]], dict[str, Federation | FinishedRun]]:
     """One federation per cell, each `base` with the cell's overrides, on the same data, seed and metric classifier.
 
     A cell's "strategy" may be a Strategy object instead of a name. A cell keeps only its newest checkpoint (what
     resume needs) unless the cell or `base` sets keep_checkpoints. The metric classifier is `evaluator`'s when
-    given (to score on the scale of an earlier grid), else the first cell's. Returns a table row a cell (the cell's
-    overrides; final metrics; images seen; training seconds, evaluation excluded; simulated time;
-    megabytes sent; epsilon of a DP run; MODE_COVERAGE's metrics) and the federations, for curves and sample grids.
+    given (to score on the scale of an earlier grid), else the first cell's. With a `store` (a CellStore or its
+    folder; `evaluator` then required), a cell it holds is read back instead of trained, as a FinishedRun, and a
+    cell trained is kept in it. Returns a table row a cell (the cell's overrides; final metrics; images seen;
+    training seconds, evaluation excluded; simulated time; megabytes sent; epsilon of a DP run; MODE_COVERAGE's
+    metrics) and the federations, for curves and sample grids.
     """
     data = data if data is not None else load_dataset(base.dataset, base.data_root)
+    require(store is None or evaluator is not None, "evaluator", evaluator,
+            "the grid's Evaluator with a store (a stored cell is reused only when scored by the same classifier)")
+    store = CellStore(store) if isinstance(store, (str, Path)) else store
     rows: list[dict[str, Any]] = []
-    runs: dict[str, Federation] = {}
+    runs: dict[str, Federation | FinishedRun] = {}
     for name, overrides in cells.items():
         overrides = dict(overrides)
         rule = overrides.pop("strategy") if isinstance(overrides.get("strategy"), Strategy) else None
         slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
         keep = {} if "keep_checkpoints" in overrides or base.keep_checkpoints is not None else {"keep_checkpoints": 1}
         config = dataclasses.replace(base, **overrides, **keep, run_name=f"{base.run_name}-{slug}")
+        key = store.key(config, rule, data, evaluator) if store is not None else ""
+        found = store.load(key, config=config, evaluator=evaluator, data=data) if store is not None else None
+        if found is not None:  # a cell of the same config under any name: its results under this one
+            result, runs[name] = found
+            row = {**overrides, **result, "cell": name}
+            rows.append(row)
+            if log:
+                print(f"{name:34s} FID {row['fid']:7.1f} | cond_acc {row['cond_acc']:.3f} | {row['seconds']:5.0f} s | "
+                      f"{row['MB']:8,.0f} MB | read from {store.folder}", flush=True)
+            continue
         federation = Federation(config, data=data, log=False, strategy=rule)
         federation.evaluator = evaluator  # one metric classifier and real reference for every cell
         stopped = ""
@@ -128,15 +145,17 @@ def run_ablation(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], *,
         metrics = (None if stopped else last.get("metrics")) or federation.evaluate()
         evaluator = federation.evaluator
         selected = clients_per_round(config.num_clients, config.client_fraction)
-        row = {**overrides, **({"stopped": stopped} if stopped else {}), "cell": name,
-               "strategy": federation.strategy_name,
-               "partition": describe_partition(config), "clients": f"{selected}/{config.num_clients}",
-               "images": last["images_total"], "seconds": sum(r["seconds"] for r in federation.history),
-               "sim_time": federation.clock, "MB": last["bytes_total"] / 1e6,
-               **({"epsilon": last["epsilon"]} if "epsilon" in last else {}),
-               **{k: metrics[k] for k in ("fid", "kid", "is", "cond_acc", *MODE_COVERAGE) if k in metrics}}
+        result = {**({"stopped": stopped} if stopped else {}), "cell": name, "strategy": federation.strategy_name,
+                  "partition": describe_partition(config), "clients": f"{selected}/{config.num_clients}",
+                  "images": last["images_total"], "seconds": sum(r["seconds"] for r in federation.history),
+                  "sim_time": federation.clock, "MB": last["bytes_total"] / 1e6,
+                  **({"epsilon": last["epsilon"]} if "epsilon" in last else {}),
+                  **{k: metrics[k] for k in ("fid", "kid", "is", "cond_acc", *MODE_COVERAGE) if k in metrics}}
+        row = {**overrides, **result}
         rows.append(row)
         runs[name] = federation
+        if store is not None:
+            store.save(name, key, result, federation, metrics)
         if log:
             print(f"{name:34s} FID {row['fid']:7.1f} | cond_acc {row['cond_acc']:.3f} | {row['seconds']:5.0f} s | "
                   f"{row['MB']:8,.0f} MB", flush=True)
@@ -145,15 +164,17 @@ def run_ablation(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], *,
 
 def run_seeds(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], *,
               data: tuple[Tensor, Tensor] | None = None, evaluator: Evaluator | None = None,
-              known: Mapping[str, Mapping[str, Any]] | None = None, log: bool = True,
+              known: Mapping[str, Mapping[str, Any]] | None = None, store: CellStore | str | Path | None = None,
+              log: bool = True,
               metrics: Sequence[str] = ("fid", "cond_acc")) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Each cell of a grid again at every seed, so that a difference between cells can be held against the spread
     of one cell over seeds (the seed draws the partition, the initial models, the batches and the noise).
 
     `known` maps cell names to rows already run at `base.seed` (the grid's), reused rather than run again; pass the
-    grid's `evaluator` with them so every seed is scored by the same classifier. Returns a row a cell and seed
-    (with "seed") and a summary a cell: for each of `metrics` ("fid", "cond_acc"; any number a row has) its value
-    at each seed s ("fid@s"), then its mean and standard deviation over seeds ("fid_mean", "fid_sd", ...).
+    grid's `evaluator` with them so every seed is scored by the same classifier. `store` is run_ablation's. Returns
+    a row a cell and seed (with "seed") and a summary a cell: for each of `metrics` ("fid", "cond_acc"; any number a
+    row has) its value at each seed s ("fid@s"), then its mean and standard deviation over seeds ("fid_mean",
+    "fid_sd", ...).
     """
     seeds = list(seeds)
     require(len(seeds) >= 2 and len(set(seeds)) == len(seeds) and all(map(non_negative_int, seeds)), "seeds",
@@ -170,7 +191,7 @@ def run_seeds(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], seeds: Se
 
     todo = {label(name, seed): {**overrides, "seed": seed}
             for name, overrides in cells.items() for seed in seeds if not reused(name, seed)}
-    new_rows, _ = run_ablation(base, todo, data=data, evaluator=evaluator, log=log)
+    new_rows, _ = run_ablation(base, todo, data=data, evaluator=evaluator, store=store, log=log)
     found = iter(new_rows)
     rows, summary = [], []
     for name in cells:

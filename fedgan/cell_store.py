@@ -1,0 +1,141 @@
+"""A grid's finished cells kept on disk, so that a grid stopped part-way (a kernel restarted, a GPU's lease ended)
+is run again and trains only the cells it had not finished.
+
+A cell is found by everything that decides its result: its config (less its names and folders), a server rule
+passed as an object (its class's source and attributes), the data, the metric classifier's real features, the
+device, torch's version and this package's source. A change to any of them makes another cell, so nothing is
+reused that the same code on the same device would not compute again. What is kept is what a grid's tables and
+figures use: the cell's row, its history, its final metrics and its sample grid (the generator on the fixed noise,
+to 8 bits, as a figure shows it); not its weights, which at the full preset would take a few MB a cell.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedgan.checkpoints import load_checkpoint, pack_grid, save_checkpoint, unpack_grid
+from fedgan.config import FedConfig
+from fedgan.environment import pick_device
+from fedgan.metrics import Evaluator
+from fedgan.strategies import Strategy
+
+Tensor = torch.Tensor
+
+# fields that name or place a run's files and do not change what it computes
+NOT_IN_KEY = ("run_name", "out_dir", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "tensorboard",
+              "data_root")
+PACKAGE = Path(__file__).resolve().parent
+
+
+def _digest(*parts: bytes) -> str:
+    hasher = hashlib.blake2b(digest_size=20)
+    for part in parts:
+        hasher.update(len(part).to_bytes(8, "little"))
+        hasher.update(part)
+    return hasher.hexdigest()
+
+
+def source_digest() -> str:
+    """A digest of every Python file of the package: another version of the code is another cell."""
+    files = sorted(PACKAGE.rglob("*.py"))
+    return _digest(*(part for path in files for part in (str(path.relative_to(PACKAGE)).encode(), path.read_bytes())))
+
+
+def tensor_digest(*tensors: Tensor) -> str:
+    return _digest(*(t.detach().cpu().contiguous().numpy().tobytes() for t in tensors))
+
+
+def rule_description(rule: Strategy | None) -> str:
+    """A server rule passed as an object: its class's source (where Python can find it) and its attributes."""
+    if rule is None:
+        return ""
+    try:
+        source = inspect.getsource(type(rule))
+    except (OSError, TypeError):  # a class Python holds no source for: its name stands for it
+        source = type(rule).__qualname__
+    return source + repr(sorted((k, repr(v)) for k, v in vars(rule).items()))
+
+
+@dataclasses.dataclass
+class FinishedRun:
+    """A cell read back from a CellStore: what a grid's tables and figures use of its Federation."""
+    config: FedConfig
+    history: list[dict[str, Any]]
+    strategy_name: str
+    metrics: dict[str, Any]
+    samples: Tensor  # [100, C, H, W] in [-1, 1], the sample grid to 8 bits (checkpoints.pack_grid)
+    evaluator: Evaluator
+    images: Tensor
+    labels: Tensor
+
+    def sample_grid(self) -> Tensor:
+        """The final global generator on the fixed noise and labels, as the cell's Federation drew it."""
+        return self.samples
+
+    def evaluate(self) -> dict[str, Any]:
+        """The final generator's metrics, as the cell's run scored them."""
+        return self.metrics
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("generator", "discriminator"):
+            raise AttributeError(f"{name}: a cell read from a CellStore keeps no weights, only its row, history, "
+                                 "metrics and sample grid; run the cell without the store for its models")
+        raise AttributeError(name)
+
+
+class CellStore:
+    """Finished cells of grids in a folder, a file a cell: <key>-<cell name>.pt, written atomically."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._source = source_digest()
+
+    def key(self, config: FedConfig, rule: Strategy | None, data: tuple[Tensor, Tensor], evaluator: Evaluator) -> str:
+        """What decides a cell's result, as a digest."""
+        fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_IN_KEY}
+        device = pick_device(config.device)
+        hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        return _digest(json.dumps(fields, sort_keys=True, default=repr).encode(), rule_description(rule).encode(),
+                       tensor_digest(*data).encode(), tensor_digest(evaluator.real_features).encode(),
+                       f"{hardware} | torch {torch.__version__}".encode(), self._source.encode())
+
+    def find(self, key: str) -> tuple[Path, dict[str, Any]] | None:
+        """The file and contents of the cell of this key, whatever the name it was run under."""
+        for path in sorted(self.folder.glob(f"{key[:16]}-*.pt")):
+            saved = load_checkpoint(path)
+            if saved["key"] == key:  # not merely the first 16 digits of the same key
+                return path, saved
+        return None
+
+    def load(self, key: str, *, config: FedConfig, evaluator: Evaluator, data: tuple[Tensor, Tensor]
+             ) -> tuple[dict[str, Any], FinishedRun] | None:
+        """The cell's results (its row less the cell's overrides) and FinishedRun, or None when it is not kept.
+        `config` is the asking cell's (of this key: at most its names and folders differ from the stored one's)."""
+        found = self.find(key)
+        if found is None:
+            return None
+        _, saved = found
+        row = json.loads(saved["row"])
+        run = FinishedRun(config=config, history=json.loads(saved["history"]),
+                          strategy_name=row["strategy"], metrics=json.loads(saved["metrics"]),
+                          samples=unpack_grid(saved["samples"]), evaluator=evaluator,
+                          images=data[0], labels=data[1])
+        return row, run
+
+    def save(self, name: str, key: str, row: dict[str, Any], run: Any, metrics: dict[str, Any]) -> Path:
+        """Keep a finished cell's results (its row less its overrides) and its run (a Federation); a cell already
+        kept is left as it is."""
+        found = self.find(key)
+        if found is not None:
+            return found[0]
+        slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+        path = self.folder / f"{key[:16]}-{slug}.pt"
+        return save_checkpoint(path, {"key": key, "cell": name, "row": json.dumps(row, default=repr),
+                                      "history": json.dumps(run.history), "metrics": json.dumps(metrics),
+                                      "config": run.config.to_json(), "samples": pack_grid(run.sample_grid())})
