@@ -1,10 +1,10 @@
 """Execute a notebook, or some of its sections, in a real Jupyter kernel (nbclient) and write it with the outputs.
 
 A notebook's set-up cells (code cells tagged "setup") run first; then the code cells of the sections asked for (a
-section: from a markdown heading "## N." to the next "## "), or every code cell. Only the cells run get new outputs:
-the others keep theirs, so a notebook can be committed from runs of its sections made apart (on a GPU lent for a
-few minutes at a time; with the cells' store, `fu.CellStore`, a section cut short trains only what it had not
-finished when run again). The notebook's metadata gains a line a run: the cells, preset, device and wall time.
+section: from a markdown line "## N." to the next line starting "## "), or every code cell. Only the cells run get
+new outputs: the others keep theirs, so a notebook can be committed from runs of its sections made apart (on a
+GPU lent for a few minutes at a time; with the cells' store, `fu.CellStore`, a section cut short trains only what
+it had not finished when run again). The notebook's metadata gains a line a run: cells, preset, device, wall time.
 
     python benchmarks/run_notebook.py FedGAN_Custom_sync_strategy.ipynb --preset cpu --sections 9 --in-place
     python benchmarks/run_notebook.py FedGAN_Custom_sync_strategy.ipynb --preset full --out executed.ipynb
@@ -28,19 +28,17 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 REPO = Path(__file__).resolve().parents[1]
-HEADING = re.compile(r"^## (\d+)\.", re.MULTILINE)
+HEADING = re.compile(r"## (\d+)\.")
 
 
 def section_of_cells(notebook: nbformat.NotebookNode) -> list[int | None]:
     """The section number each cell is in (None before the first numbered heading)."""
     section, sections = None, []
     for cell in notebook.cells:
-        if cell.cell_type == "markdown":
-            heading = HEADING.match("".join(cell.source))
-            if heading:
-                section = int(heading.group(1))
-            elif "".join(cell.source).startswith("## "):
-                section = None
+        headings = [line for line in "".join(cell.source).splitlines() if line.startswith("## ")]
+        if cell.cell_type == "markdown" and headings:  # the cell's last heading goes on to the cells after it
+            numbered = HEADING.match(headings[-1])
+            section = int(numbered.group(1)) if numbered else None
         sections.append(section)
     return sections
 

@@ -2,11 +2,12 @@
 is run again and trains only the cells it had not finished.
 
 A cell is found by everything that decides its result: its config (less its names and folders), a server rule
-passed as an object (its class's source and attributes), the data, the metric classifier's real features, the
-device, torch's version and this package's source. A change to any of them makes another cell, so nothing is
-reused that the same code on the same device would not compute again. What is kept is what a grid's tables and
-figures use: the cell's row, its history, its final metrics and its sample grid (the generator on the fixed noise,
-to 8 bits, as a figure shows it); not its weights, which at the full preset would take a few MB a cell.
+passed as an object (its class's source and attributes), the data, the metric classifier's weights and the
+evaluator's settings, the device, torch's version and this package's source. A change to any of them makes another
+cell, so nothing is reused that the same code on the same device would not compute again. What is kept is what a
+grid's tables and figures use: the cell's row, its history, its final metrics and its sample grid (the generator
+on the fixed noise, to 8 bits, as a figure shows it); not its weights, which at the full preset would take a few
+MB a cell.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 
 from fedgan.checkpoints import load_checkpoint, pack_grid, save_checkpoint, unpack_grid
 from fedgan.config import FedConfig
+from fedgan.data import training_images
 from fedgan.environment import pick_device
 from fedgan.metrics import Evaluator
 from fedgan.strategies import Strategy
@@ -51,6 +53,13 @@ def tensor_digest(*tensors: Tensor) -> str:
     return _digest(*(t.detach().cpu().contiguous().numpy().tobytes() for t in tensors))
 
 
+def scorer_digest(evaluator: Evaluator) -> str:
+    """The metric classifier's weights and the evaluator's settings: its real features follow from them, and a
+    digest of the features themselves would move with a GPU's float reductions from one machine to the next."""
+    settings = f"{evaluator.n} {evaluator.seed} {evaluator.kid_subsets}".encode()
+    return _digest(settings, tensor_digest(evaluator.real_labels, *evaluator.classifier.state_dict().values()).encode())
+
+
 def rule_description(rule: Strategy | None) -> str:
     """A server rule passed as an object: its class's source (where Python can find it) and its attributes."""
     if rule is None:
@@ -71,8 +80,8 @@ class FinishedRun:
     metrics: dict[str, Any]
     samples: Tensor  # [100, C, H, W] in [-1, 1], the sample grid to 8 bits (checkpoints.pack_grid)
     evaluator: Evaluator
-    images: Tensor
-    labels: Tensor
+    images: Tensor = dataclasses.field(default=None, repr=False)  # the images the run trained on
+    labels: Tensor = dataclasses.field(default=None, repr=False)
 
     def sample_grid(self) -> Tensor:
         """The final global generator on the fixed noise and labels, as the cell's Federation drew it."""
@@ -102,7 +111,7 @@ class CellStore:
         device = pick_device(config.device)
         hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         return _digest(json.dumps(fields, sort_keys=True, default=repr).encode(), rule_description(rule).encode(),
-                       tensor_digest(*data).encode(), tensor_digest(evaluator.real_features).encode(),
+                       tensor_digest(*data).encode(), scorer_digest(evaluator).encode(),
                        f"{hardware} | torch {torch.__version__}".encode(), self._source.encode())
 
     def find(self, key: str) -> tuple[Path, dict[str, Any]] | None:
@@ -124,8 +133,8 @@ class CellStore:
         row = json.loads(saved["row"])
         run = FinishedRun(config=config, history=json.loads(saved["history"]),
                           strategy_name=row["strategy"], metrics=json.loads(saved["metrics"]),
-                          samples=unpack_grid(saved["samples"]), evaluator=evaluator,
-                          images=data[0], labels=data[1])
+                          samples=unpack_grid(saved["samples"]), evaluator=evaluator)
+        run.images, run.labels = training_images(config, *data)  # as the Federation held them (train_subset)
         return row, run
 
     def save(self, name: str, key: str, row: dict[str, Any], run: Any, metrics: dict[str, Any]) -> Path:

@@ -18,7 +18,7 @@ def same(a, b) -> bool:
 @pytest.fixture
 def grid(mnist_small, tiny_config, tmp_path):
     base = tiny_config(rounds=2, eval_every=1, eval_samples=50, classifier_epochs=1, classifier_subset=500,
-                       run_name="grid")
+                       train_subset=900, run_name="grid")
     evaluator = fu.make_evaluator(base, mnist_small[0], base.device, log=False)
     cells = {"plain": {}, "custom rule": {"strategy": BestHalf(), "partition": "dirichlet", "alpha": 0.5}}
     return base, cells, evaluator, tmp_path / "cells"
@@ -75,6 +75,11 @@ def test_a_stored_cell_serves_seeds_and_the_centralized_baseline(grid, mnist_sma
     baseline = fu.centralized_baseline(stored["the same config"], chunks_per_epoch=50, log=False)
     assert baseline[0]["fid"] == rows[0]["fid"] and baseline[0]["images"] == rows[0]["images"]
     assert {r["model"] for r in baseline[1:]} == {"centralized, equal images", "centralized, equal wall time"}
+    _, trained = fu.run_ablation(base, {"plain": {}}, data=mnist_small, evaluator=evaluator, log=False)
+    live = fu.centralized_baseline(trained["plain"], chunks_per_epoch=50, log=False)
+    equal_images = [{k: v for k, v in next(r for r in rows if r["model"] == "centralized, equal images").items()
+                     if k != "seconds"} for rows in (baseline, live)]
+    assert same(*equal_images)  # the same centralized run: on the images the federation had
 
 
 def test_a_store_needs_the_grids_classifier(grid, mnist_small):

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Notebook 3 at the full preset on a borrowed GPU, over as many short sessions as it takes: each session executes
+# the notebook's sections 1-9 (benchmarks/run_notebook.py; section 10, Flower, needs flwr, which that machine lacks,
+# and keeps its committed run) until its time is up. The cells finished are kept in the notebook's cell store
+# (fu.CellStore, outputs/custom_sync/cells/full), which comes back and is carried to the next session with the
+# metric classifier it was scored by, so the sessions add up. The session in which every cell is in the store
+# writes the executed notebook.
+#
+# Here, before the first session (the machine gets the repository, not ../shared, and its pip reaches nothing):
+#   mkdir -p .carry/MNIST && cp ../shared/data/MNIST/*.gz .carry/MNIST/
+#   bash benchmarks/device_wheels.sh                     # .whl/: nbclient, a Jupyter kernel, dp-accounting
+# The device call (carry: .carry/MNIST .whl .carry/full-store.tar.gz once there is one):
+#   bash benchmarks/gpu_notebook.sh
+# Back here, after each session (files_at: the folder the device tool returned):
+#   cp <files_at>/full-store.tar.gz .carry/              # the store and classifier for the next session
+#   cp <files_at>/FedGAN_Custom_sync_strategy.ipynb .    # only when the session says it wrote it
+#
+# On a CPU (to try the script) it runs at the smoke preset. Prints the store's cells before and after.
+set -u
+OUT=${OUT:-gpu-out}
+PYTHON=${PYTHON:-python3}
+BUDGET=${BUDGET:-540}  # seconds for the notebook; the packing after it takes a few
+WHEELS=${WHEELS:-.whl}
+STORE_TAR=${STORE_TAR:-.carry/full-store.tar.gz}
+mkdir -p "$OUT"
+export FEDGAN_DATA=${FEDGAN_DATA:-.carry/MNIST} FEDGAN_CACHE=${FEDGAN_CACHE:-.cache} MPLBACKEND=Agg PYTHONUNBUFFERED=1
+if "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then PRESET=full; else PRESET=smoke; fi
+STORE=outputs/custom_sync/cells/$PRESET
+
+if ! "$PYTHON" -c "import nbclient, ipykernel" 2> /dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# the store and the classifier it was scored by (its key holds the classifier's weights: a retrained one is another)
+[ -f "$STORE_TAR" ] && tar -xzf "$STORE_TAR"
+before=$(ls "$STORE"/*.pt 2> /dev/null | wc -l)
+echo "preset $PRESET | cells in the store before: $before"
+start=$SECONDS
+timeout "$BUDGET" "$PYTHON" benchmarks/run_notebook.py FedGAN_Custom_sync_strategy.ipynb --preset "$PRESET" \
+  --sections 1 2 3 4 5 6 7 8 9 --out "$OUT/FedGAN_Custom_sync_strategy.ipynb" > "$OUT/run_notebook.txt" 2>&1
+status=$?
+after=$(ls "$STORE"/*.pt 2> /dev/null | wc -l)
+echo "run_notebook: exit $status after $((SECONDS - start)) s (limit $BUDGET s); cells in the store after: $after"
+tail -n 25 "$OUT/run_notebook.txt"
+if [ "$status" = 0 ]; then
+  echo "the notebook is written: $OUT/FedGAN_Custom_sync_strategy.ipynb"
+else
+  echo "not finished: the next session goes on from the $after cells in the store"
+  rm -f "$OUT/FedGAN_Custom_sync_strategy.ipynb"
+fi
+tar -czf "$OUT/full-store.tar.gz" "$STORE" "$FEDGAN_CACHE/classifiers" 2> /dev/null
+ls -l "$OUT"
