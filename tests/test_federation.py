@@ -37,16 +37,35 @@ def test_same_seed_same_result_and_another_seed_another(mnist_small, tiny_config
     assert not states_equal(runs[0].generator.state_dict(), runs[2].generator.state_dict())
 
 
-def test_resume_continues_exactly_where_the_first_run_stopped(mnist_small, tiny_config, tmp_path):
-    straight = fu.run_federation(tiny_config(rounds=3, checkpoint_dir=str(tmp_path / "a")), data=mnist_small,
-                                 progress=False)
-    fu.run_federation(tiny_config(rounds=1, checkpoint_dir=str(tmp_path / "b")), data=mnist_small, progress=False)
-    resumed = fu.run_federation(tiny_config(rounds=3, checkpoint_dir=str(tmp_path / "b")), data=mnist_small,
-                                resume=True, progress=False)
+RESUMED = {  # a run stopped after round 1 and resumed equals a straight one, with each of these
+    "plain": {},
+    "FedAdam": dict(strategy="fedadam", num_clients=4),  # with the server rule's state
+    "trimmed mean": dict(strategy="trimmed_mean", num_clients=4, trim_beta=0.25),
+    "spectral + noise": dict(d_norm="spectral", instance_noise=0.2),  # the power iteration's vectors: buffers of D
+    "projection + hinge": dict(d_conditioning="projection", gan_loss="hinge"),
+    "smoothing, Adam kept": dict(label_smoothing=0.1, optimizer_state="keep"),
+}
+
+
+@pytest.mark.parametrize("options", list(RESUMED.values()), ids=list(RESUMED))
+def test_resume_continues_exactly_where_the_first_run_stopped(mnist_small, tiny_config, tmp_path, options):
+    straight = fu.run_federation(tiny_config(rounds=3, checkpoint_dir=str(tmp_path / "a"), **options),
+                                 data=mnist_small, progress=False)
+    fu.run_federation(tiny_config(rounds=1, checkpoint_dir=str(tmp_path / "b"), **options), data=mnist_small,
+                      progress=False)
+    resumed = fu.run_federation(tiny_config(rounds=3, checkpoint_dir=str(tmp_path / "b"), **options),
+                                data=mnist_small, resume=True, progress=False)
     assert [r["round"] for r in resumed.history] == [1, 2, 3]
     assert [r["g_loss"] for r in resumed.history] == [r["g_loss"] for r in straight.history]
     assert states_equal(resumed.generator.state_dict(), straight.generator.state_dict())
     assert states_equal(resumed.discriminator.state_dict(), straight.discriminator.state_dict())
+    assert (options.get("d_norm") == "spectral") == any(name.endswith(".u")
+                                                         for name in straight.discriminator.state_dict())
+    if options:  # and the option changed what was computed
+        plain = fu.run_federation(tiny_config(rounds=3, checkpoint_dir=str(tmp_path / "c"),
+                                              num_clients=options.get("num_clients", 3)), data=mnist_small,
+                                  progress=False)
+        assert not states_equal(plain.generator.state_dict(), straight.generator.state_dict())
 
 
 def test_a_checkpoint_from_before_engine_options_and_flat_adam_states_resumes_exactly(mnist_small, tiny_config,
@@ -154,21 +173,6 @@ def test_resume_restores_the_global_random_state(mnist_small, tiny_config):
     fu.seed_everything(123)
     fu.Federation(tiny_config(rounds=2), data=mnist_small, resume=True, log=False)
     assert torch.equal(torch.rand(3), after_first_run)
-
-
-@pytest.mark.parametrize("strategy", ["fedadam", "trimmed_mean"])
-def test_a_server_rule_resumes_exactly_with_its_server_state(mnist_small, tiny_config, tmp_path, strategy):
-    config = dict(strategy=strategy, num_clients=4, trim_beta=0.25)
-    straight = fu.run_federation(tiny_config(rounds=3, checkpoint_dir=str(tmp_path / "a"), **config),
-                                 data=mnist_small, progress=False)
-    fu.run_federation(tiny_config(rounds=2, checkpoint_dir=str(tmp_path / "b"), **config), data=mnist_small,
-                      progress=False)
-    resumed = fu.run_federation(tiny_config(rounds=3, checkpoint_dir=str(tmp_path / "b"), **config),
-                                data=mnist_small, resume=True, progress=False)
-    assert states_equal(resumed.generator.state_dict(), straight.generator.state_dict())
-    plain = fu.run_federation(tiny_config(rounds=3, checkpoint_dir=str(tmp_path / "c"), num_clients=4),
-                              data=mnist_small, progress=False)
-    assert not states_equal(plain.generator.state_dict(), straight.generator.state_dict())
 
 
 def test_federation_with_compression_counts_bytes_and_keeps_residuals(mnist_small, tiny_config):
