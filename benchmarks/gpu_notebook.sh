@@ -15,7 +15,8 @@
 #   cp <files_at>/full-store.tar.gz .carry/              # the store and classifier for the next session
 #   cp <files_at>/FedGAN_Custom_sync_strategy.ipynb .    # only when the session says it wrote it
 #
-# On a CPU (to try the script) it runs at the smoke preset. Prints the store's cells before and after.
+# On a CPU (to try the script) it runs at the smoke preset. Prints the store's cells before and after, and when
+# each new cell was finished (cells_finished.txt): what a cell costs with its scoring, for planning the sessions.
 set -u
 OUT=${OUT:-gpu-out}
 PYTHON=${PYTHON:-python3}
@@ -35,6 +36,7 @@ fi
 [ -f "$STORE_TAR" ] && tar -xzf "$STORE_TAR"
 before=$(ls "$STORE"/*.pt 2> /dev/null | wc -l)
 echo "preset $PRESET | cells in the store before: $before"
+mkdir -p "$STORE" && touch "$OUT/started"
 start=$SECONDS
 timeout "$BUDGET" "$PYTHON" benchmarks/run_notebook.py FedGAN_Custom_sync_strategy.ipynb --preset "$PRESET" \
   --sections 1 2 3 4 5 6 7 8 9 --out "$OUT/FedGAN_Custom_sync_strategy.ipynb" > "$OUT/run_notebook.txt" 2>&1
@@ -42,11 +44,16 @@ status=$?
 after=$(ls "$STORE"/*.pt 2> /dev/null | wc -l)
 echo "run_notebook: exit $status after $((SECONDS - start)) s (limit $BUDGET s); cells in the store after: $after"
 tail -n 25 "$OUT/run_notebook.txt"
+# when each new cell was finished (seconds since the start): a cell's wall time, its scoring included
+find "$STORE" -name '*.pt' -newer "$OUT/started" -printf '%T@ %f\n' | sort -n |
+  awk -v t0="$(stat -c %Y "$OUT/started")" '{printf "%7.1f s  %s\n", $1 - t0, $2}' > "$OUT/cells_finished.txt"
+cat "$OUT/cells_finished.txt"
 if [ "$status" = 0 ]; then
   echo "the notebook is written: $OUT/FedGAN_Custom_sync_strategy.ipynb"
 else
   echo "not finished: the next session goes on from the $after cells in the store"
   rm -f "$OUT/FedGAN_Custom_sync_strategy.ipynb"
 fi
+rm "$OUT/started"
 tar -czf "$OUT/full-store.tar.gz" "$STORE" "$FEDGAN_CACHE/classifiers" 2> /dev/null
 ls -l "$OUT"

@@ -99,7 +99,7 @@ def main() -> None:
         parser.error(f"--out {args.out} exists; choose a new file (or --in-place to write over the notebook)")
     notebook, record = execute(args.notebook, args.sections, args.preset)
     target = args.notebook if args.in_place else args.out
-    target.write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
+    target.write_text(nbformat.writes(notebook) + "\n")  # the format Jupyter writes, as the notebooks are kept
     print(json.dumps(record, indent=1))
     print(f"written to {target}")
 

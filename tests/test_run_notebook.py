@@ -33,7 +33,8 @@ def run(*args):
 
 
 def stdout(cell):
-    return "".join(o["text"] for o in cell.get("outputs", []) if o.get("name") == "stdout")
+    """A cell's printed text (a file keeps it as a list of lines, as Jupyter writes it)."""
+    return "".join("".join(o["text"]) for o in cell.get("outputs", []) if o.get("name") == "stdout")
 
 
 def test_a_section_runs_after_the_set_up_cells_and_the_other_cells_keep_their_outputs(notebook, tmp_path):
@@ -42,6 +43,7 @@ def test_a_section_runs_after_the_set_up_cells_and_the_other_cells_keep_their_ou
     cells = json.loads((tmp_path / "out.ipynb").read_text())["cells"]
     assert stdout(cells[1]) == "set up smoke\n" and stdout(cells[5]) == "two 42\n"
     assert stdout(cells[3]) == "kept\n" and stdout(cells[7]) == ""  # not run: as they were
+    assert cells[3] == json.loads(notebook.read_text())["cells"][3]  # to the byte, as Jupyter writes a cell
     record, = json.loads((tmp_path / "out.ipynb").read_text())["metadata"]["fedgan_runs"]
     assert record["sections"] == [2] and record["preset"] == "smoke" and len(record["cells"]) == 2
     assert record["seconds"] > 0 and record["device"]
