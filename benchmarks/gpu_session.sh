@@ -23,6 +23,7 @@
 # the full-preset table of docs/study.md); `study_cells.py --list` names the rest, among them the stronger-baseline
 # options' pilot on Dirichlet 0.1 (issue 24) and the GAN layouts and SCAFFOLD on Dirichlet 0.1 and one class a client
 # (issue 23).
+# Notebook 3 itself at the full preset, session by session, is benchmarks/gpu_notebook.sh (a call of its own).
 set -u
 OUT=${OUT:-gpu-out}
 PYTHON=${PYTHON:-python3}
