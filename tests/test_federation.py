@@ -438,3 +438,17 @@ def test_a_strategy_keeping_numpy_values_writes_checkpoints_that_resume(mnist_sm
     resumed = fu.Federation(config, data=mnist_small, resume=True, log=False, strategy=NumpyMomentum())
     assert resumed.round == 1 and resumed.strategies["g"].calls == 1
     assert resumed.history[0]["server"]["g"] == {"calls": 1, "mean_weight": 400.0}
+
+
+def test_scoring_during_a_run_does_not_change_its_training(mnist_small, tiny_config):
+    """Notebook 3 scores its later cells only at the end: the same training, the same final metrics."""
+    scored = dict(eval_samples=50, classifier_epochs=1, classifier_subset=500)
+    every_round = fu.run_federation(tiny_config(rounds=3, eval_every=1, run_name="every", **scored), data=mnist_small,
+                                    progress=False)
+    at_end = fu.run_federation(tiny_config(rounds=3, eval_every=None, run_name="end", **scored), data=mnist_small,
+                               progress=False)
+    assert all("metrics" in r for r in every_round.history) and not any("metrics" in r for r in at_end.history)
+    assert [r["d_loss"] for r in every_round.history] == [r["d_loss"] for r in at_end.history]
+    assert states_equal(every_round.generator.state_dict(), at_end.generator.state_dict())
+    at_end.evaluator = every_round.evaluator
+    assert at_end.evaluate()["fid"] == every_round.history[-1]["metrics"]["fid"]
