@@ -35,7 +35,7 @@ def section_of_cells(notebook: nbformat.NotebookNode) -> list[int | None]:
     """The section number each cell is in (None before the first numbered heading)."""
     section, sections = None, []
     for cell in notebook.cells:
-        headings = [line for line in "".join(cell.source).splitlines() if line.startswith("## ")]
+        headings = [line for line in cell.source.splitlines() if line.startswith("## ")]
         if cell.cell_type == "markdown" and headings:  # the cell's last heading goes on to the cells after it
             numbered = HEADING.match(headings[-1])
             section = int(numbered.group(1)) if numbered else None

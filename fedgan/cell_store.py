@@ -35,6 +35,11 @@ NOT_IN_KEY = ("run_name", "out_dir", "checkpoint_dir", "checkpoint_every", "keep
 PACKAGE = Path(__file__).resolve().parent
 
 
+def cell_slug(name: str) -> str:
+    """A cell's name as a file name's part: "FedAvg / dir0.1" -> "FedAvg---dir0-1"."""
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
+
+
 def _digest(*parts: bytes) -> str:
     hasher = hashlib.blake2b(digest_size=20)
     for part in parts:
@@ -80,8 +85,8 @@ class FinishedRun:
     metrics: dict[str, Any]
     samples: Tensor  # [100, C, H, W] in [-1, 1], the sample grid to 8 bits (checkpoints.pack_grid)
     evaluator: Evaluator
-    images: Tensor = dataclasses.field(default=None, repr=False)  # the images the run trained on
-    labels: Tensor = dataclasses.field(default=None, repr=False)
+    images: Tensor = dataclasses.field(repr=False)  # the images and labels the run trained on (train_subset)
+    labels: Tensor = dataclasses.field(repr=False)
 
     def sample_grid(self) -> Tensor:
         """The final global generator on the fixed noise and labels, as the cell's Federation drew it."""
@@ -131,10 +136,10 @@ class CellStore:
             return None
         _, saved = found
         row = json.loads(saved["row"])
+        images, labels = training_images(config, *data)  # as the Federation held them
         run = FinishedRun(config=config, history=json.loads(saved["history"]),
                           strategy_name=row["strategy"], metrics=json.loads(saved["metrics"]),
-                          samples=unpack_grid(saved["samples"]), evaluator=evaluator)
-        run.images, run.labels = training_images(config, *data)  # as the Federation held them (train_subset)
+                          samples=unpack_grid(saved["samples"]), evaluator=evaluator, images=images, labels=labels)
         return row, run
 
     def save(self, name: str, key: str, row: dict[str, Any], run: Any, metrics: dict[str, Any]) -> Path:
@@ -143,8 +148,7 @@ class CellStore:
         found = self.find(key)
         if found is not None:
             return found[0]
-        slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
-        path = self.folder / f"{key[:16]}-{slug}.pt"
+        path = self.folder / f"{key[:16]}-{cell_slug(name)}.pt"
         return save_checkpoint(path, {"key": key, "cell": name, "row": json.dumps(row, default=repr),
                                       "history": json.dumps(run.history), "metrics": json.dumps(metrics),
                                       "config": run.config.to_json(), "samples": pack_grid(run.sample_grid())})

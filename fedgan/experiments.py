@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from fedgan.cell_store import CellStore, FinishedRun
+from fedgan.cell_store import CellStore, FinishedRun, cell_slug
 from fedgan.checks import non_negative_int, require
 from fedgan.config import PARTITION_PARAMS, FedConfig, clients_per_round
 from fedgan.data import load_dataset
@@ -119,9 +119,8 @@ def run_ablation(base: FedConfig, cells: Mapping[str, Mapping[str, Any]], *,
     for name, overrides in cells.items():
         overrides = dict(overrides)
         rule = overrides.pop("strategy") if isinstance(overrides.get("strategy"), Strategy) else None
-        slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
         keep = {} if "keep_checkpoints" in overrides or base.keep_checkpoints is not None else {"keep_checkpoints": 1}
-        config = dataclasses.replace(base, **overrides, **keep, run_name=f"{base.run_name}-{slug}")
+        config = dataclasses.replace(base, **overrides, **keep, run_name=f"{base.run_name}-{cell_slug(name)}")
         key = store.key(config, rule, data, evaluator) if store is not None else ""
         found = store.load(key, config=config, evaluator=evaluator, data=data) if store is not None else None
         if found is not None:  # a cell of the same config under any name: its results under this one
