@@ -110,14 +110,15 @@ class CellStore:
         self.folder = Path(folder)
         self._source = source_digest()
 
-    def key(self, config: FedConfig, rule: Strategy | None, data: tuple[Tensor, Tensor], evaluator: Evaluator) -> str:
-        """What decides a cell's result, as a digest."""
+    def key(self, config: FedConfig, rule: Strategy | None, data: tuple[Tensor, Tensor], evaluator: Evaluator,
+            extra: str = "") -> str:
+        """What decides a cell's result, as a digest; `extra`: anything else that does (a baseline's targets)."""
         fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_IN_KEY}
         device = pick_device(config.device)
         hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         return _digest(json.dumps(fields, sort_keys=True, default=repr).encode(), rule_description(rule).encode(),
                        tensor_digest(*data).encode(), scorer_digest(evaluator).encode(),
-                       f"{hardware} | torch {torch.__version__}".encode(), self._source.encode())
+                       f"{hardware} | torch {torch.__version__}".encode(), self._source.encode(), extra.encode())
 
     def find(self, key: str) -> tuple[Path, dict[str, Any]] | None:
         """The file and contents of the cell of this key, whatever the name it was run under."""
@@ -145,10 +146,35 @@ class CellStore:
     def save(self, name: str, key: str, row: dict[str, Any], run: Any, metrics: dict[str, Any]) -> Path:
         """Keep a finished cell's results (its row less its overrides) and its run (a Federation); a cell already
         kept is left as it is."""
+        return self._write(name, key, {"row": json.dumps(row, default=repr), "history": json.dumps(run.history),
+                                       "metrics": json.dumps(metrics), "config": run.config.to_json(),
+                                       "samples": pack_grid(run.sample_grid())})
+
+    def load_rows(self, key: str) -> list[dict[str, Any]] | None:
+        """Table rows kept by save_rows under this key, or None."""
         found = self.find(key)
-        if found is not None:
+        return None if found is None else json.loads(found[1]["rows"])
+
+    def save_rows(self, name: str, key: str, rows: list[dict[str, Any]], config: FedConfig) -> Path:
+        """Keep table rows that are not one federation's cell (the centralized baseline's), trained by `config`."""
+        return self._write(name, key, {"rows": json.dumps(rows, default=repr), "config": config.to_json()})
+
+    def cells(self) -> list[dict[str, Any]]:
+        """A line for every kept cell, oldest first: its name, seed and results (a baseline's: a line a row).
+        What a stopped grid has finished so far, e.g. after a GPU session."""
+        lines = []
+        for path in sorted(self.folder.glob("*.pt"), key=lambda p: p.stat().st_mtime):
+            saved = load_checkpoint(path)
+            seed = json.loads(saved["config"])["seed"]
+            if "rows" in saved:
+                lines += [{**row, "cell": f"{row['model']} | {saved['cell']}", "seed": seed}
+                          for row in json.loads(saved["rows"])]
+            else:
+                lines.append({**json.loads(saved["row"]), "cell": saved["cell"], "seed": seed})
+        return lines
+
+    def _write(self, name: str, key: str, payload: dict[str, Any]) -> Path:
+        found = self.find(key)
+        if found is not None:  # kept already: left as it is
             return found[0]
-        path = self.folder / f"{key[:16]}-{cell_slug(name)}.pt"
-        return save_checkpoint(path, {"key": key, "cell": name, "row": json.dumps(row, default=repr),
-                                      "history": json.dumps(run.history), "metrics": json.dumps(metrics),
-                                      "config": run.config.to_json(), "samples": pack_grid(run.sample_grid())})
+        return save_checkpoint(self.folder / f"{key[:16]}-{cell_slug(name)}.pt", {"key": key, "cell": name, **payload})

@@ -40,12 +40,14 @@ def centralized_config(config: FedConfig, steps: int) -> FedConfig:
 
 
 def centralized_baseline(federation: Federation | FinishedRun, *, chunks_per_epoch: int = 10,
-                         log: bool = True) -> list[dict[str, Any]]:
+                         store: CellStore | str | Path | None = None, log: bool = True) -> list[dict[str, Any]]:
     """The federated model against one client holding all its data, trained by the same code.
 
     The centralized run (centralized_config: plain training, Adam never reset) is scored after chunks of
     1/`chunks_per_epoch` epoch: when it has seen as many images as the federation, and when it has trained as long
     (wall time, evaluation excluded). Returns table rows: federated, centralized at equal images, at equal wall time.
+    With a `store` (run_ablation's), the centralized rows are kept there and read back for the same federation
+    (its config, data, classifier, images and seconds), as a grid's cells are.
     """
     if not federation.history:
         raise ValueError("run the federation first: its history is empty")
@@ -57,6 +59,14 @@ def centralized_baseline(federation: Federation | FinishedRun, *, chunks_per_epo
     # evaluate() builds the classifier and the real reference that both runs are scored with, if there are none yet
     rows = [{"model": f"federated (K={config.num_clients})", "images": fed_images, "seconds": fed_seconds,
              **federation.evaluate()}]
+    store = CellStore(store) if isinstance(store, (str, Path)) else store
+    key = "" if store is None else store.key(central.config, None, (federation.images, federation.labels),
+                                             federation.evaluator, extra=f"images {fed_images}, seconds {fed_seconds!r}")
+    kept = None if store is None else store.load_rows(key)
+    if kept is not None:
+        if log:
+            print(f"centralized baseline: read from {store.folder}")
+        return rows + kept
     pending = {"equal images": lambda: central.history[-1]["images_total"] >= fed_images,
                "equal wall time": lambda: sum(r["seconds"] for r in central.history) >= fed_seconds}
     while pending:
@@ -69,6 +79,8 @@ def centralized_baseline(federation: Federation | FinishedRun, *, chunks_per_epo
                 del pending[name]
                 if log:
                     print(f"centralized baseline: {name} reached after {central.round} rounds of {steps} steps")
+    if store is not None:
+        store.save_rows(f"baseline of {config.run_name}", key, rows[1:], central.config)
     return rows
 
 

@@ -86,3 +86,23 @@ def test_a_store_needs_the_grids_classifier(grid, mnist_small):
     base, cells, _, folder = grid
     with pytest.raises(ValueError, match="evaluator"):
         fu.run_ablation(base, cells, data=mnist_small, store=folder)
+
+
+def test_the_centralized_baseline_is_kept_and_read_back_for_the_same_federation(grid, mnist_small, capsys):
+    base, cells, evaluator, folder = grid
+    _, runs = fu.run_ablation(base, {"plain": {}}, data=mnist_small, evaluator=evaluator, store=folder, log=False)
+    trained = fu.centralized_baseline(runs["plain"], chunks_per_epoch=50, store=folder)
+    assert capsys.readouterr().out.count("read from") == 0 and len(list(folder.glob("*.pt"))) == 2
+    _, stored = fu.run_ablation(base, {"plain": {}}, data=mnist_small, evaluator=evaluator, store=folder, log=False)
+    again = fu.centralized_baseline(stored["plain"], chunks_per_epoch=50, store=fu.CellStore(folder))
+    assert capsys.readouterr().out.count(f"centralized baseline: read from {folder}") == 1
+    assert same(again, trained)  # the wall-time row too, as measured when it was trained
+    other_chunks = fu.centralized_baseline(stored["plain"], chunks_per_epoch=25, store=folder, log=False)
+    assert len(list(folder.glob("*.pt"))) == 3  # another centralized run: trained, kept beside the first
+    assert other_chunks[1]["images"] != trained[1]["images"] or other_chunks[1]["fid"] != trained[1]["fid"]
+    lines = fu.CellStore(folder).cells()  # what the store holds, oldest first
+    baseline = [f"{row['model']} | baseline of grid-plain" for row in trained[1:]]
+    assert [line["cell"] for line in lines] == ["plain", *baseline, *baseline]
+    assert lines[0]["fid"] == trained[0]["fid"] and [line["fid"] for line in lines[1:3]] == [
+        row["fid"] for row in trained[1:]]
+    assert {line["seed"] for line in lines} == {base.seed}
