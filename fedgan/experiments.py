@@ -60,8 +60,9 @@ def centralized_baseline(federation: Federation | FinishedRun, *, chunks_per_epo
     rows = [{"model": f"federated (K={config.num_clients})", "images": fed_images, "seconds": fed_seconds,
              **federation.evaluate()}]
     store = CellStore(store) if isinstance(store, (str, Path)) else store
+    targets = f"images {fed_images}, seconds {fed_seconds!r}"
     key = "" if store is None else store.key(central.config, None, (federation.images, federation.labels),
-                                             federation.evaluator, extra=f"images {fed_images}, seconds {fed_seconds!r}")
+                                             federation.evaluator, extra=targets)
     kept = None if store is None else store.load_rows(key)
     if kept is not None:
         if log:
