@@ -55,19 +55,21 @@ def centralized_baseline(federation: Federation | FinishedRun, *, chunks_per_epo
     fed_images = federation.history[-1]["images_total"]
     fed_seconds = sum(r["seconds"] for r in federation.history)
     steps = max(1, math.ceil(len(federation.labels) / config.batch_size / chunks_per_epoch))
-    central = Federation(centralized_config(config, steps), data=(federation.images, federation.labels), log=False)
+    central_config = centralized_config(config, steps)
+    data = (federation.images, federation.labels)
     # evaluate() builds the classifier and the real reference that both runs are scored with, if there are none yet
     rows = [{"model": f"federated (K={config.num_clients})", "images": fed_images, "seconds": fed_seconds,
              **federation.evaluate()}]
     store = CellStore(store) if isinstance(store, (str, Path)) else store
-    targets = f"images {fed_images}, seconds {fed_seconds!r}"
-    key = "" if store is None else store.key(central.config, None, (federation.images, federation.labels),
-                                             federation.evaluator, extra=targets)
-    kept = None if store is None else store.load_rows(key)
-    if kept is not None:
-        if log:
-            print(f"centralized baseline: read from {store.folder}")
-        return rows + kept
+    if store is not None:
+        key = store.key(central_config, None, data, federation.evaluator,
+                        extra=f"images {fed_images}, seconds {fed_seconds!r}")
+        kept = store.load_rows(key)
+        if kept is not None:
+            if log:
+                print(f"centralized baseline: read from {store.folder}")
+            return rows + kept
+    central = Federation(central_config, data=data, log=False)
     pending = {"equal images": lambda: central.history[-1]["images_total"] >= fed_images,
                "equal wall time": lambda: sum(r["seconds"] for r in central.history) >= fed_seconds}
     while pending:
@@ -81,7 +83,7 @@ def centralized_baseline(federation: Federation | FinishedRun, *, chunks_per_epo
                 if log:
                     print(f"centralized baseline: {name} reached after {central.round} rounds of {steps} steps")
     if store is not None:
-        store.save_rows(f"baseline of {config.run_name}", key, rows[1:], central.config)
+        store.save_rows(f"baseline of {config.run_name}", key, rows[1:], central_config)
     return rows
 
 
