@@ -105,9 +105,8 @@ def wait_for_other_picture(page, widget, before: str, what: str) -> str:
 
 
 def run_all_cells(page, prompts, attempts: int = 3) -> None:
-    """Run > Run All Cells, until the cells are queued ("[*]:") or run. Under load a click can land while the menu
-    is still being built and start nothing (a CI run waited its whole 300 s on empty prompts); clicking again then is
-    safe, since nothing was queued."""
+    """Run > Run All Cells, until the cells are queued ("[*]:") or run. Under load the click can start nothing;
+    clicking again is then safe, since nothing was queued."""
     for _ in range(attempts):
         page.click("li.lm-MenuBar-item:has-text('Run')")
         page.click(".lm-Menu .lm-Menu-itemLabel:text-is('Run All Cells')")
