@@ -38,13 +38,15 @@ def test_one_client_computes_exactly_what_fedavg_computes(mnist_small, tiny_conf
     torch.testing.assert_close(controls.server["d"].cpu(), store["d_control"], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("prox_mu", [0.0, 1.0])
 @pytest.mark.parametrize("client_map", ["loop", "vmap"])
-def test_the_engine_adds_the_correction_where_the_reference_loop_does(mnist_small, tiny_config, client_map):
+def test_the_engine_adds_the_correction_where_the_reference_loop_does(mnist_small, tiny_config, client_map, prox_mu):
     """A round of unequal clients with given corrections (random, well above float rounding: where c - c_i cancels a
     gradient, Adam's normalisation turns rounding into whole steps, so federations of several rounds drift apart by
-    a learning rate in a few coordinates, engine or not): the same weights and the same mean gradients."""
+    a learning rate in a few coordinates, engine or not): the same weights and the same mean gradients, also with
+    FedProx's term in the gradients (a client done before the others must not add it to its sum while it waits)."""
     config = tiny_config(strategy="scaffold", partition="quantity", sigma=1.0, min_size=20, local_steps=None,
-                         local_epochs=0.1)
+                         local_epochs=0.1, prox_mu=prox_mu)
     images, labels = (t.to(TEST_DEVICE) for t in mnist_small)
     torch.manual_seed(0)
     generator, discriminator = (m.to(images.device) for m in fu.build_models(config))

@@ -172,11 +172,12 @@ class LocalTrainer:
             g_loss_sum.add_(g_loss)
 
         # After the shortest client is done, the finished ones sit out. As plain models they are skipped
-        # (`on_steps`, known on the host), so only their running statistics need putting back; vmap computes every
+        # (`on_steps`, known on the host), so only their running statistics and SCAFFOLD's gradient sums need
+        # putting back (a skipped client's gradient is zero, but FedProx's term in it is not); vmap computes every
         # client, so there they also get back their parameters and Adam state.
-        kept = [*g_buffers.values(), *d_buffers.values()]
+        kept = [*g_buffers.values(), *d_buffers.values(), *self.gradient_sums]
         if batched:
-            kept += [g_flat.flat, d_flat.flat, *g_opt.values(), *d_opt.values(), *self.gradient_sums]
+            kept += [g_flat.flat, d_flat.flat, *g_opt.values(), *d_opt.values()]
 
         def step_of_some(idx: Tensor, z: Tensor, inputs_noise: Tensor, active: Tensor,
                          on_steps: list[bool] | None = None) -> None:
