@@ -397,6 +397,9 @@ def check_multi_discriminator(config: FedConfig) -> None:
     require(config.attack in ("none", "label_flip"), "attack", config.attack,
             f"'none' or 'label_flip' with gan_layout={layout!r} (the other attacks poison parameter updates, "
             "which these layouts do not send)")
+    require(not config.prox_mu, "prox_mu", config.prox_mu,
+            f"None or 0 with gan_layout={layout!r} (FedProx pulls averaged parameters towards the round's start; "
+            "these layouts' discriminators never leave their clients)")
     require(layout not in ("ua_gan", "f2a") or config.gan_loss == "bce", "gan_loss", config.gan_loss,
             f"'bce' with gan_layout={layout!r} (it combines the discriminators' probabilities)")
 

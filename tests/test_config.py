@@ -203,6 +203,7 @@ def test_a_config_cannot_be_changed_behind_its_validation():
     (dict(gan_layout="f2u", attack="sign_flip", attack_fraction=0.2), r"attack='sign_flip' is not allowed"),
     (dict(gan_layout="f2a", gan_loss="hinge"), r"gan_loss='hinge' is not allowed: 'bce' with gan_layout='f2a'"),
     (dict(gan_layout="md_gan", compression="int8"), r"compression='int8' is not allowed"),
+    (dict(gan_layout="ua_gan", prox_mu=0.5), r"prox_mu=0.5 is not allowed: None or 0 with gan_layout='ua_gan'"),
     (dict(gan_layout="server_g", sync_networks="d"), r"sync_networks='d' is not allowed"),
     (dict(strategy="scaffold", compression="topk"), r"compression='topk' is not allowed: 'none' with "
                                                     r"strategy='scaffold'"),
