@@ -141,6 +141,30 @@ def test_a_kept_trainer_gives_a_later_round_what_a_new_one_gives(mnist_small, ti
     assert kept.g_opt["step"].tolist() == new.g_opt["step"].tolist() == [32.0, 29.0, 27.0]
 
 
+@pytest.mark.parametrize("client_map", ["vmap", "loop"])
+def test_models_lent_in_eval_mode_train_as_models_in_training_mode(mnist_small, tiny_config, client_map):
+    """Local training is training whatever mode the models lending their structure are in: BatchNorm normalises by
+    the batch and updates its running statistics, as in the reference's copies put in training mode."""
+    config = with_engine(tiny_config(), client_map=client_map)
+    images, labels = (t.to(TEST_DEVICE) for t in mnist_small)
+    plan = fu.plan_round(config, fu.partition(labels.cpu().numpy(), 3, seed=0), 1)
+    results = {}
+    for mode in ("train", "eval"):
+        fu.clear_local_trainers()
+        torch.manual_seed(0)
+        generator, discriminator = (m.to(images.device).train(mode == "train") for m in fu.build_models(config))
+        results[mode] = fu.train_clients(generator, discriminator, fu.broadcast(generator.state_dict(), 3),
+                                         fu.broadcast(discriminator.state_dict(), 3), images, labels, plan,
+                                         local_training(config), config.engine)
+        assert generator.training and discriminator.training
+    trained, lent_in_eval = results["train"], results["eval"]
+    assert states_equal(trained.g_state, lent_in_eval.g_state) and states_equal(trained.d_state, lent_in_eval.d_state)
+    assert torch.equal(trained.d_loss, lent_in_eval.d_loss)
+    start = discriminator.state_dict()
+    moved = [k for k in start if "running_mean" in k and not torch.equal(lent_in_eval.d_state[k][0], start[k])]
+    assert moved, "the running statistics were not updated"
+
+
 @pytest.mark.parametrize("streams", [2, 8])  # 2: clients share streams; 8: one each
 def test_streams_run_the_loops_computation_bit_for_bit(mnist_small, tiny_config, monkeypatch, streams):
     """client_map="streams": the loop's clients side by side on CUDA streams, replayed from a CUDA graph after the

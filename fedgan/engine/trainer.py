@@ -48,7 +48,8 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
                   corrections: Mapping[str, Tensor] | None = None) -> LocalResult:
     """Local training of the plan's K clients from their stacked states (and Adam states; None: fresh ones).
 
-    `generator`/`discriminator` only lend their structure; `g_state`/`d_state` hold each client's copy stacked on
+    `generator`/`discriminator` only lend their structure, put in training mode as the reference's copies are (BatchNorm
+    normalises by the batch and updates its running statistics); `g_state`/`d_state` hold each client's copy stacked on
     dim 0; `images` (uint8) and `labels` are the whole training set, indexed by the plan's batches. `local` is what
     the clients do (learning rates, FedProx's mu, whether G trains), `engine` how it is computed: every client map
     computes the same thing. With `local.control_variates`, `corrections` {"g": [K, P], "d": [K, P]} are added to
@@ -59,9 +60,10 @@ def train_clients(generator: Generator, discriminator: Discriminator, g_state: M
     if client_map == "reference":
         return train_clients_one_by_one(generator, discriminator, g_state, d_state, images, labels, plan, local,
                                         engine, g_opt=g_opt, d_opt=d_opt, corrections=corrections)
+    generator.train()
+    discriminator.train()
     num_clients, _, batch = plan.batch_indices.shape
-    key = (id(generator), id(discriminator), generator.training, discriminator.training, id(images), id(labels),
-           num_clients, batch, client_map, local, engine)
+    key = (id(generator), id(discriminator), id(images), id(labels), num_clients, batch, client_map, local, engine)
     trainer = _LOCAL_TRAINERS.pop(key, None)
     if trainer is None:
         trainer = LocalTrainer(generator, discriminator, g_state, d_state, images, labels, local, engine, client_map)
