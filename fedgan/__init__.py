@@ -29,6 +29,7 @@ Reading order, from what a round does down to how it is computed fast:
     flower/          the same federation as a Flower App on real SuperLink and SuperNode processes
                      (an optional extra: the only place flwr is imported)
 
-environment.py (devices, seeds) and checks.py (argument checks) serve them all. The notebooks import
+environment.py (devices, seeds), checks.py (argument checks) and digests.py (what names a stored result) serve
+them all. The notebooks import
 the public names through `fedgan_utils`, the flat helper at the top of the repository.
 """

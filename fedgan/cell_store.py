@@ -12,7 +12,6 @@ MB a cell.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import json
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from fedgan.checkpoints import load_checkpoint, pack_grid, save_checkpoint, unpack_grid
 from fedgan.config import FedConfig
 from fedgan.data import training_images
+from fedgan.digests import digest, tensor_digest
 from fedgan.environment import pick_device
 from fedgan.metrics import Evaluator
 from fedgan.strategies import Strategy
@@ -40,29 +40,17 @@ def cell_slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
-def _digest(*parts: bytes) -> str:
-    hasher = hashlib.blake2b(digest_size=20)
-    for part in parts:
-        hasher.update(len(part).to_bytes(8, "little"))
-        hasher.update(part)
-    return hasher.hexdigest()
-
-
 def source_digest() -> str:
     """A digest of every Python file of the package: another version of the code is another cell."""
     files = sorted(PACKAGE.rglob("*.py"))
-    return _digest(*(part for path in files for part in (str(path.relative_to(PACKAGE)).encode(), path.read_bytes())))
-
-
-def tensor_digest(*tensors: Tensor) -> str:
-    return _digest(*(t.detach().cpu().contiguous().numpy().tobytes() for t in tensors))
+    return digest(*(part for path in files for part in (str(path.relative_to(PACKAGE)).encode(), path.read_bytes())))
 
 
 def scorer_digest(evaluator: Evaluator) -> str:
     """The metric classifier's weights and the evaluator's settings: its real features follow from them, and a
     digest of the features themselves would move with a GPU's float reductions from one machine to the next."""
     settings = f"{evaluator.n} {evaluator.seed} {evaluator.kid_subsets}".encode()
-    return _digest(settings, tensor_digest(evaluator.real_labels, *evaluator.classifier.state_dict().values()).encode())
+    return digest(settings, tensor_digest(evaluator.real_labels, *evaluator.classifier.state_dict().values()).encode())
 
 
 def rule_description(rule: Strategy | None) -> str:
@@ -116,7 +104,7 @@ class CellStore:
         fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_IN_KEY}
         device = pick_device(config.device)
         hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        return _digest(json.dumps(fields, sort_keys=True, default=repr).encode(), rule_description(rule).encode(),
+        return digest(json.dumps(fields, sort_keys=True, default=repr).encode(), rule_description(rule).encode(),
                        tensor_digest(*data).encode(), scorer_digest(evaluator).encode(),
                        f"{hardware} | torch {torch.__version__}".encode(), self._source.encode(), extra.encode())
 
