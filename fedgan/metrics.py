@@ -1,6 +1,7 @@
 """FID, KID, IS and conditional accuracy in the features of a small classifier trained on the real data."""
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ from fedgan.checkpoints import load_checkpoint
 from fedgan.checks import positive_int, require
 from fedgan.config import DATASETS, FedConfig
 from fedgan.data import cache_dir, load_dataset, to_float_images
+from fedgan.digests import digest, tensor_digest
 from fedgan.environment import pick_device
 from fedgan.manifolds import knn_radii, manifold_metrics
 from fedgan.models import Generator, generate
@@ -79,22 +81,31 @@ def train_classifier(dataset: str = "mnist", device: str | torch.device | None =
                      data_root: str | None = None, cache: bool = True, log: bool = True) -> tuple[Classifier, float]:
     """Train (or load from the cache) the metric classifier; returns it in eval mode and its test accuracy.
 
-    Cached in cache_dir()/classifiers/, keyed by dataset, epochs, subset and seed.
+    Cached in cache_dir()/classifiers/, found by everything that decides its weights: the dataset's train and test
+    images and labels as found (another folder's data is another classifier), the training's settings and the
+    architecture.
     """
     require(dataset in DATASETS, "dataset", dataset, f"one of {sorted(DATASETS)}")
     require(positive_int(epochs), "epochs", epochs, "an integer >= 1")
+    require(train_subset is None or positive_int(train_subset), "train_subset", train_subset,
+            "None (every image) or an integer >= 1")
     device = pick_device() if device is None else torch.device(device)
     info = DATASETS[dataset]
-    path = cache_dir() / "classifiers" / f"{dataset}_e{epochs}_n{train_subset or 'all'}_s{seed}.pt"
+    images, labels = load_dataset(dataset, data_root, train=True)
+    test_images, test_labels = load_dataset(dataset, data_root, train=False)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # leave the caller's RNG be
         torch.manual_seed(seed)
         classifier = Classifier(image_shape=info.image_shape, num_classes=info.num_classes).to(device)
+        settings = dict(dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                        train_subset=train_subset, classifier=classifier.config)
+        key = digest(json.dumps(settings, sort_keys=True).encode(),
+                     tensor_digest(images, labels, test_images, test_labels).encode())
+        path = cache_dir() / "classifiers" / f"{dataset}_e{epochs}_n{train_subset or 'all'}_s{seed}-{key[:16]}.pt"
         if cache and path.is_file():
             saved = load_checkpoint(path, device)
-            classifier.load_state_dict(saved["classifier"])
-            return classifier.eval(), saved["test_accuracy"]
-        images, labels = load_dataset(dataset, data_root, train=True)
-        test_images, test_labels = load_dataset(dataset, data_root, train=False)
+            if saved.get("key") == key:  # not merely the first 16 digits of the same key
+                classifier.load_state_dict(saved["classifier"])
+                return classifier.eval(), saved["test_accuracy"]
         rng = np.random.default_rng(seed)
         if train_subset is not None:
             keep = torch.from_numpy(rng.choice(len(labels), min(train_subset, len(labels)), replace=False))
@@ -120,7 +131,7 @@ def train_classifier(dataset: str = "mnist", device: str | torch.device | None =
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + f".{os.getpid()}.partial")
-        torch.save({"classifier": classifier.state_dict(), "test_accuracy": accuracy}, partial)
+        torch.save({"key": key, "classifier": classifier.state_dict(), "test_accuracy": accuracy}, partial)
         os.replace(partial, path)
     return classifier.eval(), accuracy
 

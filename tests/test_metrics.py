@@ -8,6 +8,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 import fedgan_utils as fu
 from fedgan.metrics import INCEPTION_WEIGHTS_FILE
+from helpers import write_mnist
 
 
 class Identity(torch.nn.Module):
@@ -132,11 +133,27 @@ def test_evaluation_repeats_for_the_same_generator(classifier, mnist_test):
 def test_classifier_is_cached_and_reloaded(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDGAN_CACHE", str(tmp_path))
     first, accuracy = fu.train_classifier("mnist", "cpu", epochs=1, train_subset=500, log=False)
-    assert len(list((tmp_path / "classifiers").glob("mnist_e1_n500_s0.pt"))) == 1
+    assert len(list((tmp_path / "classifiers").glob("mnist_e1_n500_s0-*.pt"))) == 1
     again, cached_accuracy = fu.train_classifier("mnist", "cpu", epochs=1, train_subset=500, log=False)
     assert cached_accuracy == accuracy
     for key, value in first.state_dict().items():
         assert torch.equal(value, again.state_dict()[key])
+
+
+def test_a_classifier_trained_on_another_folders_data_is_not_read_back_for_these(tmp_path, monkeypatch, mnist):
+    """The cache finds a classifier by the data it was trained and tested on, not by the dataset's name: MNIST's
+    images with every label moved by one, in a folder of their own, train a classifier of their own."""
+    monkeypatch.setenv("FEDGAN_CACHE", str(tmp_path / "cache"))
+    images, labels = (t[:2000].numpy() for t in mnist)
+    other = write_mnist(tmp_path / "moved", images[:, 0], (labels + 1) % 10)
+    moved, _ = fu.train_classifier("mnist", "cpu", epochs=1, train_subset=1000, data_root=str(other), log=False)
+    real, accuracy = fu.train_classifier("mnist", "cpu", epochs=1, train_subset=1000, log=False)
+    assert len(list((tmp_path / "cache" / "classifiers").glob("mnist_e1_n1000_s0-*.pt"))) == 2
+    test_images, test_labels = fu.load_dataset("mnist", train=False)
+    _, logits = fu.classifier_outputs(real, test_images[:1000])
+    assert accuracy > 0.5 and (logits.argmax(1) == test_labels[:1000]).double().mean() > 0.5  # MNIST's own, not 0.05
+    with pytest.raises(ValueError, match=r"train_subset=0 is not allowed: None \(every image\) or an integer"):
+        fu.train_classifier("mnist", "cpu", epochs=1, train_subset=0, log=False)
 
 
 def test_federation_evaluates_at_the_last_round_and_every_n(mnist_small, tiny_config):
