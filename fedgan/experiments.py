@@ -21,10 +21,11 @@ from fedgan.watchdog import DivergenceError
 Tensor = torch.Tensor
 
 
-# what a centralized run shares with the federation it is compared with: data, model, optimisation, compute, scoring
+# what a centralized run shares with the federation it is compared with: data, model and its loss, optimisation,
+# compute, scoring (instance noise is not: its schedule runs over the federation's rounds)
 CENTRALIZED_FIELDS = ("dataset", "data_root", "batch_size", "lr_g", "lr_d", "betas", "z_dim", "embed_dim", "ngf",
-                      "ndf", "seed", "device", "engine", "eval_samples", "classifier_epochs", "classifier_subset",
-                      "out_dir", "checkpoint_dir")
+                      "ndf", "d_norm", "d_conditioning", "gan_loss", "label_smoothing", "seed", "device", "engine",
+                      "eval_samples", "classifier_epochs", "classifier_subset", "out_dir", "checkpoint_dir")
 
 
 def centralized_config(config: FedConfig, steps: int) -> FedConfig:

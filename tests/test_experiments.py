@@ -79,6 +79,10 @@ def test_centralized_run_is_plain_training_of_the_same_model(mnist_small, tiny_c
     assert all(getattr(central, name) == getattr(federated, name) for name in fu.CENTRALIZED_FIELDS)
     for name in ("strategy", "prox_mu", "compression", "partition", "attack", "attack_fraction", "client_fraction"):
         assert getattr(central, name) == getattr(defaults, name), name
+    # the same model and loss: the stronger baselines' options are the model's, not the federation's
+    stronger = fu.centralized_config(tiny_config(d_norm="spectral", d_conditioning="projection", gan_loss="hinge"), 4)
+    assert (stronger.d_norm, stronger.d_conditioning, stronger.gan_loss) == ("spectral", "projection", "hinge")
+    assert fu.centralized_config(tiny_config(label_smoothing=0.1), 4).label_smoothing == 0.1
     # Adam runs on across the chunks: after 3 rounds of 4 steps the client's optimizer has taken 12 steps
     run = fu.Federation(dataclasses.replace(central, rounds=3), data=mnist_small, log=False).run(progress=False)
     assert float(run.client_store[0]["g_opt"]["step"]) == 12 and float(run.client_store[0]["d_opt"]["step"]) == 12
