@@ -141,8 +141,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """A run's checkpoints, oldest round first."""
-    return sorted(Path(run_dir).glob("round_*.pt"))
+    """A run's checkpoints, round_<number>.pt, oldest round first (by number: round_10000 comes after round_9999)."""
+    found = [p for p in Path(run_dir).glob("round_*.pt") if p.stem.removeprefix("round_").isdigit()]
+    return sorted(found, key=lambda p: int(p.stem.removeprefix("round_")))
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

@@ -159,3 +159,14 @@ def test_sample_grids_are_kept_as_uint8_in_checkpoints_and_come_back_to_a_256th(
     # pack_grid is what a saved picture keeps: the levels of (x + 1) * 127.5, rounded
     grid = torch.tensor([-1.0, -0.5, 0.0, 0.999, 1.2])
     assert pack_grid(grid).tolist() == [0, 64, 128, 255, 255]
+
+
+def test_checkpoints_are_ordered_by_their_round_number_past_round_9999(tmp_path):
+    """Round numbers are written with at least four digits: round_10000.pt is newer than round_9999.pt, which a
+    sort of the names would put last (and resume from, and prune the newest)."""
+    for round_index in (9998, 10000, 9999, 10001):
+        (tmp_path / f"round_{round_index:04d}.pt").write_bytes(b"")
+    (tmp_path / "round_0002.pt.bad").write_bytes(b"")  # set aside: not a checkpoint
+    assert [p.name for p in fu.list_checkpoints(tmp_path)] == [
+        "round_9998.pt", "round_9999.pt", "round_10000.pt", "round_10001.pt"]
+    assert fu.latest_checkpoint(tmp_path).name == "round_10001.pt"
