@@ -351,6 +351,12 @@ class FedConfig:
                      f"None or at most the {per_round} clients in flight (client_fraction x num_clients)")
 
     @property
+    def resume_may_change(self) -> tuple[str, ...]:
+        """The fields a resumed run may change: rounds and device; only device with instance noise, whose std anneals
+        over the run's rounds (more rounds would move every later round's noise)."""
+        return ("device",) if self.instance_noise else ("rounds", "device")
+
+    @property
     def client_prox_mu(self) -> float:
         """FedProx's mu as the clients apply it: prox_mu, else 0.01 under strategy="fedprox", else 0."""
         if self.prox_mu is not None:

@@ -150,11 +150,12 @@ class Federation:
             saved = FedConfig.from_json(checkpoint["config"])
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{path}: its config does not load ({type(error).__name__}: {error})") from error
+        may_change = saved.resume_may_change
         differs = [f.name for f in dataclasses.fields(FedConfig)
-                   if f.name not in ("rounds", "device") and getattr(saved, f.name) != getattr(self.config, f.name)]
+                   if f.name not in may_change and getattr(saved, f.name) != getattr(self.config, f.name)]
         if differs:  # the caller's to fix, not a damaged file: no fallback
-            raise ValueError(f"cannot resume from {path}: the config differs in {differs}; "
-                             "resume with the saved config (only rounds and device may change)")
+            raise ValueError(f"cannot resume from {path}: the config differs in {differs}; resume with the saved "
+                             f"config (only {' and '.join(may_change)} may change)")
         try:
             self._take_state(checkpoint)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:

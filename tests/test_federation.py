@@ -51,8 +51,8 @@ RESUMED = {  # a run stopped after round 1 and resumed equals a straight one, wi
 def test_resume_continues_exactly_where_the_first_run_stopped(mnist_small, tiny_config, tmp_path, options):
     straight = fu.run_federation(tiny_config(rounds=3, checkpoint_dir=str(tmp_path / "a"), **options),
                                  data=mnist_small, progress=False)
-    fu.run_federation(tiny_config(rounds=1, checkpoint_dir=str(tmp_path / "b"), **options), data=mnist_small,
-                      progress=False)
+    fu.Federation(tiny_config(rounds=3, checkpoint_dir=str(tmp_path / "b"), **options), data=mnist_small,
+                  log=False).run(rounds=1, progress=False)  # stopped after round 1
     resumed = fu.run_federation(tiny_config(rounds=3, checkpoint_dir=str(tmp_path / "b"), **options),
                                 data=mnist_small, resume=True, progress=False)
     assert [r["round"] for r in resumed.history] == [1, 2, 3]
@@ -100,6 +100,10 @@ def test_resume_refuses_a_changed_config(mnist_small, tiny_config):
     fu.run_federation(tiny_config(rounds=1), data=mnist_small, progress=False)
     with pytest.raises(ValueError, match=r"the config differs in \['lr_g'\]"):
         fu.Federation(tiny_config(rounds=2, lr_g=1e-3), data=mnist_small, resume=True)
+    # instance noise anneals over the run's rounds: more rounds would move the noise of the rounds still to run
+    fu.run_federation(tiny_config(rounds=1, instance_noise=0.1, run_name="noisy"), data=mnist_small, progress=False)
+    with pytest.raises(ValueError, match=r"differs in \['rounds'\]; .*\(only device may change\)"):
+        fu.Federation(tiny_config(rounds=2, instance_noise=0.1, run_name="noisy"), data=mnist_small, resume=True)
 
 
 def test_a_fresh_run_never_overwrites_an_earlier_one(mnist_small, tiny_config):

@@ -226,9 +226,10 @@ def launch(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise LaunchError(str(error)) from error
         saved = FedConfig.from_json((out / "config.json").read_text()) if (out / "config.json").exists() else None
-        if saved is not None and dataclasses.replace(saved, rounds=config.rounds, device=config.device) != config:
-            raise LaunchError(f"--resume: --config differs from the run's {out / 'config.json'} in more than rounds "
-                              "and device")
+        may_change = () if saved is None else saved.resume_may_change
+        if saved is not None and dataclasses.replace(saved, **{f: getattr(config, f) for f in may_change}) != config:
+            raise LaunchError(f"--resume: --config differs from the run's {out / 'config.json'} in more than "
+                              f"{' and '.join(may_change)}")
     ports = [args.port + i for i in range(args.supernodes + 1)]
     check_ports(ports)
     folder = out / "flower"
