@@ -349,6 +349,14 @@ class FedConfig:
                      "None with sync_mode='async' (asynchronous clients have no round to be late for)")
             require(self.async_buffer is None or self.async_buffer <= per_round, "async_buffer", self.async_buffer,
                      f"None or at most the {per_round} clients in flight (client_fraction x num_clients)")
+            require(self.min_clients <= self.arrivals_per_update, "min_clients", self.min_clients,
+                    f"an integer from 1 to the {self.arrivals_per_update} arrivals a server update applies with "
+                    "sync_mode='async' (async_buffer): more would keep every update from the global model")
+
+    @property
+    def arrivals_per_update(self) -> int:
+        """Asynchrony's buffer: the arrivals a server update applies (async_buffer; None: half the clients in flight)."""
+        return self.async_buffer or max(1, clients_per_round(self.num_clients, self.client_fraction) // 2)
 
     @property
     def resume_may_change(self) -> tuple[str, ...]:

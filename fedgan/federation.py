@@ -398,7 +398,7 @@ class Federation:
         """
         config, K = self.config, self.config.num_clients
         concurrency = clients_per_round(K, config.client_fraction)
-        buffer = config.async_buffer or max(1, concurrency // 2)
+        buffer = config.arrivals_per_update
         busy = {entry["client"] for entry in self.in_flight}
         idle = [c for c in range(K) if c not in busy]
         log: dict[str, Any] = {"dropped_out": [], "late": [], "trained": [], "images": 0}
