@@ -441,7 +441,7 @@ class Federation:
         config = self.config
         start = time.perf_counter()
         before = self._round_state()
-        try:  # a round applies all of its training and aggregation, or none of it
+        try:  # a round applies all of its training and aggregation, or none of it (nor one whose models diverged)
             if config.sync_mode == "async":
                 updates, log = self._async_updates(self.round + 1)
             else:
@@ -458,31 +458,29 @@ class Federation:
                 log.update(self._aggregate(updates, self.round + 1) if self.multi_d is None else updates["log"])
             elif self.log:
                 print(f"round {self.round + 1}: no client reported back; the global models stay as they were")
+            seconds = time.perf_counter() - start
+            weights = updates["sizes"].astype(np.float64) if updates is not None else None
+            previous = self.history[-1] if self.history else {}
+            record = {
+                "round": self.round + 1,
+                "clients": updates["client_ids"].tolist() if updates is not None else [],
+                "d_loss": float(np.average(updates["d_loss"], weights=weights)) if updates is not None else math.nan,
+                "g_loss": float(np.average(updates["g_loss"], weights=weights)) if updates is not None else math.nan,
+                "d_loss_clients": updates["d_loss"] if updates is not None else [],
+                "g_loss_clients": updates["g_loss"] if updates is not None else [],
+                "seconds": seconds,
+                "images_total": log["images"] + previous.get("images_total", 0),
+                "images_per_s": log["images"] / seconds,
+                "sim_time_total": self.clock + log["sim_time"],
+                "bytes_total": log.get("bytes_up", 0) + log.get("bytes_down", 0) + previous.get("bytes_total", 0),
+                **log,
+            }
+            check_divergence(record, self.history, {"generator": self.generator, "discriminator": self.discriminator},
+                             config, latest_checkpoint(self.run_dir))
         except BaseException:
             self._return_to(before)
             raise
-
-        self.round += 1
-        self.clock += log["sim_time"]
-        seconds = time.perf_counter() - start
-        weights = updates["sizes"].astype(np.float64) if updates is not None else None
-        previous = self.history[-1] if self.history else {}
-        record = {
-            "round": self.round,
-            "clients": updates["client_ids"].tolist() if updates is not None else [],
-            "d_loss": float(np.average(updates["d_loss"], weights=weights)) if updates is not None else math.nan,
-            "g_loss": float(np.average(updates["g_loss"], weights=weights)) if updates is not None else math.nan,
-            "d_loss_clients": updates["d_loss"] if updates is not None else [],
-            "g_loss_clients": updates["g_loss"] if updates is not None else [],
-            "seconds": seconds,
-            "images_total": log["images"] + previous.get("images_total", 0),
-            "images_per_s": log["images"] / seconds,
-            "sim_time_total": self.clock,
-            "bytes_total": log.get("bytes_up", 0) + log.get("bytes_down", 0) + previous.get("bytes_total", 0),
-            **log,
-        }
-        check_divergence(record, self.history, {"generator": self.generator, "discriminator": self.discriminator},
-                         config, latest_checkpoint(self.run_dir))
+        self.round, self.clock = record["round"], record["sim_time_total"]
         every, failed = config.eval_every, None
         if every is not None and ((every and self.round % every == 0) or self.round == config.rounds):
             eval_start = time.perf_counter()

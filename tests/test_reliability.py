@@ -66,6 +66,10 @@ def test_the_watchdog_stops_a_run_whose_discriminator_loss_collapsed(mnist_small
     with pytest.raises(fu.DivergenceError, match=r"round 3: the discriminator loss stayed below collapse_loss=100.0"):
         federation.run(progress=False)
     assert len(federation.history) == 2 and "round_0002.pt" in str(fu.latest_checkpoint(federation.run_dir))
+    # the round that stopped it is undone: the run stands at round 2 as its checkpoint and history have it
+    saved = fu.load_checkpoint(fu.latest_checkpoint(federation.run_dir))
+    assert federation.round == 2 and federation.clock == federation.history[-1]["sim_time_total"]
+    assert states_equal(federation.generator.state_dict(), saved["generator"])
 
 
 def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one_and_the_run_ends_the_same(
