@@ -354,6 +354,13 @@ class FedConfig:
                     "sync_mode='async' (async_buffer): more would keep every update from the global model")
 
     @property
+    def updates_needed(self) -> int:
+        """The usable updates a round needs to move the global models (fewer keep them): min_clients, and for Krum
+        more than the krum_f clients it assumes faulty and at least the krum_m it keeps (dropout, stragglers dropped,
+        asynchrony and NaN updates can leave a round fewer than were selected)."""
+        return max(self.min_clients, self.krum_f + 1, self.krum_m) if self.strategy == "krum" else self.min_clients
+
+    @property
     def arrivals_per_update(self) -> int:
         """Asynchrony's buffer: the arrivals a server update applies (async_buffer; None: half the clients in flight)."""
         return self.async_buffer or max(1, clients_per_round(self.num_clients, self.client_fraction) // 2)

@@ -326,11 +326,11 @@ class Federation:
             log["excluded"] = ids[~usable].tolist()
             if self.log:
                 print(f"round {round_index}: left out clients {log['excluded']}: their update or loss is NaN/Inf")
-        if usable.sum() < config.min_clients:
+        if usable.sum() < config.updates_needed:
             log["kept_global"] = True
             if self.log:
-                print(f"round {round_index}: {int(usable.sum())} usable updates < min_clients={config.min_clients}; "
-                      "the global models stay as they were")
+                print(f"round {round_index}: {int(usable.sum())} usable updates < the {config.updates_needed} a round "
+                      "needs (FedConfig.updates_needed); the global models stay as they were")
             return log
         rows = torch.as_tensor(np.flatnonzero(usable))
 

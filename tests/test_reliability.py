@@ -31,6 +31,12 @@ def test_too_few_usable_updates_keep_the_global_model(mnist_small, tiny_config):
     before = {k: v.clone() for k, v in federation.discriminator.state_dict().items()}
     record = federation.run_round()
     assert record["kept_global"] and states_equal(federation.discriminator.state_dict(), before)
+    # Krum assuming 2 of 3 clients faulty needs 3 updates: with a NaN attacker's left out, the round keeps the
+    # global model instead of stopping the run
+    krum = fu.Federation(tiny_config(strategy="krum", krum_f=2, attack="nan", attack_fraction=0.34, run_name="krum"),
+                         data=mnist_small, log=False)
+    assert krum.config.updates_needed == 3
+    assert krum.run_round()["kept_global"] and krum.round == 1
 
 
 def test_sign_flip_attackers_drag_fedavg_but_not_the_median(mnist_small, tiny_config, tmp_path):
