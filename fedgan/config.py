@@ -315,6 +315,9 @@ class FedConfig:
             require(self.strategy in DP_STRATEGIES, "strategy", self.strategy,
                      f"one of {list(DP_STRATEGIES)} with dp_clip (the DP sum is an average of clipped updates)")
             require(self.sync_mode == "sync", "sync_mode", self.sync_mode, "'sync' with dp_clip")
+            require(self.selection == "uniform", "selection", self.selection,
+                    "'uniform' with dp_clip (the accountant's epsilon assumes every client is picked with the same "
+                    "small chance a round; the other rules pick some clients far more often, or by their data)")
         require(self.gan_layout == "fedavg" or self.sync_networks == "both", "sync_networks", self.sync_networks,
                  f"'both' with gan_layout={self.gan_layout!r} (only 'fedavg' keeps a network local)")
         if self.gan_layout in MULTI_D_LAYOUTS:

@@ -204,6 +204,7 @@ def test_a_config_cannot_be_changed_behind_its_validation():
     (dict(gan_layout="f2a", gan_loss="hinge"), r"gan_loss='hinge' is not allowed: 'bce' with gan_layout='f2a'"),
     (dict(gan_layout="md_gan", compression="int8"), r"compression='int8' is not allowed"),
     (dict(gan_layout="ua_gan", prox_mu=0.5), r"prox_mu=0.5 is not allowed: None or 0 with gan_layout='ua_gan'"),
+    (dict(dp_clip=1.0, selection="stratified"), r"selection='stratified' is not allowed: 'uniform' with dp_clip"),
     (dict(sync_mode="async", num_clients=4, min_clients=3), r"min_clients=3 is not allowed: an integer from 1 to the 2 "
                                                             r"arrivals a server update applies"),
     (dict(sync_mode="async", num_clients=4, min_clients=3, async_buffer=2), r"min_clients=3 is not allowed"),
