@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -141,23 +142,25 @@ class Thresholded(Strategy):
     def aggregate(self, global_state, client_states, weights, info=None):
         keys = [k for k, v in client_states.items() if v.dtype.is_floating_point and k not in self.buffer_keys]
         norms = update_norms(global_state, client_states, keys)  # (K,)
-        limit = self.threshold * (float(norms.quantile(0.5)) if self.rule == "median" else 1.0)
-        over = norms > limit
+        finite = norms.isfinite()
+        median = float(norms[finite].quantile(0.5)) if finite.any() else math.nan  # of the finite updates
+        limit = self.threshold * (median if self.rule == "median" else 1.0)
+        over = ~(norms <= limit)  # a NaN/Inf update is over any limit
         self.last_log = {"threshold": limit, self.action + "ped": int(over.sum()), "norm_max": float(norms.max())}
-        if self.action == "clip":
-            scale = (limit / norms.clamp(min=1e-30)).clamp(max=1.0)
-            result = self.inner.aggregate(global_state, scale_updates(global_state, client_states, scale, keys),
-                                          weights, info)
-        elif over.all():
+        keep = finite if self.action == "clip" else ~over  # a NaN/Inf update cannot be clipped: it is dropped
+        if not keep.any():
             result = {k: v.clone() for k, v in global_state.items()}
         else:
-            keep = ~over
-            kept_info = dict(info or {})
-            for name, value in kept_info.items():
-                if isinstance(value, (list, tuple, np.ndarray)) and len(value) == len(keep):
-                    kept_info[name] = np.asarray(value)[keep.cpu().numpy()]
-            result = self.inner.aggregate(global_state, {k: v[keep.to(v.device)] for k, v in client_states.items()},
-                                          np.asarray(weights, dtype=np.float64)[keep.cpu().numpy()], kept_info)
+            if not keep.all():
+                rows = keep.cpu().numpy()
+                info = {name: np.asarray(value)[rows] if isinstance(value, (list, tuple, np.ndarray))
+                        and len(value) == len(rows) else value for name, value in (info or {}).items()}
+                client_states = {k: v[keep.to(v.device)] for k, v in client_states.items()}
+                weights = np.asarray(weights, dtype=np.float64)[rows]
+            if self.action == "clip":
+                scale = (limit / norms[keep].clamp(min=1e-30)).clamp(max=1.0)
+                client_states = scale_updates(global_state, client_states, scale, keys)
+            result = self.inner.aggregate(global_state, client_states, weights, info)
         self.last_log.update(self.inner.last_log)
         return result
 

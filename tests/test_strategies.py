@@ -42,6 +42,21 @@ def test_threshold_relative_to_the_median_drops_outliers_with_their_weights():
     assert torch.equal(kept["w"], global_state["w"])  # nothing left: the global state stays
 
 
+@pytest.mark.parametrize("rule, action", [("median", "clip"), ("median", "drop"), ("absolute", "clip")])
+def test_a_nan_or_inf_update_is_over_any_threshold_and_left_out(rule, action):
+    """A Flower deployment's rule sees every reply: one NaN update must neither set the median threshold nor be
+    kept, and an Inf one cannot be clipped (0 x Inf is NaN)."""
+    strategy = fu.Thresholded(fu.RobustRule(fu.median), 2.0, rule=rule, action=action)
+    global_state = {"w": torch.zeros(2, dtype=torch.float64)}
+    clients = stacked_rows([1.0, 1.0], [1.0, 1.2], [0.8, 1.0], [1.0, 0.9], [float("nan"), 1.0], [float("inf"), 0.0])
+    result = strategy.aggregate(global_state, clients, [1] * 6)
+    finite = clients["w"][:4]  # norms 1.3-1.6: within either threshold, so the result is their median
+    torch.testing.assert_close(result["w"], fu.median(fu.unstack_states({"w": finite}), [1] * 4)["w"])
+    assert strategy.last_log[f"{action}ped"] >= 2  # the NaN and the Inf update
+    if rule == "median":
+        assert strategy.last_log["threshold"] == pytest.approx(2.0 * finite.norm(dim=1).quantile(0.5).item())
+
+
 def test_threshold_set_in_the_config_wraps_the_named_strategy(tiny_config):
     strategy = fu.make_strategy(tiny_config(strategy="fedadam", update_threshold=2.0, threshold_action="drop"))
     assert isinstance(strategy, fu.Thresholded) and isinstance(strategy.inner, fu.ServerOptimizer)
