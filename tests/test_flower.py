@@ -154,6 +154,26 @@ def test_fedgan_strategy_with_fedavg_is_flowers_fedavg_and_with_the_median_the_m
     assert result["w"].numpy().tolist() == [5.0, 1.0, 2.0] and result["b"].numpy().tolist() == [2.0, 2.0]
 
 
+def test_fedgan_strategy_averages_the_buffers_it_is_told_of_as_the_simulation_does():
+    """FedAdam steps on parameters; a BatchNorm running variance is plain-averaged (a server step would move it
+    off the clients' values, and could take a variance below 0)."""
+    from fedgan.flower.strategies import FedGanStrategy
+    from fedgan.strategies import bound_copy
+    global_state = {"w": torch.zeros(2), "bn.running_var": torch.full((2,), 1e-3)}
+    states = [{"w": torch.tensor([1.0, 2.0]), "bn.running_var": torch.full((2,), 5e-4)}] * 2
+    told = FedGanStrategy(fu.ServerOptimizer("fedadam", server_lr=0.01), buffer_keys={"bn.running_var"})
+    told.global_state = global_state
+    result, _ = told.aggregate_train(1, replies_of(states, [1, 1]))
+    assert torch.equal(torch.from_numpy(result["bn.running_var"].numpy()), states[0]["bn.running_var"])
+    simulated = bound_copy(fu.ServerOptimizer("fedadam", server_lr=0.01), {"bn.running_var"})
+    expected = simulated.aggregate(global_state, {k: torch.stack([s[k] for s in states]) for k in states[0]}, [1, 1])
+    torch.testing.assert_close(torch.from_numpy(result["w"].numpy()), expected["w"])
+    untold = FedGanStrategy(fu.ServerOptimizer("fedadam", server_lr=0.01))
+    untold.global_state = global_state
+    stepped, _ = untold.aggregate_train(1, replies_of(states, [1, 1]))
+    assert not torch.equal(torch.from_numpy(stepped["bn.running_var"].numpy()), states[0]["bn.running_var"])
+
+
 def test_fedgan_strategy_with_dp_clips_each_update_and_divides_by_the_expected_clients():
     from fedgan.flower.strategies import FedGanStrategy
     strategy = FedGanStrategy(fu.FedAvg(), dp_clip=1.0, dp_noise_multiplier=0.0, expected_clients=4)

@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedgan.gan import generator_steps
 from fedgan.privacy import noisy_state, privatize_updates
-from fedgan.strategies import Strategy
+from fedgan.strategies import Strategy, bound_copy
 
 Tensor = torch.Tensor
 
@@ -31,14 +31,19 @@ class FedGanStrategy(FedAvg):
     With `dp_clip`, DP-FedAvg (McMahan et al., ICLR 2018) first: each client's update (its arrays minus the round's
     global ones) clipped to that L2 norm, the clipped updates summed, Gaussian noise of std dp_noise_multiplier x
     dp_clip added, divided by `expected_clients`; the rule then gets that one noisy mean as a single client.
+    `buffer_keys`: the arrays that are the model's buffers ({name for name, _ in model.named_buffers()}: BatchNorm's
+    running statistics, spectral norm's vectors), plain-averaged as in the simulation, not stepped by a server
+    optimizer nor counted in a threshold's norms (the rule is then a copy told them, as the simulation's is).
     The keyword arguments left over are FedAvg's (fraction_train, min_train_nodes, weighted_by_key, ...).
     """
 
-    def __init__(self, rule: Strategy, *, dp_clip: float | None = None, dp_noise_multiplier: float = 0.0,
-                 expected_clients: int | None = None, seed: int = 0, **fedavg: Any):
+    def __init__(self, rule: Strategy, *, buffer_keys: Iterable[str] = (), dp_clip: float | None = None,
+                 dp_noise_multiplier: float = 0.0, expected_clients: int | None = None, seed: int = 0,
+                 **fedavg: Any):
         super().__init__(**fedavg)
         if not isinstance(rule, Strategy):
             raise TypeError(f"rule must be a fedgan.strategies.Strategy, got {type(rule).__name__}")
+        rule = bound_copy(rule, set(buffer_keys)) if buffer_keys else rule
         if dp_clip is not None and expected_clients is None:
             raise ValueError("dp_clip needs expected_clients: DP-FedAvg divides the noisy sum by the clients "
                              "expected a round, not by those that replied (which would reveal the count)")
@@ -78,14 +83,15 @@ class FedGanStrategy(FedAvg):
 
 class DPFedAvgGAN(FedGanStrategy):
     """DP-FedAvg-GAN (Augenstein et al., ICLR 2020): the clients train and send D only (their arrays: D's state);
-    the server aggregates it (with DP, as FedGanStrategy), then trains `generator` against the aggregated D for
-    `generator_steps` steps. The global ArrayRecord holds both, G's keys prefixed "generator." and D's
+    the server aggregates it (with DP, as FedGanStrategy; D's buffers are its buffer_keys), then trains `generator`
+    against the aggregated D for `generator_steps` steps. The global ArrayRecord holds both, G's keys prefixed "generator." and D's
     "discriminator.", so that the clients can draw their fakes from the current G.
     """
 
     def __init__(self, rule: Strategy, generator: nn.Module, discriminator: nn.Module, *, num_classes: int,
                  lr: float = 2e-4, betas: tuple[float, float] = (0.5, 0.999), generator_steps: int = 1,
                  batch_size: int = 64, gan_loss: str = "bce", seed: int = 0, **options: Any):
+        options.setdefault("buffer_keys", {name for name, _ in discriminator.named_buffers()})
         super().__init__(rule, seed=seed, **options)
         self.generator, self.discriminator = generator, copy.deepcopy(discriminator)
         self.optimizer = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
