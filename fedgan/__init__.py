@@ -30,6 +30,6 @@ Reading order, from what a round does down to how it is computed fast:
                      (an optional extra: the only place flwr is imported)
 
 environment.py (devices, seeds), checks.py (argument checks) and digests.py (what names a stored result) serve
-them all. The notebooks import
-the public names through `fedgan_utils`, the flat helper at the top of the repository.
+them all. The notebooks import the public names through `fedgan_utils`, the flat helper at the top of the
+repository.
 """

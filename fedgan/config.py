@@ -365,7 +365,7 @@ class FedConfig:
 
     @property
     def arrivals_per_update(self) -> int:
-        """Asynchrony's buffer: the arrivals a server update applies (async_buffer; None: half the clients in flight)."""
+        """Asynchrony's buffer: the arrivals a server update applies (async_buffer; None: half those in flight)."""
         return self.async_buffer or max(1, clients_per_round(self.num_clients, self.client_fraction) // 2)
 
     @property

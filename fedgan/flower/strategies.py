@@ -84,8 +84,8 @@ class FedGanStrategy(FedAvg):
 class DPFedAvgGAN(FedGanStrategy):
     """DP-FedAvg-GAN (Augenstein et al., ICLR 2020): the clients train and send D only (their arrays: D's state);
     the server aggregates it (with DP, as FedGanStrategy; D's buffers are its buffer_keys), then trains `generator`
-    against the aggregated D for `generator_steps` steps. The global ArrayRecord holds both, G's keys prefixed "generator." and D's
-    "discriminator.", so that the clients can draw their fakes from the current G.
+    against the aggregated D for `generator_steps` steps. The global ArrayRecord holds both, G's keys prefixed
+    "generator." and D's "discriminator.", so that the clients can draw their fakes from the current G.
     """
 
     def __init__(self, rule: Strategy, generator: nn.Module, discriminator: nn.Module, *, num_classes: int,
