@@ -5,6 +5,8 @@ section: from a markdown line "## N." to the next line starting "## "), or every
 new outputs: the others keep theirs, so a notebook can be committed from runs of its sections made apart (on a
 GPU lent for a few minutes at a time; with the cells' store, `fu.CellStore`, a section cut short trains only what
 it had not finished when run again). The notebook's metadata gains a line a run: cells, preset, device, wall time.
+The kernel draws figures into the notebook as Jupyter's does, whatever MPLBACKEND the shell set, and a run in which
+a cell that had a figure draws none writes nothing.
 
     python benchmarks/run_notebook.py FedGAN_Custom_sync_strategy.ipynb --preset cpu --sections 9 --in-place
     python benchmarks/run_notebook.py FedGAN_Custom_sync_strategy.ipynb --preset full --out executed.ipynb
@@ -29,6 +31,7 @@ from nbclient.exceptions import CellExecutionError
 
 REPO = Path(__file__).resolve().parents[1]
 HEADING = re.compile(r"## (\d+)\.")
+INLINE = "module://matplotlib_inline.backend_inline"  # Jupyter's: figures go into the cells' outputs
 
 
 def section_of_cells(notebook: nbformat.NotebookNode) -> list[int | None]:
@@ -54,6 +57,11 @@ def chosen_cells(notebook: nbformat.NotebookNode, sections: list[int] | None) ->
         sections is None or "setup" in cell.metadata.get("tags", ()) or where[i] in sections)]
 
 
+def figures(cell: nbformat.NotebookNode) -> int:
+    """The images among a code cell's outputs."""
+    return sum(any(kind.startswith("image/") for kind in output.get("data", {})) for output in cell.get("outputs", []))
+
+
 def device_name() -> str:
     """The GPU the kernel's default device `auto` picks, else "cpu"."""
     import torch
@@ -69,6 +77,7 @@ def execute(path: Path, sections: list[int] | None, preset: str | None) -> tuple
     part.cells = [part.cells[i] for i in indexes]
     if preset:
         os.environ["FEDGAN_PRESET"] = preset
+    os.environ["MPLBACKEND"] = INLINE  # the kernel inherits it: Agg (a script's usual choice) would draw nothing
     started = time.perf_counter()
     client = NotebookClient(part, timeout=None, kernel_name="python3", resources={"metadata": {"path": str(REPO)}})
     try:
@@ -76,6 +85,9 @@ def execute(path: Path, sections: list[int] | None, preset: str | None) -> tuple
     except CellExecutionError as error:
         raise SystemExit(f"{path.name}: a cell failed; nothing written\n{error}") from None
     seconds = time.perf_counter() - started
+    lost = [i for i, cell in zip(indexes, part.cells) if figures(notebook.cells[i]) and not figures(cell)]
+    if lost:
+        raise SystemExit(f"{path.name}: cells {lost} had a figure and drew none this time; nothing written")
     for i, cell in zip(indexes, part.cells):
         notebook.cells[i] = cell
     record = {"finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -65,3 +65,20 @@ def test_nothing_is_overwritten_or_written_half(notebook, tmp_path):
     nbformat.write(broken, notebook)
     failed = run(notebook, "--sections", 2, "--out", tmp_path / "new.ipynb")
     assert failed.returncode and "cell two failed" in failed.stderr and not (tmp_path / "new.ipynb").exists()
+
+
+def test_figures_are_drawn_into_the_notebook_whatever_the_shell_set_and_none_is_lost(notebook, tmp_path, monkeypatch):
+    monkeypatch.setenv("MPLBACKEND", "Agg")  # as benchmarks/gpu_notebook.sh exports it: a kernel with it draws nothing
+    drawing = nbformat.read(notebook, as_version=4)
+    drawing.cells[5].source = "import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.show()"
+    nbformat.write(drawing, notebook)
+    done = run(notebook, "--sections", 2, "--out", tmp_path / "out.ipynb")
+    assert done.returncode == 0, done.stderr
+    drawn = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[5]
+    assert any("image/png" in output.get("data", {}) for output in drawn.outputs)
+    drawing = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    drawing.cells[5].source = "print('no figure now')"  # a cell that had one and draws none: refused
+    nbformat.write(drawing, tmp_path / "out.ipynb")
+    lost = run(tmp_path / "out.ipynb", "--sections", 2, "--out", tmp_path / "again.ipynb")
+    assert lost.returncode and "cells [5] had a figure and drew none" in lost.stderr
+    assert not (tmp_path / "again.ipynb").exists()
