@@ -124,7 +124,7 @@ def plot_partition(labels: Any, parts: Sequence[np.ndarray], *, class_names: Seq
     ax.set_xlabel("label")
     ax.set_ylabel("client")
     if counts.size <= 400:
-        threshold = counts.max() / 2
+        threshold = (counts.min() + counts.max()) / 2  # the colour scale's middle: dark below, light above
         for (row, col), value in np.ndenumerate(counts):
             ax.text(col, row, str(value), ha="center", va="center", fontsize=7,
                     color="black" if value > threshold else "white")
