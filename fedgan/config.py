@@ -6,6 +6,7 @@ which precision, replayed from CUDA graphs) is EngineOptions, FedConfig.engine: 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from dataclasses import dataclass
@@ -439,7 +440,9 @@ def check_known(values: Mapping[str, Any]) -> None:
                          + ", ".join(f"{LEGACY_ENGINE_FIELDS[m]}=..." for m in moved) + ")")
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown FedConfig fields {unknown}; known fields: {sorted(known)}")
+        near = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
+        hints = "".join(f" ({name!r}: did you mean {match[0]!r}?)" for name, match in near.items() if match)
+        raise ValueError(f"unknown FedConfig fields {unknown}{hints}; known fields: {sorted(known)}")
 
 
 CHOICES.update(dataset=tuple(sorted(DATASETS)), partition=PARTITIONS, bn_policy=BN_POLICIES,

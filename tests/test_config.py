@@ -141,6 +141,8 @@ def test_unknown_preset_and_unknown_override_are_named():
         fu.preset("tiny")
     with pytest.raises(ValueError, match=r"unknown FedConfig fields \['clients'\]"):
         fu.preset("smoke", clients=3)
+    with pytest.raises(ValueError, match=r"\['partiton'\] \('partiton': did you mean 'partition'\?\); known fields"):
+        fu.preset("smoke", partiton="dirichlet")  # a typo gets the field it is nearest
     with pytest.raises(ValueError, match="num_clients=0"):
         fu.preset("smoke", num_clients=0)
 
