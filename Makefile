@@ -15,13 +15,15 @@ $(BIN)/.installed: requirements.txt
 	touch $@
 
 # Execute the first notebook top to bottom (preset: $FEDGAN_PRESET, else full on a GPU, cpu otherwise);
-# the executed copy and its plots land in outputs/, checkpoints in checkpoints/.
+# the executed copy lands in outputs/ under a name of its own (an earlier run's is kept), its plots in
+# outputs/<run name>/, checkpoints in checkpoints/<run name>/.
 run: $(BIN)/.installed
 	mkdir -p outputs
+	name=$(basename $(NOTEBOOK))-$$(date +%Y%m%d-%H%M%S).ipynb && \
 	$(BIN)/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1 \
-		--output-dir outputs --output $(NOTEBOOK) $(NOTEBOOK)
-	@echo "Executed notebook: outputs/$(NOTEBOOK)"
-	@echo "Plots and tables:  outputs/<run name>/   Checkpoints: checkpoints/<run name>/"
+		--output-dir outputs --output $$name $(NOTEBOOK) && \
+	echo "Executed notebook: outputs/$$name"
+	@echo "Plots and tables:  outputs/<run name>/ (the notebook prints it)   Checkpoints: checkpoints/<run name>/"
 
 # Unit tests, then every notebook re-executed by nbval at the smoke preset.
 test: $(BIN)/.installed
