@@ -24,6 +24,7 @@ CASES = {  # the configs the deployment is checked on, and the pipeline's other 
     "fedbn": dict(bn_policy="local"),
     "dp_fedavg": dict(dp_clip=1.0, dp_noise_multiplier=0.5),
     "dp_fedavg_gan": dict(gan_layout="server_g", dp_clip=1.0, dp_noise_multiplier=0.5),
+    "dp_int8": dict(dp_clip=1.0, dp_noise_multiplier=0.5, compression="int8"),  # updates sent, noised key by key
     "topk_error_feedback": dict(compression="topk", topk_fraction=0.1, error_feedback=True),
     "int8": dict(compression="int8"),
     "sign_flip_median": dict(attack="sign_flip", attack_fraction=0.34, strategy="median"),

@@ -105,7 +105,9 @@ class RemoteFederation(Federation):
         if not sends_updates(self.config):  # they sent their trained values: the update computes as in simulation
             return super()._client_updates(which, updates, round_index)
         received: list[Upload] = updates["uploads"]
-        sent_keys = [k for k in updates["final"][which] if k not in self._local_keys[which]]
+        # parameters, then buffers, as the simulation sends them: DP-FedAvg draws its noise key by key in this order
+        sent_keys = sorted((k for k in updates["final"][which] if k not in self._local_keys[which]),
+                           key=lambda k: k not in self._param_names[which])
         trees = [{k: (u.updates[which][k] if k in u.updates[which] else u.values[which][k]) for k in sent_keys}
                  for u in received]
         return stack_clients(trees, self.device), received[0].bytes_up[which]  # the same for every client
