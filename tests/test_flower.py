@@ -233,3 +233,14 @@ def test_a_remote_federation_resumes_from_its_checkpoint_as_the_simulation_does(
     with pytest.raises(ValueError, match="that state is on the nodes"):
         RemoteFederation(dataclasses.replace(longer, optimizer_state="keep"), message_send(longer, mnist_small),
                          data=mnist_small, resume=True, log=False)
+
+
+def test_private_keys_are_readable_by_their_owner_only(tmp_path):
+    from fedgan.flower.certificates import make_node_key, make_tls_files
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "tls" / "server.key").write_text("an older key")  # written over, its wider mode not kept
+    (tmp_path / "tls" / "server.key").chmod(0o644)
+    files = make_tls_files(tmp_path / "tls")
+    private, public = make_node_key(tmp_path / "keys", "node0")
+    assert (files["key"].stat().st_mode & 0o777) == (private.stat().st_mode & 0o777) == 0o600
+    assert b"PRIVATE KEY" in files["key"].read_bytes() and public.read_text().startswith("ecdsa-sha2")

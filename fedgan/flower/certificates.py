@@ -18,8 +18,11 @@ VALID_FOR = datetime.timedelta(days=2)  # a launcher's run; nothing here is mean
 
 
 def _private(path: Path, data: bytes) -> Path:
-    path.write_bytes(data)
-    os.chmod(path, 0o600)
+    """A private key's file, readable by its owner only from the moment it exists."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        os.fchmod(file.fileno(), 0o600)  # an existing file keeps its mode through O_CREAT
+        file.write(data)
     return path
 
 
