@@ -73,7 +73,8 @@ class GridSend:
 
     def __call__(self, tasks: list[Task], global_states: dict[str, State]) -> dict[int, Upload | str]:
         messages = [Message(task_record(task, self.config_json, global_states), dst_node_id=self.node_of(task.client),
-                            message_type=MessageType.TRAIN) for task in tasks]
+                            message_type=MessageType.TRAIN, ttl=self.timeout)  # a lost task expires with its round
+                    for task in tasks]
         self.wire = {"down": sum(record_bytes(m.content) for m in messages), "up": 0}
         ids = self.grid.push_messages(messages)
         client_of = dict(zip(ids, (task.client for task in tasks)))
