@@ -244,3 +244,17 @@ def test_private_keys_are_readable_by_their_owner_only(tmp_path):
     private, public = make_node_key(tmp_path / "keys", "node0")
     assert (files["key"].stat().st_mode & 0o777) == (private.stat().st_mode & 0o777) == 0o600
     assert b"PRIVATE KEY" in files["key"].read_bytes() and public.read_text().startswith("ecdsa-sha2")
+
+
+def test_the_server_app_writes_nothing_into_a_folder_that_holds_a_run(tmp_path):
+    """`flwr run` by hand with the out-dir of an earlier run: refused before anything is written there."""
+    from flwr.app import Context, RecordDict
+
+    from fedgan.flower import server_app
+    (tmp_path / "history.json").write_text("[the earlier run's]")
+    run = {"out-dir": str(tmp_path), "config-file": str(tmp_path / "config.json"), "resume": False, "supernodes": 2,
+           "node-timeout": 1.0, "round-timeout": 1.0}
+    with pytest.raises(RuntimeError, match="holds a run already"):
+        server_app.main(None, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.json"]
+    assert (tmp_path / "history.json").read_text() == "[the earlier run's]"

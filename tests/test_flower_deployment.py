@@ -221,10 +221,14 @@ def command(pid: int) -> str:
     (dict(supernodes=3), "more than the config's 2 clients"),
     (dict(config={**SMALL, "sync_mode": "async"}), "synchronous rounds only"),
     (dict(busy=True), "is busy"),
+    (dict(taken=True), "holds a run already (config.json)"),  # a run still in its first round: nothing else yet
 ])
 def test_bad_input_is_a_clear_error_before_anything_starts(tmp_path, change, match):
     port = free_port_block(3)
     blocker = socket.create_server(("127.0.0.1", port + 1)) if change.get("busy") else None
+    if change.get("taken"):
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "config.json").write_text("another run's")
     try:
         (tmp_path / "config.json").write_text(json.dumps(change.get("config", SMALL)))
         result = subprocess.run([sys.executable, "-m", "fedgan.flower", "--config", str(tmp_path / "config.json"),
@@ -236,3 +240,5 @@ def test_bad_input_is_a_clear_error_before_anything_starts(tmp_path, change, mat
             blocker.close()
     assert result.returncode == 2 and match in result.stderr, result.stderr
     assert not (tmp_path / "out" / "flower" / "superlink.log").exists()
+    if change.get("taken"):
+        assert (tmp_path / "out" / "config.json").read_text() == "another run's"

@@ -209,6 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def taken(out: Path) -> str:
+    """What says a run has used the folder `out` (its config, history or final model), or ''."""
+    return next((name for name in ("config.json", "history.json", "final.pt") if (out / name).exists()), "")
+
+
 def launch(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     check_plan(config, args.supernodes)
@@ -217,8 +222,8 @@ def launch(args: argparse.Namespace) -> int:
     out = args.out.resolve()
     if (out / "final.pt").exists():
         raise LaunchError(f"--out {out} holds a finished run (final.pt); choose another folder")
-    if (out / "history.json").exists() and not args.resume:
-        raise LaunchError(f"--out {out} holds a run already (history.json): --resume continues it, or choose "
+    if taken(out) and not args.resume:
+        raise LaunchError(f"--out {out} holds a run already ({taken(out)}): --resume continues it, or choose "
                           "another folder")
     if args.resume:
         try:
@@ -234,7 +239,12 @@ def launch(args: argparse.Namespace) -> int:
     check_ports(ports)
     folder = out / "flower"
     folder.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(config.to_json())
+    try:  # the folder's claim: a launcher started into it at the same moment finds it taken
+        with open(out / "config.json", "w" if args.resume else "x") as file:
+            file.write(config.to_json())
+    except FileExistsError:
+        raise LaunchError(f"--out {out} holds a run already (config.json): --resume continues it, or choose "
+                          "another folder") from None
     bin_dir = Path(sys.executable).parent
     package_root = str(Path(fedgan.__file__).resolve().parents[1])
     env = {**os.environ, **QUIET, **POLL, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",

@@ -116,6 +116,9 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation of the run config's FedConfig on the connected SuperNodes."""
     run = context.run_config
     out = Path(str(run["out-dir"]))
+    if (out / "final.pt").exists() or ((out / "history.json").exists() and not bool(run["resume"])):
+        raise RuntimeError(f"out-dir {out} holds a run already (final.pt or history.json); choose another folder, "
+                           "or resume=true to continue an unfinished run")  # `flwr run` by hand: nothing written over
     config = FedConfig.from_json(Path(str(run["config-file"])).read_text())
     config = dataclasses.replace(config, checkpoint_dir=str(out / "checkpoints"), out_dir=str(out / "outputs"))
     count = int(run["supernodes"])
