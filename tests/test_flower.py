@@ -28,6 +28,8 @@ CASES = {  # the configs the deployment is checked on, and the pipeline's other 
     "topk_error_feedback": dict(compression="topk", topk_fraction=0.1, error_feedback=True),
     "int8": dict(compression="int8"),
     "sign_flip_median": dict(attack="sign_flip", attack_fraction=0.34, strategy="median"),
+    "sign_flip_not_every_round": dict(attack="sign_flip", attack_fraction=0.34, client_fraction=0.67),  # honest rounds
+    "nan_attacker": dict(attack="nan", attack_fraction=0.34),  # left out: the others' values count as trained
     "label_flip": dict(attack="label_flip", attack_fraction=0.34),
     "two_of_three_stratified": dict(client_fraction=0.67, selection="stratified"),
     "fedprox_deadline": dict(prox_mu=0.1, client_speed_sigma=0.5, round_deadline=2.5),

@@ -31,9 +31,15 @@ NETWORKS = ("g", "d")
 
 
 def sends_updates(config: FedConfig) -> bool:
-    """Whether a client sends its parameters' update (compressed or poisoned, only the update means anything) rather
-    than its trained values, which the server then uses exactly as the simulation does."""
+    """Whether a run's clients may send their parameters' update (compressed or poisoned, only the update means
+    anything) rather than their trained values, which the server then uses exactly as the simulation does."""
     return config.compression != "none" or config.attack in UPDATE_ATTACKS
+
+
+def client_sends_update(config: FedConfig, client: int, attackers: list[int]) -> bool:
+    """Whether this client sends its update: every client with compression, an attacker with its poison. An honest
+    client of an uncompressed run sends its trained values: start + update would differ from them in the last bits."""
+    return config.compression != "none" or (config.attack in UPDATE_ATTACKS and client in attackers)
 
 
 def uploads(config: FedConfig, which: str) -> bool:
@@ -57,7 +63,7 @@ class Upload:
     """What a node sends back for a client: per network, values and (sends_updates) the update; and the losses."""
 
     values: dict[str, State]  # {"g"/"d": {key: [...]}} trained values of the keys sent as values
-    updates: dict[str, State]  # {"g"/"d": {key: [...]}} the parameters' update as sent (sends_updates only)
+    updates: dict[str, State]  # {"g"/"d": {key: [...]}} the parameters' update as sent (client_sends_update only)
     d_loss: float
     g_loss: float
     size: int  # images the client holds
@@ -122,8 +128,8 @@ class NodeClients:
             _, buffer_bytes = compress_updates({k: final[k] for k in final if k not in floats and k not in local_keys},
                                                "none")
             nbytes[which] = param_bytes + buffer_bytes
-            shipped = [k for k in final if k not in floats] if sends_updates(config) else list(final)
-            values[which] = slice_client({k: final[k] for k in shipped}, 0)
-            updates[which] = slice_client(sent, 0) if sends_updates(config) else {}
+            sends = client_sends_update(config, client, self.attackers)
+            values[which] = slice_client({k: final[k] for k in final if not (sends and k in floats)}, 0)
+            updates[which] = slice_client(sent, 0) if sends else {}
         return Upload(values, updates, float(local.d_loss[0]), float(local.g_loss[0]), int(plan.sizes[0]), nbytes)
 

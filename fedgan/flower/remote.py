@@ -105,11 +105,16 @@ class RemoteFederation(Federation):
         if not sends_updates(self.config):  # they sent their trained values: the update computes as in simulation
             return super()._client_updates(which, updates, round_index)
         received: list[Upload] = updates["uploads"]
+        start, final, params = updates["start"][which], updates["final"][which], self._param_names[which]
         # parameters, then buffers, as the simulation sends them: DP-FedAvg draws its noise key by key in this order
-        sent_keys = sorted((k for k in updates["final"][which] if k not in self._local_keys[which]),
-                           key=lambda k: k not in self._param_names[which])
-        trees = [{k: (u.updates[which][k] if k in u.updates[which] else u.values[which][k]) for k in sent_keys}
-                 for u in received]
+        sent_keys = sorted((k for k in final if k not in self._local_keys[which]), key=lambda k: k not in params)
+
+        def sent(row: int, upload: Upload) -> dict[str, Tensor]:
+            """The update the client sent; from a client that sent its values (an honest one of an uncompressed
+            run), the update the simulation computes from them, and its buffers' values."""
+            return {k: upload.updates[which][k] if k in upload.updates[which] else
+                    final[k][row] - start[k][row] if k in params else final[k][row] for k in sent_keys}
+        trees = [sent(row, upload) for row, upload in enumerate(received)]
         return stack_clients(trees, self.device), received[0].bytes_up[which]  # the same for every client
 
     def _aggregate(self, updates: Mapping[str, Any], round_index: int) -> dict[str, Any]:
