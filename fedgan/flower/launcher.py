@@ -222,19 +222,21 @@ def launch(args: argparse.Namespace) -> int:
     out = args.out.resolve()
     if (out / "final.pt").exists():
         raise LaunchError(f"--out {out} holds a finished run (final.pt); choose another folder")
-    if taken(out) and not args.resume:
-        raise LaunchError(f"--out {out} holds a run already ({taken(out)}): --resume continues it, or choose "
+    used = taken(out)
+    if used and not args.resume:
+        raise LaunchError(f"--out {out} holds a run already ({used}): --resume continues it, or choose "
                           "another folder")
     if args.resume:
         try:
             RemoteFederation.check_resumable(config)
         except ValueError as error:
             raise LaunchError(str(error)) from error
-        saved = FedConfig.from_json((out / "config.json").read_text()) if (out / "config.json").exists() else None
-        may_change = () if saved is None else saved.resume_may_change
-        if saved is not None and dataclasses.replace(saved, **{f: getattr(config, f) for f in may_change}) != config:
-            raise LaunchError(f"--resume: --config differs from the run's {out / 'config.json'} in more than "
-                              f"{' and '.join(may_change)}")
+        if (out / "config.json").exists():
+            saved = FedConfig.from_json((out / "config.json").read_text())
+            may_change = saved.resume_may_change
+            if dataclasses.replace(saved, **{f: getattr(config, f) for f in may_change}) != config:
+                raise LaunchError(f"--resume: --config differs from the run's {out / 'config.json'} in more than "
+                                  f"{' and '.join(may_change)}")
     ports = [args.port + i for i in range(args.supernodes + 1)]
     check_ports(ports)
     folder = out / "flower"
